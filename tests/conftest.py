@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+import vtprune
+from vtprune.testing import batch_inputs, make_prompt, tiny_llava
+
+torch.set_num_threads(2)
+
+# Keeps small enough to really prune (576 tokens per image) and one that keeps all.
+PRUNER_OPTIONS = {
+    "random": {"seed": 3},
+    "uniform": {},
+    "cls": {},
+    "divprune": {},
+    "fastv": {"layer": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def model():
+    return tiny_llava(attn="sdpa")
+
+
+@pytest.fixture(scope="session")
+def eager_model():
+    return tiny_llava(attn="eager")
+
+
+@pytest.fixture
+def prompt(model):
+    return make_prompt(model, [1, 5, 6, 7], [8, 9, 10, 11, 12])
+
+
+@pytest.fixture
+def inputs(model, prompt):
+    return batch_inputs(model, [prompt])
+
+
+def apply(model, name, **options):
+    return vtprune.apply(model, name, **{**PRUNER_OPTIONS[name], **options})
+
+
+def greedy(model, inputs, n=8):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits

@@ -1,0 +1,137 @@
+"""The public surface: names, validation before anything is touched, exact removal."""
+
+import pytest
+import torch
+
+import vtprune
+from conftest import PRUNER_OPTIONS, apply, greedy, logits
+
+
+def hooks_of(model):
+    """Every hook on every submodule. transformers installs its own output-capturing hooks lazily on
+    the first forward, so tests compare against a snapshot instead of expecting none."""
+    return {
+        (name, kind, key)
+        for name, m in model.named_modules()
+        for kind, hooks in (("pre", m._forward_pre_hooks), ("post", m._forward_hooks), ("back", m._backward_hooks))
+        for key in hooks
+    }
+
+
+@pytest.fixture(autouse=True)
+def warm(model, inputs):
+    logits(model, inputs)  # let transformers install its own hooks before any snapshot
+
+
+def test_available_lists_every_pruner():
+    assert vtprune.available() == sorted(PRUNER_OPTIONS)
+
+
+@pytest.mark.parametrize("name", sorted(PRUNER_OPTIONS))
+def test_remove_restores_model_exactly(model, inputs, name):
+    before_logits = logits(model, inputs)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_dict = set(model.__dict__)
+    before_hooks = hooks_of(model)
+    handle = apply(model, name, keep=16)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    logits(model, inputs)
+    greedy(model, inputs, n=2)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert hooks_of(model) == before_hooks
+    assert set(model.__dict__) == before_dict
+    assert "forward" not in model.__dict__ and "get_image_features" not in model.model.__dict__
+    after_state = model.state_dict()
+    assert after_state.keys() == before_state.keys()
+    assert all(torch.equal(after_state[k], before_state[k]) for k in before_state)
+    assert torch.equal(logits(model, inputs), before_logits)
+
+
+def test_state_dict_and_type_unchanged_while_applied(model):
+    keys = list(model.state_dict())
+    before_hooks = hooks_of(model)
+    with vtprune.apply(model, "divprune", keep=8) as handle:
+        assert isinstance(handle, vtprune.PruneHandle)
+        assert list(model.state_dict()) == keys
+        assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert hooks_of(model) == before_hooks and not handle.active
+
+
+def test_config_object_and_name_are_equivalent(model, inputs):
+    with vtprune.apply(model, vtprune.DivPrune(keep=24)) as h:
+        a = logits(model, inputs)
+        kept_a = h.last.kept[0]
+    with vtprune.apply(model, "divprune", keep=24) as h:
+        b = logits(model, inputs)
+        kept_b = h.last.kept[0]
+    assert torch.equal(kept_a, kept_b) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "name, options, error, message",
+    [
+        ("divprune", {"keep": 0}, ValueError, "keep must be >= 1"),
+        ("divprune", {"keep": -3}, ValueError, "keep must be >= 1"),
+        ("divprune", {"keep": 0.0}, ValueError, "in (0, 1]"),
+        ("divprune", {"keep": 1.5}, ValueError, "in (0, 1]"),
+        ("divprune", {"keep": True}, TypeError, "keep must be an int"),
+        ("divprune", {"keep": "64"}, TypeError, "keep must be an int"),
+        ("nope", {}, ValueError, "available: cls, divprune, fastv, random, uniform"),
+        ("fastv", {"layer": 0}, ValueError, "layer must be an int in [1, 3]"),
+        ("fastv", {"layer": 4}, ValueError, "layer must be an int in [1, 3]"),
+        ("fastv", {"layer": -1}, ValueError, "layer must be an int in [1, 3]"),
+        ("cls", {"layers": [7]}, ValueError, "outside the 3-layer vision encoder"),
+        ("cls", {"strategy": "best"}, ValueError, "strategy must be one of"),
+        ("divprune", {"kepp": 3}, TypeError, "it takes keep"),
+    ],
+)
+def test_bad_input_fails_before_touching_model(model, name, options, error, message):
+    before_hooks = hooks_of(model)
+    with pytest.raises(error) as info:
+        vtprune.apply(model, name, **options)
+    assert message in str(info.value)
+    assert hooks_of(model) == before_hooks and "forward" not in model.__dict__
+    assert getattr(model, "_vtprune_handle", None) is None
+
+
+def test_second_apply_is_refused(model):
+    with vtprune.apply(model, "random", keep=4):
+        before_hooks = hooks_of(model)
+        with pytest.raises(RuntimeError, match="already has vtprune applied"):
+            vtprune.apply(model, "divprune", keep=4)
+        assert hooks_of(model) == before_hooks  # the refused call added nothing
+    with vtprune.apply(model, "divprune", keep=4):  # after removal it works again
+        pass
+
+
+def test_unsupported_model_names_supported_classes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=32))
+    with pytest.raises(TypeError, match="supported model classes: LlavaForConditionalGeneration"):
+        vtprune.apply(lm, "divprune", keep=4)
+    assert not lm._forward_pre_hooks
+
+
+def test_options_with_config_object_are_refused(model):
+    with pytest.raises(TypeError, match="set them on the object"):
+        vtprune.apply(model, vtprune.DivPrune(keep=4), keep=8)
+
+
+def test_cls_needs_a_cls_token():
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(image_size=28, patch_size=14, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2),
+        text_config=LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, vocab_size=40),
+        image_token_id=39, vision_feature_select_strategy="full",
+    )
+    model = LlavaForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="SiglipVisionModel has none"):
+        vtprune.apply(model, "cls", keep=2)
+    with vtprune.apply(model, "divprune", keep=2):  # other pruners work on SigLIP towers
+        pass

@@ -1,0 +1,30 @@
+"""vtprune: training-free visual-token pruning for LLaVA-family models in Hugging Face transformers.
+
+    import vtprune
+    handle = vtprune.apply(model, "divprune", keep=64)
+    model.generate(**inputs)
+    handle.remove()
+"""
+
+from vtprune.api import apply
+from vtprune.handle import PruneHandle
+from vtprune.pruners import CLSPrune, DivPrune, FastV, LLMPruner, Pruner, RandomPrune, UniformPrune, VisionPruner
+from vtprune.registry import available
+from vtprune.stats import PruneStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLSPrune",
+    "DivPrune",
+    "FastV",
+    "LLMPruner",
+    "PruneHandle",
+    "PruneStats",
+    "Pruner",
+    "RandomPrune",
+    "UniformPrune",
+    "VisionPruner",
+    "apply",
+    "available",
+]

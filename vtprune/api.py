@@ -1,0 +1,48 @@
+"""``vtprune.apply``: the one verb."""
+
+from __future__ import annotations
+
+from vtprune.handle import HANDLE_ATTR, PruneHandle
+from vtprune.patches import adapter_for
+from vtprune.pruners.base import Pruner
+from vtprune.registry import pruner_class
+
+
+def make_pruner(pruner: str | Pruner, **options) -> Pruner:
+    """A pruner config from a registry name and options, or the config object itself."""
+    if isinstance(pruner, Pruner):
+        if options:
+            raise TypeError(f"options {sorted(options)} given with a pruner object; set them on the object instead")
+        return pruner
+    cls = pruner_class(pruner)
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        fields = [f for f in cls.__dataclass_fields__]
+        raise TypeError(f"bad options for pruner {pruner!r}: {exc}; it takes {', '.join(fields)}") from None
+
+
+def apply(model, pruner: str | Pruner, **options) -> PruneHandle:
+    """Prune visual tokens of ``model`` until the returned handle's ``remove()``.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` (unmodified; any attention implementation).
+        pruner: a name from ``vtprune.available()`` or a pruner object such as ``vtprune.DivPrune(keep=64)``.
+        **options: the pruner's options when ``pruner`` is a name, e.g. ``keep=64`` or ``layer=2``.
+
+    Returns:
+        A handle: ``handle.last`` describes the last pruned forward, ``handle.remove()`` (or leaving a
+        ``with`` block) restores the model exactly.
+
+    Everything is validated before the model is touched.
+    """
+    config = make_pruner(pruner, **options)
+    existing = getattr(model, HANDLE_ATTR, None)
+    if existing is not None:
+        raise RuntimeError(
+            f"this model already has vtprune applied ({existing.pruner.name}); call .remove() on that handle first"
+        )
+    adapter = adapter_for(model)
+    adapter.check(config)
+    undo = adapter.install(config)
+    return PruneHandle(model, config, adapter, undo)

@@ -1,0 +1,1 @@
+"""Model-independent machinery: sequence compaction, the two stages, per-cache decode state."""

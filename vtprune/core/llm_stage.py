@@ -1,0 +1,165 @@
+"""The LLM stage: drop visual tokens inside the decoder, before layer K, keeping original positions.
+
+Forward pre-hooks on the decoder layers rewrite what each layer >= K receives (hidden states at K,
+then masks, position embeddings and position ids), so the dropped tokens never enter those layers'
+KV cache. A forward hook on the last layer writes the kept tokens' outputs back into a full-length
+sequence, where dropped tokens carry the hidden state they had when they were dropped, so outputs
+keep their usual shape. Decode steps reuse the compaction stored for their cache.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vtprune.core.compaction import Compaction
+from vtprune.core.layout import VisualLayout
+from vtprune.core.masks import compact_mask
+from vtprune.ops import attention_rows
+from vtprune.pruners.base import LLMPruner, PromptTokens
+from vtprune.stats import PruneStats
+
+QueryKeyFn = Callable[[nn.Module, torch.Tensor, tuple, torch.Tensor], tuple]
+
+
+@dataclass
+class _Call:
+    """State of one forward call through the decoder."""
+
+    layout: VisualLayout | None  # None: no images in this call (decode step or text only)
+    key_mask: torch.Tensor | None  # (B, L) bool padding mask of the prompt
+    scores: torch.Tensor | None = None  # (B, L) attention from the last token at layer K-1
+    compaction: Compaction | None = None
+    full_hidden: torch.Tensor | None = None
+    kept: list | None = None
+    converted: dict = field(default_factory=dict)  # id(original kwarg) -> (original, converted)
+
+
+class LLMStage:
+    def __init__(self, pruner: LLMPruner, layers: nn.ModuleList, query_key: QueryKeyFn, flash: bool):
+        self.pruner = pruner
+        self.layers = layers
+        self.query_key = query_key
+        self.flash = flash
+        self._call: _Call | None = None
+        self._caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.last: PruneStats | None = None
+
+    def install(self) -> list:
+        k = self.pruner.layer
+        handles = [self.layers[k - 1].register_forward_pre_hook(self._score, with_kwargs=True)]
+        handles += [layer.register_forward_pre_hook(self._prune, with_kwargs=True) for layer in self.layers[k:]]
+        handles.append(self.layers[-1].register_forward_hook(self._restore_length))
+        return handles
+
+    @contextmanager
+    def call(self, layout: VisualLayout | None, key_mask: torch.Tensor | None):
+        """Scope one model forward; ``layout`` None for calls without images."""
+        self._call = _Call(layout=layout if layout is not None and layout.has_images else None, key_mask=key_mask)
+        try:
+            yield
+            call = self._call
+            if call.layout is not None and call.kept is not None:
+                self.last = self._stats(call)
+        finally:
+            self._call = None
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def _score(self, layer, args, kwargs):
+        call = self._call
+        if call is None or call.layout is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        last = torch.tensor([hidden.shape[1] - 1], device=hidden.device)
+        with torch.no_grad():
+            q, k, scale = self.query_key(layer, hidden, kwargs["position_embeddings"], last)
+            call.scores = attention_rows(q, k, last, key_mask=call.key_mask, scale=scale)[:, 0]
+        return None
+
+    def _prune(self, layer, args, kwargs):
+        call = self._call
+        if call is None:
+            return None
+        if call.layout is not None:
+            if call.compaction is None:
+                args, kwargs = self._compact_hidden(args, kwargs)
+            comp = call.compaction
+            if comp.is_identity:
+                return None
+            q_index, q_valid, kv_index, kv_valid = comp.index, comp.valid, comp.index, comp.valid
+            q_len = kv_len = comp.length
+            kwargs["position_embeddings"] = self._convert(
+                kwargs["position_embeddings"], lambda pe: tuple(comp.gather(t) for t in pe)
+            )
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = self._convert(kwargs["position_ids"], comp.gather)
+        else:
+            comp = self._caches.get(kwargs.get("past_key_values"))
+            if comp is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask = kwargs.get("attention_mask")
+            q_len = hidden.shape[1]
+            kv_len = mask.shape[-1] if mask is not None else kwargs["past_key_values"].get_seq_length(0)
+            q_index = q_valid = None
+            kv_index, kv_valid = comp.key_columns(kv_len)
+        kwargs["attention_mask"] = self._convert(
+            kwargs.get("attention_mask"),
+            lambda m: compact_mask(
+                m, q_index=q_index, q_valid=q_valid, kv_index=kv_index, kv_valid=kv_valid,
+                q_len=q_len, kv_len=kv_len, flash=self.flash,
+            ),
+        )
+        return args, kwargs
+
+    def _restore_length(self, layer, args, output):
+        call = self._call
+        if call is None or call.compaction is None or call.compaction.is_identity:
+            return None
+        return call.compaction.scatter_into(call.full_hidden, output)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _convert(self, value, fn):
+        """Convert a kwarg shared by all layers once per call."""
+        key = id(value)
+        if key not in self._call.converted:
+            self._call.converted[key] = (value, fn(value))
+        return self._call.converted[key][1]
+
+    def _compact_hidden(self, args, kwargs):
+        call = self._call
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if call.scores is None:
+            raise RuntimeError("vtprune: the scoring layer did not run before the pruning layer")
+        call.kept = [
+            [self.pruner.select(PromptTokens(attention=call.scores[b, span])) for span in images]
+            for b, images in enumerate(call.layout.spans)
+        ]
+        keep = call.layout.keep_mask(call.kept, hidden.device)
+        call.compaction = comp = Compaction.from_keep(keep)
+        if comp.is_identity:
+            return args, kwargs
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            self._caches[cache] = comp
+        call.full_hidden = hidden
+        short = comp.gather(hidden)
+        if args:
+            args = (short, *args[1:])
+        else:
+            kwargs["hidden_states"] = short
+        return args, kwargs
+
+    def _stats(self, call: _Call) -> PruneStats:
+        k, n = self.pruner.layer, len(self.layers)
+        before = call.layout.visual_counts()
+        kept = call.layout.sample_kept(call.kept)
+        return PruneStats(
+            kept=kept,
+            layer_tokens=[[v] * k + [int(t.numel())] * (n - k) for v, t in zip(before, kept)],
+        )

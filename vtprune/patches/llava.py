@@ -1,0 +1,237 @@
+"""LLaVA (``LlavaForConditionalGeneration``, llava-hf checkpoints): where the two stages attach.
+
+Two instance-level patches, both undone by ``remove()``:
+- ``model.model.get_image_features`` also records, on each image's feature tensor, the patch grid and
+  (when the pruner asks) the tower's CLS attention. ``generate()`` calls it before prefill and looks
+  up its signature, which ``functools.wraps`` keeps.
+- ``model.forward`` locates each image's placeholder tokens from ``config.image_token_id`` and runs
+  the vision stage (shortens the prompt) or scopes the LLM stage's decoder hooks; decode steps after
+  a shortened prefill get their mask and positions mapped onto the shorter cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vtprune.core.compaction import Compaction
+from vtprune.core.layout import VisualLayout
+from vtprune.core.llm_stage import LLMStage
+from vtprune.core.vision_stage import DecodeTranslation, shorten_prompt
+from vtprune.patches import llama, towers
+from vtprune.pruners.base import ModelInfo, Pruner, VisionPruner, VisionTokens
+from vtprune.stats import PruneStats
+
+SUPPORTED = ("LlavaForConditionalGeneration",)
+_IMAGE_INFO = "_vtprune_image"  # attribute set on each image's feature tensor
+
+
+def supports(model) -> bool:
+    return type(model).__name__ in SUPPORTED
+
+
+def _patch_instance_method(obj, name: str, wrapper) -> callable:
+    """Shadow ``obj.name`` with ``wrapper``; returns the undo."""
+    had_own = name in obj.__dict__
+    previous = obj.__dict__.get(name)
+    setattr(obj, name, wrapper)
+
+    def undo():
+        if had_own:
+            setattr(obj, name, previous)
+        else:
+            obj.__dict__.pop(name, None)
+
+    return undo
+
+
+def _feature_layers(config, n_layers: int) -> tuple[int, ...]:
+    """Encoder layers (0-based) whose outputs are the selected hidden states."""
+    selected = config.vision_feature_layer
+    selected = [selected] if isinstance(selected, int) else list(selected)
+    # hidden_states[j] is the output of encoder layer j-1; hidden_states[0] is the embeddings.
+    layers = [(j % (n_layers + 1)) - 1 for j in selected]
+    return tuple(sorted({max(i, 0) for i in layers}))
+
+
+class LlavaAdapter:
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+        self.tower = model.model.vision_tower
+        self.language_model = model.model.language_model
+        self.decoder_layers = self.language_model.layers
+        n_tower = towers.num_tower_layers(self.tower)
+        self.info = ModelInfo(
+            num_decoder_layers=len(self.decoder_layers),
+            num_tower_layers=n_tower,
+            tower_has_cls=towers.has_cls_token(self.tower),
+            tower_name=type(self.tower).__name__,
+            feature_layers=_feature_layers(self.config, n_tower),
+        )
+        self.last: PruneStats | None = None
+        self._pruner: Pruner | None = None
+        self._llm: LLMStage | None = None
+        self._decode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.language_model.config._attn_implementation or "eager"
+
+    def check(self, pruner: Pruner) -> None:
+        pruner.check(self.info)
+        impl = self.attn_implementation
+        if pruner.stage == "llm" and "flex" in impl:
+            raise ValueError(f"the {pruner.name!r} pruner does not support attn_implementation={impl!r}; use sdpa, eager or flash")
+        if isinstance(pruner, VisionPruner) and pruner.tower_attention_layers(self.info) and towers.tower_spec(self.tower) is None:
+            raise ValueError(f"the {pruner.name!r} pruner cannot read attention from vision tower {self.info.tower_name}")
+
+    # -- installation ------------------------------------------------------------------------------
+    def install(self, pruner: Pruner) -> list:
+        self._pruner = pruner
+        undo = []
+        try:
+            inner = self.model.model
+            undo.append(_patch_instance_method(inner, "get_image_features", self._wrap_image_features(inner.get_image_features)))
+            if pruner.stage == "llm":
+                flash = "flash" in self.attn_implementation
+                self._llm = LLMStage(pruner, self.decoder_layers, llama.query_key, flash)
+                undo += [h.remove for h in self._llm.install()]
+            undo.append(_patch_instance_method(self.model, "forward", self._wrap_forward(self.model.forward)))
+        except Exception:
+            for u in reversed(undo):
+                u()
+            raise
+        return undo
+
+    def _wrap_image_features(self, original):
+        signature = inspect.signature(original)
+        layers = self._pruner.tower_attention_layers(self.info) if isinstance(self._pruner, VisionPruner) else []
+
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            pixel_values = bound.arguments["pixel_values"]
+            if layers:
+                with towers.capture_cls_attention(self.tower, layers) as rows:
+                    out = original(*args, **kwargs)
+                cls = torch.stack(rows).sum(0) if rows else None
+            else:
+                out = original(*args, **kwargs)
+                cls = None
+            self._annotate(out, pixel_values, cls, bound.arguments.get("vision_feature_select_strategy"))
+            return out
+
+        return get_image_features
+
+    def _annotate(self, out, pixel_values, cls, strategy) -> None:
+        features = out.pooler_output if not isinstance(out, tuple) else out[1]
+        patch = self.tower.config.patch_size
+        strategy = strategy if strategy is not None else self.config.vision_feature_select_strategy
+        for i, f in enumerate(features):
+            grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+            n = f.shape[0]
+            row = None
+            if cls is not None and i < cls.shape[0]:
+                row = cls[i, 1:] if strategy == "default" else cls[i]
+                row = row if row.shape[0] == n else None
+            # A plain tuple, not VisionTokens: holding ``f`` itself would make a reference cycle.
+            setattr(f, _IMAGE_INFO, (grid if grid[0] * grid[1] == n else None, row))
+
+    def _wrap_forward(self, original):
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            a = dict(bound.arguments)
+            a.update(a.pop("kwargs", {}))
+            return self._forward(original, a)
+
+        return forward
+
+    # -- the forward -------------------------------------------------------------------------------
+    def _forward(self, original, a: dict):
+        encoded = (a.get("mm_encoder_outputs") or {}).get("image")
+        if a.get("pixel_values") is None and encoded is None:
+            return self._forward_without_images(original, a)
+        input_ids = a.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vtprune locates image tokens by input_ids; pass input_ids instead of inputs_embeds with images")
+        cache = a.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError("vtprune cannot prune images in a prompt that continues a non-empty KV cache")
+        if encoded is None:
+            encoded = self.model.model.get_image_features(
+                pixel_values=a["pixel_values"],
+                vision_feature_layer=a.get("vision_feature_layer"),
+                vision_feature_select_strategy=a.get("vision_feature_select_strategy"),
+                image_sizes=a.get("image_sizes"),
+                return_dict=True,
+            )
+            a["pixel_values"] = None
+            a["mm_encoder_outputs"] = {**(a.get("mm_encoder_outputs") or {}), "image": encoded}
+        features = list(encoded.pooler_output)
+        layout = VisualLayout.from_placeholders(input_ids, self.config.image_token_id, [f.shape[0] for f in features])
+        if self._llm is not None:
+            mask = a.get("attention_mask")
+            with self._llm.call(layout, None if mask is None or mask.dim() != 2 else mask.bool()):
+                out = original(**a)
+            self.last = self._llm.last
+            return out
+        return self._vision_forward(original, a, encoded, features, layout)
+
+    def _forward_without_images(self, original, a: dict):
+        translation = self._decode.get(a.get("past_key_values"))
+        if translation is not None:
+            cache = a["past_key_values"]
+            q_len = a["input_ids"].shape[1] if a.get("input_ids") is not None else a["inputs_embeds"].shape[1]
+            a["attention_mask"] = translation.attention_mask(a.get("attention_mask"), cache.get_seq_length() + q_len)
+            a["position_ids"] = translation.position_ids(a.get("position_ids"))
+        if self._llm is not None:
+            with self._llm.call(None, None):
+                return original(**a)
+        return original(**a)
+
+    def _vision_forward(self, original, a: dict, encoded, features: list, layout: VisualLayout):
+        per_image = [self._select(f) for f in features]
+        kept, i = [], 0
+        for images in layout.spans:
+            kept.append(per_image[i : i + len(images)])
+            i += len(images)
+        input_ids = a["input_ids"]
+        comp = Compaction.from_keep(layout.keep_mask(kept, input_ids.device))
+        sample_kept = layout.sample_kept(kept)
+        self.last = PruneStats(
+            kept=sample_kept, layer_tokens=[[int(k.numel())] * self.info.num_decoder_layers for k in sample_kept]
+        )
+        if comp.is_identity:
+            return original(**a)
+        short = shorten_prompt(
+            comp, input_ids, a.get("attention_mask"), a.get("position_ids"), a.get("labels"), self._pad_token_id()
+        )
+        a.update({k: v for k, v in short.items() if k != "labels" or "labels" in a})
+        pruned = BaseModelOutputWithPooling(pooler_output=[f[k] for f, k in zip(features, per_image)])
+        a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], "image": pruned}
+        out = original(**a)
+        cache = getattr(out, "past_key_values", None)
+        if cache is not None:
+            mask = short["attention_mask"]
+            self._decode[cache] = DecodeTranslation(comp, None if mask is None or bool(mask.all()) else mask)
+        return out
+
+    def _select(self, features: torch.Tensor) -> torch.Tensor:
+        grid, cls_attention = getattr(features, _IMAGE_INFO, (None, None))
+        idx = self._pruner.select(VisionTokens(features=features, grid=grid, cls_attention=cls_attention))
+        return idx.to(features.device)
+
+    def _pad_token_id(self) -> int:
+        for cfg in (self.config, self.config.text_config):
+            pad = getattr(cfg, "pad_token_id", None)
+            if pad is not None and pad != self.config.image_token_id:
+                return int(pad)
+        return 0 if self.config.image_token_id != 0 else 1

@@ -1,0 +1,89 @@
+"""Vision towers: where their encoder layers are and how to recompute their CLS attention row.
+
+Knowledge of specific vision-encoder classes lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vtprune.ops import attention_rows
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """How to reach the pre-attention norm and the q/k projections of one tower family's layers."""
+
+    layers: Callable[[nn.Module], nn.ModuleList]
+    norm: str  # attribute of an encoder layer: the norm applied before self-attention
+    attention: str  # attribute of an encoder layer: the self-attention module
+    query: str
+    key: str
+    has_cls: bool
+
+
+def _clip_style_layers(tower: nn.Module) -> nn.ModuleList:
+    # transformers 5 flattened CLIPVisionModel; earlier releases nest it under `vision_model`.
+    body = getattr(tower, "vision_model", tower)
+    return body.encoder.layers
+
+
+_SPECS = {
+    "CLIPVisionModel": TowerSpec(_clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", True),
+    "Dinov2Model": TowerSpec(lambda t: t.encoder.layer, "norm1", "attention", "q_proj", "k_proj", True),
+    "SiglipVisionModel": TowerSpec(_clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", False),
+}
+
+
+def tower_spec(tower: nn.Module) -> TowerSpec | None:
+    return _SPECS.get(type(tower).__name__)
+
+
+def num_tower_layers(tower: nn.Module) -> int:
+    return tower.config.num_hidden_layers
+
+
+def has_cls_token(tower: nn.Module) -> bool:
+    spec = tower_spec(tower)
+    return spec is not None and spec.has_cls
+
+
+def _cls_row(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """(B, T) head-mean attention of token 0 (CLS) over all T tokens of an encoder layer's input."""
+    attn = getattr(layer, spec.attention)
+    x = getattr(layer, spec.norm)(hidden)
+    b, t, _ = x.shape
+    head_dim = attn.head_dim
+    q = getattr(attn, spec.query)(x[:, :1]).view(b, 1, -1, head_dim).transpose(1, 2)
+    k = getattr(attn, spec.key)(x).view(b, t, -1, head_dim).transpose(1, 2)
+    scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None)
+    return attention_rows(q, k, scale=scale)[:, 0]
+
+
+@contextmanager
+def capture_cls_attention(tower: nn.Module, layers: list[int]):
+    """Record, while active, the CLS attention row of the given encoder layers on every tower call.
+
+    Yields a list that receives one (B, T) fp32 tensor per layer call, summed over ``layers`` per
+    tower call by the caller. Hooks are removed on exit, even when the tower raises.
+    """
+    spec = tower_spec(tower)
+    modules = spec.layers(tower)
+    rows: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        with torch.no_grad():
+            rows.append(_cls_row(module, spec, hidden))
+
+    handles = [modules[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
+    try:
+        yield rows
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,73 @@
+"""CLS-attention pruning (VTC-CLS, Wang et al. 2024; FoPru, Jiang et al. 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vtprune.pruners.base import ModelInfo, VisionPruner, VisionTokens, top_k_sorted
+from vtprune.registry import register
+
+STRATEGIES = ("rank", "row")
+
+
+@register
+@dataclass
+class CLSPrune(VisionPruner):
+    """Keeps the tokens the vision tower's CLS token attends to most (head mean).
+
+    layers: vision-encoder layers (0-based; negative counts from the end) whose CLS attention is
+        summed. ``None`` uses the layer that produces the selected feature (``vision_feature_layer``;
+        encoder layer 22 of 24 for LLaVA-1.5). ``layers=range(16, 23)`` is the VTC-CLS ensemble.
+    strategy: ``"rank"`` keeps the global top-k; ``"row"`` (FoPru) keeps whole rows of the patch grid,
+        best total attention first, and fills what is left of the budget with the best tokens of
+        the next row.
+    """
+
+    layers: list[int] | None = None
+    strategy: str = "rank"
+
+    name = "cls"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.layers is not None:
+            self.layers = list(self.layers)
+            if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+                raise ValueError(f"layers must be a non-empty list of ints or None, got {self.layers!r}")
+
+    def check(self, info: ModelInfo) -> None:
+        if not info.tower_has_cls:
+            raise ValueError(f"the 'cls' pruner needs a vision tower with a CLS token; {info.tower_name} has none")
+        n = info.num_tower_layers
+        bad = [i for i in self.layers or [] if not -n <= i < n]
+        if bad:
+            raise ValueError(f"layers {bad} are outside the {n}-layer vision encoder (allowed: {-n}..{n - 1})")
+
+    def tower_attention_layers(self, info: ModelInfo) -> list[int]:
+        n = info.num_tower_layers
+        return sorted({i % n for i in self.layers}) if self.layers is not None else list(info.feature_layers)
+
+    def select(self, tokens: VisionTokens) -> torch.Tensor:
+        scores = tokens.cls_attention
+        k = self.budget(scores.shape[0])
+        if self.strategy == "rank":
+            return top_k_sorted(scores, k)
+        if tokens.grid is None:
+            raise ValueError("strategy='row' needs visual tokens that form a patch grid")
+        return _best_rows(scores, tokens.grid, k)
+
+
+def _best_rows(scores: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
+    rows, cols = grid
+    by_row = scores.float().reshape(rows, cols)
+    order = torch.sort(by_row.sum(dim=1), descending=True, stable=True).indices
+    full, rest = divmod(k, cols)
+    kept = [order[:full, None] * cols + torch.arange(cols, device=scores.device)]
+    if rest:
+        row = order[full]
+        kept.append(row * cols + top_k_sorted(by_row[row], rest)[None])
+    return torch.cat([t.flatten() for t in kept]).sort().values

@@ -1,0 +1,29 @@
+"""Uniformly random visual tokens: the floor every scoring rule has to beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.pruners.base import VisionPruner, VisionTokens
+from vtprune.registry import register
+
+
+@register
+@dataclass
+class RandomPrune(VisionPruner):
+    """Keeps a seeded uniform sample of each image's tokens.
+
+    Every image is sampled with a fresh generator seeded by ``seed``, so the choice for an image does
+    not depend on what else is in the batch (images with the same token count get the same subset).
+    """
+
+    seed: int = 0
+
+    name = "random"
+
+    def select(self, tokens: VisionTokens) -> torch.Tensor:
+        n = tokens.features.shape[0]
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(n, generator=generator)[: self.budget(n)].sort().values.to(tokens.features.device)

@@ -1,0 +1,101 @@
+"""Randomly initialised LLaVA models built from configs: for tests, the demo and the benchmarks.
+
+Nothing here downloads: the shapes follow LLaVA-1.5 (a CLIP-style tower with a CLS token, 336 px
+images in 14 px patches, so 576 visual tokens per image) at whatever width and depth is asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE_TOKEN_ID = 31
+
+
+def tiny_llava(
+    *,
+    attn: str = "sdpa",
+    image_size: int = 336,
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    vision_heads: int = 2,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    vocab: int = 96,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """A random ``LlavaForConditionalGeneration`` in eval mode (image token id ``IMAGE_TOKEN_ID``)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=0,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    # Random init leaves logits nearly flat; a larger output scale makes greedy decoding decisive,
+    # so equality tests compare real choices instead of near-ties.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def tokens_per_image(model) -> int:
+    vision = model.config.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2
+    return n if model.config.vision_feature_select_strategy == "default" else n + 1
+
+
+def make_prompt(model, text_before: list[int], text_after: list[int], images: int = 1) -> list[int]:
+    """Token ids: ``text_before``, one placeholder run per image, ``text_after``."""
+    return text_before + [IMAGE_TOKEN_ID] * (tokens_per_image(model) * images) + text_after
+
+
+def batch_inputs(model, prompts: list[list[int]], images: int | None = None, seed: int = 0) -> dict:
+    """Left-padded batch of prompts with random pixel values for every image they contain."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :] = torch.tensor(p)
+        mask[i, longest - len(p) :] = 1
+    n_images = images if images is not None else int((ids == IMAGE_TOKEN_ID).sum()) // tokens_per_image(model)
+    size = model.config.vision_config.image_size
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n_images, 3, size, size, generator=generator).to(model.dtype)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if n_images:
+        out["pixel_values"] = pixels
+    return out
