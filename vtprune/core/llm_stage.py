@@ -9,7 +9,6 @@ keep their usual shape. Decode steps reuse the compaction stored for their cache
 
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vtprune.core.cache_state import CacheState
 from vtprune.core.compaction import Compaction
 from vtprune.core.layout import VisualLayout
 from vtprune.core.masks import compact_mask
@@ -47,7 +47,7 @@ class LLMStage:
         self.query_key = query_key
         self.flash = flash
         self._call: _Call | None = None
-        self._caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._caches: CacheState = CacheState()
         self.last: PruneStats | None = None
 
     def install(self) -> list:

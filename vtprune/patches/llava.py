@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vtprune.core.cache_state import CacheState
 from vtprune.core.compaction import Compaction
 from vtprune.core.layout import VisualLayout
 from vtprune.core.llm_stage import LLMStage
@@ -76,7 +76,7 @@ class LlavaAdapter:
         self.last: PruneStats | None = None
         self._pruner: Pruner | None = None
         self._llm: LLMStage | None = None
-        self._decode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._decode: CacheState = CacheState()
 
     @property
     def attn_implementation(self) -> str:
