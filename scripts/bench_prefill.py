@@ -33,6 +33,16 @@ def build_model(args):
     )
 
 
+def surviving_positions(ids, kept):
+    """(L,) bool: all text tokens and the kept image tokens of a one-image prompt ``ids`` (L,)."""
+    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+    keep = torch.ones(ids.numel(), dtype=torch.bool)
+    dropped = torch.ones(image.numel(), dtype=torch.bool)
+    dropped[kept] = False
+    keep[image[dropped]] = False
+    return keep
+
+
 def unwrapped(model):
     """The class-level forward and image encoder, which bypass vtprune's instance patches, so the
     ideal can be timed alternately with the pruned model while the pruner stays applied."""
@@ -45,12 +55,7 @@ def ideal_vision(model, inputs, kept):
     """Tower + projector, then the LLM on the prompt holding only the kept image tokens."""
     forward, encode = unwrapped(model)
     ids = inputs["input_ids"][0]
-    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
-    keep = torch.ones(ids.numel(), dtype=torch.bool)
-    dropped = torch.ones(image.numel(), dtype=torch.bool)
-    dropped[kept] = False
-    keep[image[dropped]] = False
-    short_ids = ids[keep][None]
+    short_ids = ids[surviving_positions(ids, kept)][None]
 
     def run():
         features = encode(pixel_values=inputs["pixel_values"]).pooler_output[0]
@@ -66,11 +71,7 @@ def ideal_fastv(model, inputs, kept, layer):
     _, encode = unwrapped(model)
     lm = model.model.language_model
     ids = inputs["input_ids"]
-    image = (ids[0] == IMAGE_TOKEN_ID).nonzero().flatten()
-    keep = torch.ones(ids.shape[1], dtype=torch.bool)
-    dropped = torch.ones(image.numel(), dtype=torch.bool)
-    dropped[kept] = False
-    keep[image[dropped]] = False
+    keep = surviving_positions(ids[0], kept)
     positions = torch.arange(ids.shape[1])[None]
 
     def run():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,13 +47,17 @@ class PromptTokens:
     attention: torch.Tensor
 
 
-def _check_keep(keep) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+def _checked_keep(keep) -> int | float:
+    """``keep`` as a plain int or float (NumPy scalars accepted), or a clear error."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
         raise TypeError(f"keep must be an int (tokens per image) or a float in (0, 1] (a fraction), got {keep!r}")
-    if isinstance(keep, int) and keep <= 0:
-        raise ValueError(f"keep must be >= 1 when an int (visual tokens kept per image), got {keep}")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+    if isinstance(keep, numbers.Integral):
+        if keep <= 0:
+            raise ValueError(f"keep must be >= 1 when an int (visual tokens kept per image), got {keep}")
+        return int(keep)
+    if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1] when a float (fraction of visual tokens kept), got {keep}")
+    return float(keep)
 
 
 @dataclass
@@ -66,7 +71,7 @@ class Pruner:
     stage: ClassVar[str] = ""  # "vision": before the LLM; "llm": inside a decoder layer
 
     def __post_init__(self) -> None:
-        _check_keep(self.keep)
+        self.keep = _checked_keep(self.keep)
 
     def budget(self, n: int) -> int:
         """Tokens to keep out of ``n``."""
