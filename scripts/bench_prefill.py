@@ -22,7 +22,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
-from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt, tiny_llava
+from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt, surviving_positions, tiny_llava
 from vtprune.timing import median_seconds, paired_median_seconds
 
 
@@ -31,16 +31,6 @@ def build_model(args):
         vision_hidden=args.vision_hidden, vision_layers=args.vision_layers, vision_heads=8,
         hidden=1024, layers=8, heads=16, kv_heads=16, intermediate=2816, vocab=32000,
     )
-
-
-def surviving_positions(ids, kept):
-    """(L,) bool: all text tokens and the kept image tokens of a one-image prompt ``ids`` (L,)."""
-    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
-    keep = torch.ones(ids.numel(), dtype=torch.bool)
-    dropped = torch.ones(image.numel(), dtype=torch.bool)
-    dropped[kept] = False
-    keep[image[dropped]] = False
-    return keep
 
 
 def unwrapped(model):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import PRUNER_OPTIONS, apply, greedy, logits
 
 import vtprune
-from conftest import PRUNER_OPTIONS, apply, greedy, logits
 
 
 def hooks_of(model):

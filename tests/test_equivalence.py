@@ -3,10 +3,10 @@ sdpa == eager, batched == per-sample."""
 
 import pytest
 import torch
+from conftest import PRUNER_OPTIONS, apply, greedy, logits
 
 import vtprune
-from conftest import PRUNER_OPTIONS, apply, greedy, logits
-from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt
+from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt, surviving_positions
 
 ALL = sorted(PRUNER_OPTIONS)
 VISION = [n for n in ALL if n != "fastv"]
@@ -37,12 +37,7 @@ def test_text_only_input_passes_through(model):
 def _manual_short_prompt_logits(model, inputs, kept):
     """The unwrapped model fed the prompt a user would write with only the kept image tokens."""
     ids = inputs["input_ids"][0]
-    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
-    drop = torch.ones(image.numel(), dtype=torch.bool)
-    drop[kept] = False
-    keep_positions = torch.ones(ids.numel(), dtype=torch.bool)
-    keep_positions[image[drop]] = False
-    short_ids = ids[keep_positions][None]
+    short_ids = ids[surviving_positions(ids, kept)][None]
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
         embeds = model.get_input_embeddings()(short_ids)
@@ -65,9 +60,8 @@ def test_vision_stage_equals_manually_shortened_prompt(model, inputs, name, keep
 def test_vision_stage_drops_labels_of_dropped_tokens(model, inputs):
     labels = inputs["input_ids"].clone()
     labels[labels == IMAGE_TOKEN_ID] = -100
-    with apply(model, "divprune", keep=16):
-        with torch.no_grad():
-            out = model(**inputs, labels=labels)
+    with apply(model, "divprune", keep=16), torch.no_grad():
+        out = model(**inputs, labels=labels)
     short = out.logits
     assert short.shape[1] == labels.shape[1] - 560
     # The loss only covers the text tokens, which all survive: it equals the loss on the short logits.

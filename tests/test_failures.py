@@ -4,9 +4,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import greedy, logits
 
 import vtprune
-from conftest import greedy, logits
 from vtprune.pruners.base import PromptTokens, VisionPruner, VisionTokens
 
 

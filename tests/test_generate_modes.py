@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import apply
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
-from conftest import apply
-from vtprune.testing import IMAGE_TOKEN_ID
+from vtprune.testing import surviving_positions
 
 
 def beams(model, inputs, **kwargs):
@@ -26,11 +26,7 @@ def test_beam_search_on_shortened_prompt(model, inputs):
         pruned = beams(model, inputs)
         kept = handle.last.kept[0]
     ids = inputs["input_ids"][0]
-    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
-    drop = torch.ones(image.numel(), dtype=torch.bool)
-    drop[kept] = False
-    keep = torch.ones(ids.numel(), dtype=torch.bool)
-    keep[image[drop]] = False
+    keep = surviving_positions(ids, kept)
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
     encoded = {"image": BaseModelOutputWithPooling(pooler_output=[features[kept]])}

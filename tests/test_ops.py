@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from test_reference import naive_max_min_diversity
+
 from vtprune.core.compaction import Compaction
 from vtprune.ops import attention_rows, max_min_diversity
 

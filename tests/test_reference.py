@@ -29,9 +29,8 @@ def naive_max_min_diversity(x, k):
 
 @pytest.mark.parametrize("keep", [1, 16, 100])
 def test_divprune_matches_naive_rule(model, inputs, keep):
-    with vtprune.apply(model, "divprune", keep=keep) as handle:
-        with torch.no_grad():
-            model(**inputs)
+    with vtprune.apply(model, "divprune", keep=keep) as handle, torch.no_grad():
+        model(**inputs)
     assert torch.equal(handle.last.kept[0], naive_max_min_diversity(image_features(model, inputs), keep))
 
 
@@ -46,18 +45,16 @@ def eager_cls_scores(model, inputs, layers):
 @pytest.mark.parametrize("layers, expected_layers", [(None, [1]), ([0, 1, 2], [0, 1, 2]), ([-1], [2])])
 def test_cls_rank_matches_eager_attention(eager_model, inputs, layers, expected_layers):
     # vision_feature_layer=-2 of a 3-layer tower is the output of encoder layer 1: the default.
-    with vtprune.apply(eager_model, "cls", keep=50, layers=layers) as handle:
-        with torch.no_grad():
-            eager_model(**inputs)
+    with vtprune.apply(eager_model, "cls", keep=50, layers=layers) as handle, torch.no_grad():
+        eager_model(**inputs)
     scores = eager_cls_scores(eager_model, inputs, expected_layers)
     expected = scores.topk(50).indices.sort().values
     assert torch.equal(handle.last.kept[0], expected)
 
 
 def test_cls_row_keeps_best_whole_rows(eager_model, inputs):
-    with vtprune.apply(eager_model, "cls", keep=24 * 3 + 5, strategy="row") as handle:
-        with torch.no_grad():
-            eager_model(**inputs)
+    with vtprune.apply(eager_model, "cls", keep=24 * 3 + 5, strategy="row") as handle, torch.no_grad():
+        eager_model(**inputs)
     scores = eager_cls_scores(eager_model, inputs, [1]).reshape(24, 24)
     rows = scores.sum(1).argsort(descending=True)
     expected = [r * 24 + c for r in rows[:3].tolist() for c in range(24)]
@@ -78,9 +75,8 @@ def fastv_reference_kept(eager_model, inputs, layer, keep):
 def test_fastv_matches_eager_attention(model, eager_model, inputs, layer):
     expected = fastv_reference_kept(eager_model, inputs, layer, 64)
     for m in (model, eager_model):  # SDPA recomputes the rows; eager would have returned them
-        with vtprune.apply(m, "fastv", keep=64, layer=layer) as handle:
-            with torch.no_grad():
-                m(**inputs)
+        with vtprune.apply(m, "fastv", keep=64, layer=layer) as handle, torch.no_grad():
+            m(**inputs)
         assert torch.equal(handle.last.kept[0], expected)
         assert handle.last.layer_tokens[0] == [576] * layer + [64] * (4 - layer)
 

@@ -99,3 +99,14 @@ def batch_inputs(model, prompts: list[list[int]], images: int | None = None, see
     if n_images:
         out["pixel_values"] = pixels
     return out
+
+
+def surviving_positions(ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """(L,) bool over a prompt ``ids`` (L,): every text token, and the image tokens whose index in the
+    prompt's visual-token sequence is in ``kept``. The manual reference for a shortened prompt."""
+    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+    dropped = torch.ones(image.numel(), dtype=torch.bool)
+    dropped[kept] = False
+    keep = torch.ones(ids.numel(), dtype=torch.bool)
+    keep[image[dropped]] = False
+    return keep

@@ -9,9 +9,9 @@ keep their usual shape. Decode steps reuse the compaction stored for their cache
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -73,13 +73,13 @@ class LLMStage:
     def _score(self, layer, args, kwargs):
         call = self._call
         if call is None or call.layout is None:
-            return None
+            return
         hidden = args[0] if args else kwargs["hidden_states"]
         last = torch.tensor([hidden.shape[1] - 1], device=hidden.device)
         with torch.no_grad():
             q, k, scale = self.query_key(layer, hidden, kwargs["position_embeddings"], last)
             call.scores = attention_rows(q, k, last, key_mask=call.key_mask, scale=scale)[:, 0]
-        return None
+        return
 
     def _prune(self, layer, args, kwargs):
         call = self._call

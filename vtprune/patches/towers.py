@@ -5,9 +5,9 @@ Knowledge of specific vision-encoder classes lives here and nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
