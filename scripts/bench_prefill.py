@@ -22,15 +22,12 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
-from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt, surviving_positions, tiny_llava
+from vtprune.testing import IMAGE_TOKEN_ID, LLAVA_SHAPED_LLM, batch_inputs, make_prompt, surviving_positions, tiny_llava
 from vtprune.timing import median_seconds, paired_median_seconds
 
 
 def build_model(args):
-    return tiny_llava(
-        vision_hidden=args.vision_hidden, vision_layers=args.vision_layers, vision_heads=8,
-        hidden=1024, layers=8, heads=16, kv_heads=16, intermediate=2816, vocab=32000,
-    )
+    return tiny_llava(vision_hidden=args.vision_hidden, vision_layers=args.vision_layers, vision_heads=8, **LLAVA_SHAPED_LLM)
 
 
 def unwrapped(model):

@@ -11,6 +11,10 @@ import torch
 IMAGE_TOKEN_ID = 31
 
 
+# The language model of the benchmark scripts: LLaVA-1.5-7B's shape at 1/4 width and 1/4 depth.
+LLAVA_SHAPED_LLM = {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 16, "intermediate": 2816, "vocab": 32000}
+
+
 def tiny_llava(
     *,
     attn: str = "sdpa",

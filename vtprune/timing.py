@@ -1,7 +1,9 @@
-"""Prefill timing shared by the demo and the benchmark scripts."""
+"""Wall time and peak memory measurement shared by the demo, the benchmark scripts and the tests."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import statistics
 import time
 
@@ -34,3 +36,49 @@ def paired_median_seconds(fn_a, fn_b, repeats: int = 5, warmup: int = 1) -> tupl
                 fn()
                 times.append(time.perf_counter() - start)
     return statistics.median(a), statistics.median(b)
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+@functools.cache
+def _return_freed_memory_to_the_os() -> None:
+    # glibc keeps freed blocks of up to 32 MiB resident for reuse, and a later allocation served from
+    # them never shows in the peak RSS. Serving every block >= 64 KiB by mmap makes RSS follow the
+    # live allocations (setting the threshold also switches off glibc's adaptive threshold).
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory_available() -> bool:
+    """Whether :func:`peak_memory_growth` can measure here (Linux lets a process reset its peak RSS)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_growth(fn) -> int:
+    """Bytes by which the process's peak resident memory rose above its size before ``fn()`` ran.
+
+    Counts every allocation, torch's CPU allocator included (which ``tracemalloc`` does not see).
+    Linux only: writing 5 to ``/proc/self/clear_refs`` resets the peak (VmHWM) to the current size.
+    """
+    if not peak_memory_available():
+        raise RuntimeError("peak memory measurement needs Linux's /proc/self/clear_refs")
+    _return_freed_memory_to_the_os()
+    before = _status_bytes("VmRSS")
+    fn()
+    return _status_bytes("VmHWM") - before

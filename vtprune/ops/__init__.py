@@ -1,9 +1,23 @@
 """Scoring math shared by the pruners: plain tensor functions, no model classes.
 
-Each op takes ``backend="auto" | "torch"``; ``torch`` is the readable reference.
+Each op takes ``backend="auto" | "torch" | "triton"``. ``torch`` is the readable reference and the
+oracle in the tests; ``triton`` runs fused kernels (CUDA, or Triton's CPU interpreter under
+``TRITON_INTERPRET=1``); ``auto`` picks Triton for CUDA tensors when it is installed. Triton is
+imported only when a kernel first runs.
 """
 
+from vtprune.ops._backend import BACKENDS, resolve_backend, triton_available
 from vtprune.ops.attention import attention_rows
 from vtprune.ops.diversity import max_min_diversity
+from vtprune.ops.k_center import k_center
+from vtprune.ops.transition import transition_variation
 
-__all__ = ["attention_rows", "max_min_diversity"]
+__all__ = [
+    "BACKENDS",
+    "attention_rows",
+    "k_center",
+    "max_min_diversity",
+    "resolve_backend",
+    "transition_variation",
+    "triton_available",
+]

@@ -1,72 +1,119 @@
-"""Greedy Max-Min Diversity selection (the rule of DivPrune, Alvar et al., CVPR 2025)."""
+"""Greedy farthest-point selection under cosine distance: Max-Min Diversity (DivPrune) and its machinery.
+
+Everything works on cosine *similarities* (distance = 1 - similarity, a monotone map, so the largest
+distance is the smallest similarity) with a running per-row maximum: memory stays O(N) plus one
+(block, N) slice for the first pick, never the N x N matrix.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from vtprune.ops._backend import check_backend
+from vtprune.ops._backend import resolve_backend
+
+# Elements of the (block, N) similarity slice materialised at once for the first pick (16 MiB fp32).
+_SLICE_ELEMENTS = 1 << 22
 
 
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    # fp32 whatever the model dtype: fp16 cosine distances tie far too often to rank 2,880 tokens.
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+def check_selection_args(x: torch.Tensor, k: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a float tensor of shape (N, D) or (B, N, D), got {shape}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if x.shape[-2] == 0:
+        raise ValueError("x has no rows to select from")
 
 
-def _farthest_nearest_neighbour(u: torch.Tensor, block: int) -> torch.Tensor:
-    """Index of the row whose nearest other row is farthest away, per batch.
+def as_fp32_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) fp32 view of ``x``; copies only when ``x`` is in another dtype.
 
-    u: (B, N, D) unit rows. Returns (B,) long. Works on (block, N) slices of the distance matrix so
-    memory stays O(N * block) instead of O(N^2).
+    fp32 whatever the model dtype: fp16 similarities tie far too often to rank thousands of tokens.
     """
-    b, n, _ = u.shape
-    nearest = torch.empty(b, n, dtype=u.dtype, device=u.device)
+    x = x[None] if x.dim() == 2 else x
+    return x.float()
+
+
+def inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """(B, N) fp32 reciprocal L2 norms of the rows of ``x`` (B, N, D); zero rows count as norm 1e-12."""
+    return 1.0 / torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(1e-12)
+
+
+def nearest_similarity(x: torch.Tensor, inv: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """(B, N) cosine similarity of every row to its most similar *other* row (-inf when N == 1).
+
+    x: (B, N, D) fp32, inv: (B, N) from :func:`inverse_norms`. Works on (block, N) slices.
+    """
+    b, n, _ = x.shape
+    block = block or max(1, _SLICE_ELEMENTS // n)
+    nearest = torch.empty(b, n, dtype=torch.float32, device=x.device)
     for start in range(0, n, block):
         stop = min(start + block, n)
-        dist = 1.0 - torch.bmm(u[:, start:stop], u.transpose(1, 2))  # (B, block, N)
-        rows = torch.arange(start, stop, device=u.device)
-        dist[:, rows - start, rows] = float("inf")  # a token is not its own neighbour
-        nearest[:, start:stop] = dist.min(dim=-1).values
-    if n == 1:
-        nearest.zero_()
-    return nearest.argmax(dim=-1)
+        sim = torch.bmm(x[:, start:stop], x.transpose(1, 2))  # (B, block, N): the only O(block * N) buffer
+        sim.mul_(inv[:, start:stop, None]).mul_(inv[:, None, :])
+        rows = torch.arange(start, stop, device=x.device)
+        sim[:, rows - start, rows] = -float("inf")  # a row is not its own neighbour
+        nearest[:, start:stop] = sim.amax(dim=-1)
+    return nearest
 
 
-def max_min_diversity(x: torch.Tensor, k: int, *, block: int = 1024, backend: str = "auto") -> torch.Tensor:
-    """Greedy Max-Min Diversity subset of the rows of ``x`` under cosine distance.
+def greedy_farthest(x: torch.Tensor, inv: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
+    """Grow a selection from ``first`` by repeatedly taking the row least similar to everything picked.
 
-    The first pick is the row whose nearest neighbour (other than itself) is farthest; every next
-    pick is the row whose distance to the closest already-picked row is largest. Ties go to the
-    lowest index. Picked rows are never picked again, even when exact duplicates make every
+    x: (B, N, D) fp32, inv: (B, N), first: (B,) long. Returns (B, k) long in selection order; ties go to
+    the lowest index, and a picked row is never picked again. One (B, N) update per pick.
+    """
+    b = x.shape[0]
+    batch = torch.arange(b, device=x.device)
+    picks = torch.empty(b, k, dtype=torch.long, device=x.device)
+    closest = torch.full_like(inv, -float("inf"))  # similarity of each row to its most similar pick
+    pick = first
+    for i in range(k):
+        picks[:, i] = pick
+        if i == k - 1:
+            break
+        sim = torch.einsum("bnd,bd->bn", x, x[batch, pick]) * inv * inv[batch, pick, None]
+        closest = torch.maximum(closest, sim)
+        closest[batch, picks[:, i]] = float("inf")
+        pick = closest.argmin(dim=-1)
+    return picks
+
+
+def max_min_diversity(
+    x: torch.Tensor, k: int, *, block: int | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Greedy Max-Min Diversity subset of the rows of ``x`` under cosine distance (DivPrune's rule).
+
+    The first pick is the row whose nearest other row is farthest away; every next pick is the row
+    whose distance to the closest already-picked row is largest. Ties (in fp32 cosine similarity) go
+    to the lowest index. Picked rows are never picked again, even when exact duplicates make every
     remaining distance zero.
 
     Args:
         x: (N, D) or (B, N, D) features, any float dtype (scored in fp32).
-        k: number of rows to pick, 1 <= k; values above N pick all N.
-        block: rows of the distance matrix materialised at once for the first pick.
-        backend: ``"auto"`` or ``"torch"``.
+        k: number of rows to pick, ``k >= 1``; values above N pick all N.
+        block: rows of the similarity matrix materialised at once for the first pick; default keeps
+            that slice at 16 MiB.
+        backend: ``"auto"`` (Triton for CUDA tensors when installed), ``"torch"`` or ``"triton"``.
 
     Returns:
         (k,) or (B, k) long indices in selection order (not sorted).
+
+    Memory: O(N * block + N * k) besides an fp32 copy of ``x`` when it is fp16/bf16.
     """
-    check_backend(backend)
-    if x.dim() not in (2, 3):
-        raise ValueError(f"x must be (N, D) or (B, N, D), got shape {tuple(x.shape)}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_selection_args(x, k)
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"block must be an int >= 1 or None, got {block!r}")
+    impl = resolve_backend(backend, x)
     squeeze = x.dim() == 2
-    u = _unit_rows(x[None] if squeeze else x)
-    b, n, _ = u.shape
-    k = min(k, n)
-    batch = torch.arange(b, device=u.device)
-    picks = torch.empty(b, k, dtype=torch.long, device=u.device)
-    picks[:, 0] = _farthest_nearest_neighbour(u, block)
-    # Running distance from every row to its closest picked row: O(N) state, one (N,) update per pick.
-    closest = 1.0 - torch.einsum("bnd,bd->bn", u, u[batch, picks[:, 0]])
-    closest[batch, picks[:, 0]] = -float("inf")
-    for i in range(1, k):
-        pick = closest.argmax(dim=-1)
-        picks[:, i] = pick
-        closest = torch.minimum(closest, 1.0 - torch.einsum("bnd,bd->bn", u, u[batch, pick]))
-        closest[batch, pick] = -float("inf")
+    k = min(k, x.shape[-2])
+    if impl == "triton":
+        from vtprune.ops.triton import diversity as kernels
+
+        picks = kernels.max_min_diversity(x[None] if squeeze else x, k)
+    else:
+        xb = as_fp32_batch(x)
+        inv = inverse_norms(xb)
+        first = nearest_similarity(xb, inv, block).argmin(dim=-1)
+        picks = greedy_farthest(xb, inv, first, k)
     return picks[0] if squeeze else picks
