@@ -45,7 +45,8 @@ def nearest_similarity(x: torch.Tensor, inv: torch.Tensor, block: int | None = N
     x: (B, N, D) fp32, inv: (B, N) from :func:`inverse_norms`. Works on (block, N) slices.
     """
     b, n, _ = x.shape
-    block = block or max(1, _SLICE_ELEMENTS // n)
+    # At most 16 MiB and at most an eighth of the matrix, so the saving holds for small N too.
+    block = block or max(1, min(_SLICE_ELEMENTS // n, n // 8))
     nearest = torch.empty(b, n, dtype=torch.float32, device=x.device)
     for start in range(0, n, block):
         stop = min(start + block, n)
@@ -92,8 +93,8 @@ def max_min_diversity(
     Args:
         x: (N, D) or (B, N, D) features, any float dtype (scored in fp32).
         k: number of rows to pick, ``k >= 1``; values above N pick all N.
-        block: rows of the similarity matrix materialised at once for the first pick; default keeps
-            that slice at 16 MiB.
+        block: rows of the similarity matrix materialised at once for the first pick; by default the
+            slice is at most 16 MiB and at most an eighth of the matrix.
         backend: ``"auto"`` (Triton for CUDA tensors when installed), ``"torch"`` or ``"triton"``.
 
     Returns:
