@@ -1,0 +1,83 @@
+"""easy-vqa (``easy-vqa==1.0``): 64x64 images of one coloured shape, questions with one-word answers.
+
+4,000 train / 1,000 test images, 38,575 / 9,673 questions, 13 possible answers (3 shapes, 8 colours,
+yes/no). Read straight from the package's ``data/`` directory (JSON and PNG), without importing it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from vtprune.proxy import packages
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    answer: str
+    image_id: int
+    split: str
+
+    @property
+    def image_path(self) -> Path:
+        return image_path(self.split, self.image_id)
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+@lru_cache(maxsize=1)
+def answers() -> tuple[str, ...]:
+    """The 13 possible answers, in the data set's order."""
+    text = (packages.data_dir() / "data" / "answers.txt").read_text()
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+@lru_cache(maxsize=2)
+def questions(split: str) -> tuple[Question, ...]:
+    """All questions of a split, in the data set's order."""
+    path = packages.data_dir() / "data" / _check_split(split) / "questions.json"
+    return tuple(Question(q[0], q[1], int(q[2]), split) for q in json.loads(path.read_text()))
+
+
+def image_path(split: str, image_id: int) -> Path:
+    path = packages.data_dir() / "data" / _check_split(split) / "images" / f"{int(image_id)}.png"
+    if not path.is_file():
+        raise FileNotFoundError(f"no easy-vqa {split} image {image_id}: {path}")
+    return path
+
+
+def load_image(split: str, image_id: int):
+    """The image as an RGB ``PIL.Image`` (64x64)."""
+    from PIL import Image
+
+    with Image.open(image_path(split, image_id)) as image:
+        return image.convert("RGB")
+
+
+def subset(split: str = "test", n: int = 1000, seed: int = 0) -> list[Question]:
+    """A fixed seeded sample of ``n`` questions (in data set order); the same for the same arguments."""
+    pool = questions(split)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(pool):
+        raise ValueError(f"n must be an int in [1, {len(pool)}] for the {split} split, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    chosen = sorted(random.Random(seed).sample(range(len(pool)), n))
+    return [pool[i] for i in chosen]
+
+
+def by_image(items) -> dict[int, list[Question]]:
+    """Questions grouped by image id (insertion order kept)."""
+    groups: dict[int, list[Question]] = {}
+    for q in items:
+        groups.setdefault(q.image_id, []).append(q)
+    return groups

@@ -1,0 +1,92 @@
+"""Accuracy of a proxy LLaVA on easy-vqa: the answer is the best of the 13 possible answers by the
+logit of its first token after the prompt (``vtprune.proxy.prompt``).
+
+Every question runs as one full forward (image and question together, left-padded batches), so a
+pruner applied around the call, vision-stage or LLM-stage, sees exactly what it sees in ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from vtprune.proxy import data
+from vtprune.proxy import prompt as fmt
+
+
+def answer_first_tokens(tokenizer) -> torch.Tensor:
+    """(13,) long: the first token id of each answer of ``data.answers()``; they must all differ."""
+    ids = [tokenizer.encode(a, add_special_tokens=False)[0] for a in data.answers()]
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"answers share a first token under this tokenizer: {dict(zip(data.answers(), ids))}")
+    return torch.tensor(ids)
+
+
+def _as_context(context):
+    if context is None:
+        return contextlib.nullcontext()
+    if hasattr(context, "__enter__") and hasattr(context, "__exit__"):
+        return context
+    if callable(context):
+        made = context()
+        if not (hasattr(made, "__enter__") and hasattr(made, "__exit__")):
+            raise TypeError(f"context() must return a context manager, got {type(made).__name__}")
+        return made
+    raise TypeError(
+        f"context must be None, a context manager or a callable returning one, got {type(context).__name__}"
+    )
+
+
+@torch.no_grad()
+def predict(model, processor, items, batch_size: int = 8, progress: bool = False) -> list[str]:
+    """The predicted answer (one of ``data.answers()``) for each ``data.Question`` in ``items``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    items = list(items)
+    if not all(isinstance(q, data.Question) for q in items):
+        raise TypeError("items must be vtprune.proxy.data.Question objects (see data.subset)")
+    candidates = answer_first_tokens(processor.tokenizer)
+    names = data.answers()
+    processor.tokenizer.padding_side = "left"  # the last position is then every row's answer position
+    steps = range(0, len(items), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="evaluate", unit="batch")
+    out = []
+    for start in steps:
+        batch = items[start : start + batch_size]
+        inputs = processor(
+            images=[data.load_image(q.split, q.image_id) for q in batch],
+            text=[fmt.prompt(q.text) for q in batch],
+            return_tensors="pt",
+            padding=True,
+        )
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # (B, vocab)
+        choice = logits[:, candidates].argmax(-1)  # (B,) index into the 13 answers
+        out.extend(names[i] for i in choice.tolist())
+    return out
+
+
+def evaluate(
+    model,
+    processor,
+    n: int = 1000,
+    seed: int = 0,
+    split: str = "test",
+    context: Callable | contextlib.AbstractContextManager | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> float:
+    """Accuracy in [0, 1] on ``data.subset(split, n, seed)`` (default: a fixed 1,000 test questions).
+
+    ``context``: run under it, e.g. ``lambda: vtprune.apply(model, "divprune", keep=32)`` (a callable
+    returning a context manager, entered once around the whole evaluation) or a context manager.
+    """
+    items = data.subset(split, n, seed)
+    with _as_context(context):
+        predictions = predict(model, processor, items, batch_size=batch_size, progress=progress)
+    return sum(p == q.answer for p, q in zip(predictions, items)) / len(items)
