@@ -100,8 +100,10 @@ def _per_sample_vs_batched(model, prompts, name, keep, n=8):
         together = greedy(model, batched, n)
         kept_together = handle.last.kept
         for i, p in enumerate(prompts):
-            single = {"input_ids": batched["input_ids"][i : i + 1, -len(p) :],
-                      "attention_mask": batched["attention_mask"][i : i + 1, -len(p) :]}
+            single = {
+                "input_ids": batched["input_ids"][i : i + 1, -len(p) :],
+                "attention_mask": batched["attention_mask"][i : i + 1, -len(p) :],
+            }
             images_before = sum(int((batched["input_ids"][j] == IMAGE_TOKEN_ID).sum()) for j in range(i)) // 576
             n_images = int((single["input_ids"] == IMAGE_TOKEN_ID).sum()) // 576
             if n_images:
@@ -139,6 +141,8 @@ def test_image_in_the_middle_of_text(model):
 
 def test_placeholder_count_mismatch_is_reported(model):
     inputs = batch_inputs(model, [[1, 2] + [IMAGE_TOKEN_ID] * 100], images=1)
-    with vtprune.apply(model, "divprune", keep=4):
-        with pytest.raises(ValueError, match="100 image placeholder tokens .* give 576 features"):
-            logits(model, inputs)
+    with (
+        vtprune.apply(model, "divprune", keep=4),
+        pytest.raises(ValueError, match="100 image placeholder tokens .* give 576 features"),
+    ):
+        logits(model, inputs)

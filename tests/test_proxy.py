@@ -116,3 +116,121 @@ def test_standardized_projector_folds_exactly():
     plain = Projector()
     trained.fold_into(plain)
     torch.testing.assert_close(plain(x), trained(x), rtol=1e-5, atol=1e-5)
+
+
+def test_visual_token_index_is_the_row_major_patch(proxy_model):
+    """Overlays grey patch (i // 16, i % 16) for token i: changing that patch alone must change token i most."""
+
+    from vtprune.proxy import data
+    from vtprune.proxy.features import tower_features
+    from vtprune.proxy.overlay import model_view, patch_grid
+
+    model, processor = proxy_model
+    grid = patch_grid(processor)
+    view = model_view(processor, data.load_image("test", 3))
+    assert view.size == (224, 224) and grid == 16
+    base = tower_features(model, processor, [view])[0]
+    step = view.width // grid
+    for row, col in [(2, 11), (13, 4)]:
+        edited = view.copy()
+        edited.paste((0, 0, 0), (col * step, row * step, (col + 1) * step, (row + 1) * step))
+        change = (tower_features(model, processor, [edited])[0] - base).norm(dim=-1)  # (256,)
+        assert int(change.argmax()) == row * grid + col
+
+
+def test_model_view_is_the_resized_input_and_kept_tokens_match_the_pruner(proxy_model):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vtprune.ops import max_min_diversity
+    from vtprune.proxy import data
+    from vtprune.proxy.overlay import kept_tokens, model_view
+
+    model, processor = proxy_model
+    image = data.load_photo("cat")
+    view = np.asarray(model_view(processor, image), dtype=np.int16)
+    resized = np.asarray(image.resize((224, 224), Image.Resampling.BICUBIC), dtype=np.int16)
+    assert np.abs(view - resized).mean() < 1.0  # same resize up to rounding of the normalised floats
+    # DivPrune keeps the most diverse projected tokens: recompute them from the model's own image features.
+    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        projected = model.model.get_image_features(pixel_values=pixels)
+    projected = (projected.pooler_output if hasattr(projected, "pooler_output") else projected)[0]  # (256, 576)
+    expected = max_min_diversity(projected.reshape(-1, projected.shape[-1]), 16).sort().values
+    kept = kept_tokens(model, processor, image, "divprune", keep=16)
+    assert torch.equal(kept, expected)
+    assert torch.equal(kept_tokens(model, processor, image, vtprune.DivPrune(keep=16)), expected)
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_script_writes_table_plot_and_resumes(tmp_path, capsys, proxy_model):
+    import json
+
+    from vtprune.proxy import evaluate
+
+    script = _script("eval_proxy")
+    results, plot = tmp_path / "acc.json", tmp_path / "acc.png"
+    argv = ["--n", "6", "--keeps", "8", "--pruners", "uniform", "--threads", "1"]
+    assert script.main([*argv, "--results", str(results), "--plot", str(plot)]) == 0
+    runs = json.loads(results.read_text())["runs"]
+    assert set(runs) == {"unpruned", "uniform@8"}
+    model, processor = proxy_model
+    assert runs["unpruned"]["accuracy"] == evaluate(model, processor, n=6)
+    with vtprune.apply(model, "uniform", keep=8):
+        assert runs["uniform@8"]["accuracy"] == evaluate(model, processor, n=6)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    # A second run finds both results and measures nothing; the table shows them.
+    assert script.main([*argv, "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" not in out and f"| uniform | {100 * runs['uniform@8']['accuracy']:.1f} |" in out
+    with pytest.raises(SystemExit, match="measured with"):
+        script.main(["--n", "7", "--results", str(results), "--plot-only"])
+
+
+def test_overlay_script_draws_every_pruner_and_measures_where_it_looks(tmp_path, capsys):
+    from PIL import Image
+
+    script = _script("overlay_proxy")
+    out = tmp_path / "overlays.png"
+    argv = [
+        "--keep",
+        "16",
+        "--test-images",
+        "0",
+        "--photos",
+        "cat",
+        "--out",
+        str(out),
+        "--stats",
+        "2",
+        "--threads",
+        "1",
+    ]
+    assert script.main(argv) == 0
+    text = capsys.readouterr().out
+    with Image.open(out) as sheet:
+        assert sheet.width > len(vtprune.available()) * 224 and sheet.height > 2 * 224
+    for name in vtprune.available():
+        assert f"| {name} | " in text
+
+
+def test_foreground_patches_marks_non_white_patches():
+    from PIL import Image
+
+    script = _script("overlay_proxy")
+    view = Image.new("RGB", (64, 64), (255, 255, 255))
+    view.paste((200, 30, 30), (16, 0, 32, 16))  # patch (0, 1) of a 4x4 grid, fully coloured
+    view.paste((200, 30, 30), (0, 48, 2, 64))  # 1/8 of patch (3, 0): below the quarter threshold
+    assert script.foreground_patches(view, 4).nonzero().flatten().tolist() == [1]

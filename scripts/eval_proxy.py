@@ -1,0 +1,137 @@
+"""Accuracy vs. kept visual tokens on the real-weights proxy, for every pruner: table, plot, JSON.
+
+    python scripts/eval_proxy.py --threads 2 --results docs/proxy/accuracy.json --plot docs/proxy/accuracy.png
+
+Runs ``vtprune.proxy.evaluate`` (the fixed 1,000-question easy-vqa test subset, one full forward per
+question) unpruned and under ``vtprune.apply(model, pruner, keep=k)`` for every pruner and keep. Each
+result is written to ``--results`` as soon as it is measured and found there on the next run, so an
+interrupted sweep resumes; ``--plot-only`` redraws the table and plot from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+UNPRUNED = "unpruned"
+
+
+def parse_args(argv=None):
+    import vtprune
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pruners", nargs="+", default=list(vtprune.available()), choices=list(vtprune.available()))
+    p.add_argument("--keeps", nargs="+", type=int, default=[8, 16, 32, 64], help="visual tokens kept of 256")
+    p.add_argument("--n", type=int, default=1000, help="test questions (the fixed seeded subset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the question subset")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--projector", default="default", help="projector file (default: the packaged one)")
+    p.add_argument("--results", type=Path, required=True, help="JSON file: read to resume, written after each run")
+    p.add_argument("--plot", type=Path, default=None, help="write accuracy vs. kept tokens here (PNG)")
+    p.add_argument("--plot-only", action="store_true", help="only print the table and draw the plot")
+    args = p.parse_args(argv)
+    if any(k < 1 or k > 256 for k in args.keeps):
+        p.error(f"--keeps must lie in [1, 256], got {args.keeps}")
+    if args.threads < 1 or args.batch_size < 1:
+        p.error("--threads and --batch-size must be >= 1")
+    return args
+
+
+def key(pruner: str, keep: int | None) -> str:
+    return UNPRUNED if pruner == UNPRUNED else f"{pruner}@{keep}"
+
+
+def load_results(path: Path, args) -> dict:
+    setup = {"n": args.n, "seed": args.seed, "projector": args.projector}
+    if not path.is_file():
+        return {"setup": setup, "runs": {}}
+    results = json.loads(path.read_text())
+    if results.get("setup") != setup:
+        raise SystemExit(f"{path} was measured with {results.get('setup')}, not {setup}: use another --results file")
+    return results
+
+
+def markdown_table(results: dict, pruners, keeps) -> str:
+    runs = results["runs"]
+
+    def cell(name):
+        run = runs.get(name)
+        return "-" if run is None else f"{100 * run['accuracy']:.1f}"
+
+    lines = [
+        "| pruner | " + " | ".join(f"keep {k}" for k in keeps) + " |",
+        "|---|" + "---|" * len(keeps),
+        f"| {UNPRUNED} (256) | " + " | ".join(cell(UNPRUNED) for _ in keeps) + " |",
+    ]
+    lines += [f"| {p} | " + " | ".join(cell(key(p, k)) for k in keeps) + " |" for p in pruners]
+    return "\n".join(lines)
+
+
+def plot(results: dict, pruners, keeps, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name in pruners:
+        points = [(k, runs[key(name, k)]["accuracy"]) for k in keeps if key(name, k) in runs]
+        if points:
+            ax.plot([k for k, _ in points], [100 * a for _, a in points], marker="o", label=name)
+    if UNPRUNED in runs:
+        ax.axhline(100 * runs[UNPRUNED]["accuracy"], color="black", linestyle="--", label="unpruned (256)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(keeps, [str(k) for k in keeps])
+    ax.set_xlabel("visual tokens kept (of 256)")
+    ax.set_ylabel(f"accuracy, % ({results['setup']['n']} easy-vqa test questions)")
+    ax.set_title("Proxy LLaVA (DINOv2-S/14 + SmolLM2-135M)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = load_results(args.results, args)
+    if not args.plot_only:
+        import torch
+
+        import vtprune
+        from vtprune.proxy import evaluate, load_proxy
+
+        torch.set_num_threads(args.threads)
+        model, processor = load_proxy(projector=args.projector)
+        print(
+            f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True
+        )
+        todo = [(UNPRUNED, None)] + [(p, k) for p in args.pruners for k in args.keeps]
+        for pruner, keep in todo:
+            name = key(pruner, keep)
+            if name in results["runs"]:
+                continue
+            context = None if pruner == UNPRUNED else (lambda p=pruner, k=keep: vtprune.apply(model, p, keep=k))
+            start = time.perf_counter()
+            accuracy = evaluate(model, processor, n=args.n, seed=args.seed, context=context, batch_size=args.batch_size)
+            seconds = time.perf_counter() - start
+            results["runs"][name] = {"accuracy": accuracy, "seconds": round(seconds, 1)}
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=1) + "\n")
+            print(f"{name:<16} accuracy {100 * accuracy:5.1f}%  ({seconds:.0f} s)", flush=True)
+    print(markdown_table(results, args.pruners, args.keeps))
+    if args.plot is not None:
+        plot(results, args.pruners, args.keeps, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
