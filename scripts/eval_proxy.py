@@ -5,7 +5,8 @@
 Runs ``vtprune.proxy.evaluate`` (the fixed 1,000-question easy-vqa test subset, one full forward per
 question) unpruned and under ``vtprune.apply(model, pruner, keep=k)`` for every pruner and keep. Each
 result is written to ``--results`` as soon as it is measured and found there on the next run, so an
-interrupted sweep resumes; ``--plot-only`` redraws the table and plot from that file.
+interrupted sweep resumes (results made with another question subset or projector file are refused);
+``--plot-only`` redraws the table and plot from that file.
 """
 
 from __future__ import annotations
@@ -46,8 +47,20 @@ def key(pruner: str, keep: int | None) -> str:
     return UNPRUNED if pruner == UNPRUNED else f"{pruner}@{keep}"
 
 
+def projector_digest(projector: str) -> str:
+    """sha256 of the projector file, so results measured with another projector are never mixed in."""
+    import hashlib
+
+    from vtprune.proxy.load import PROJECTOR_FILE
+
+    path = PROJECTOR_FILE if projector == "default" else Path(projector)
+    if not path.is_file():
+        raise SystemExit(f"projector file not found: {path}")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def load_results(path: Path, args) -> dict:
-    setup = {"n": args.n, "seed": args.seed, "projector": args.projector}
+    setup = {"n": args.n, "seed": args.seed, "projector_sha256": projector_digest(args.projector)}
     if not path.is_file():
         return {"setup": setup, "runs": {}}
     results = json.loads(path.read_text())
