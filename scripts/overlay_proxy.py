@@ -109,10 +109,10 @@ def main(argv=None) -> int:
     if args.out is not None:
         images = [(f"test {i}", data.load_image("test", i)) for i in args.test_images]
         images += [(name, data.load_photo(name)) for name in args.photos]
-        rows = []
-        for label, image in images:
-            row = overlay_row(model, processor, image, args.pruners, args.keep, question=question)
-            rows.append([(label, row[0][1])] + row[1:])
+        rows = [
+            overlay_row(model, processor, image, args.pruners, args.keep, question=question, title=label)
+            for label, image in images
+        ]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         panel_grid(rows).save(args.out)
         print(f"overlays: {args.out} ({len(rows)} images x {len(args.pruners)} pruners, keep {args.keep})")

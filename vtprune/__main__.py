@@ -41,7 +41,7 @@ def proxy_demo(keep: int, image_arg: str, question: str, out: Path, max_new_toke
 
     from vtprune.proxy import data, default_cache_dir, load_proxy
     from vtprune.proxy import prompt as fmt
-    from vtprune.proxy.overlay import grey_out, model_view, panel_grid, patch_grid
+    from vtprune.proxy.overlay import kept_panel, model_view, panel_grid, patch_grid
 
     print(f"real-weights proxy LLaVA (cache: {default_cache_dir()}; the first run builds it in about a minute)")
     model, processor = load_proxy()
@@ -72,7 +72,7 @@ def proxy_demo(keep: int, image_arg: str, question: str, out: Path, max_new_toke
             answer, seconds = run()
             kept = handle.last.kept[0]
         print(f"{name:<10} {kept.numel():>8} {seconds * 1e3:>10.1f}  {answer}")
-        panels.append((f"{name} {kept.numel()}/{grid * grid}", grey_out(view, kept, grid)))
+        panels.append(kept_panel(name, view, kept, grid))
     out.parent.mkdir(parents=True, exist_ok=True)
     panel_grid([panels]).save(out)
     print(f"overlay of the kept patches: {out}")

@@ -93,11 +93,18 @@ def panel_grid(rows: list[list[tuple[str, Image.Image]]], pad: int = 6, title_he
     return sheet
 
 
-def overlay_row(model, processor, image: Image.Image, pruners, keep: int, question: str = DEFAULT_QUESTION):
+def kept_panel(name: str, view: Image.Image, kept: torch.Tensor, grid: int) -> tuple[str, Image.Image]:
+    """(title, panel) for one pruner: its name and token count over ``view`` with the rest greyed out."""
+    return f"{name} {len(kept)}/{grid * grid}", grey_out(view, kept, grid)
+
+
+def overlay_row(
+    model, processor, image: Image.Image, pruners, keep: int, question: str = DEFAULT_QUESTION, title: str = "input"
+):
     """[(title, panel)]: the model view, then one greyed-out panel per pruner name at ``keep`` tokens."""
     view, grid = model_view(processor, image), patch_grid(processor)
-    row = [("input", view)]
+    row = [(title, view)]
     for name in pruners:
         kept = kept_tokens(model, processor, image, name, question=question, keep=keep)
-        row.append((f"{name} {kept.numel()}/{grid * grid}", grey_out(view, kept, grid)))
+        row.append(kept_panel(name, view, kept, grid))
     return row
