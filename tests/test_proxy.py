@@ -226,6 +226,36 @@ def test_overlay_script_draws_every_pruner_and_measures_where_it_looks(tmp_path,
         assert f"| {name} | " in text
 
 
+def test_image_labels_agree_with_every_question_about_the_image():
+    from vtprune.proxy import data
+
+    labels = data.image_labels("test")
+    assert len(labels) > 700  # images with both a shape and a colour question
+    kinds = set()
+    for image_id, (shape, colour) in labels.items():
+        for q in data.by_image(data.questions("test"))[image_id]:
+            kind = data.kind(q)
+            kinds.add(kind)
+            if kind == "shape":
+                assert q.answer == shape
+            elif kind == "colour":
+                assert q.answer == colour
+            else:
+                named = set(q.text.rstrip("?").split()) & {shape, colour}
+                assert (q.answer == "yes") == (bool(named) != (kind == "yes/no negated")), q
+    assert kinds == {"shape", "colour", "yes/no", "yes/no negated"}
+
+
+def test_ceiling_script_trains_class_prompts_and_scores_every_kind(capsys):
+    script = _script("proxy_ceiling")
+    assert script.main(["--tokens", "2", "--steps", "2", "--eval-images", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("shape", "colour", "yes/no", "yes/no negated", "all"):
+        assert f"| {kind} | " in out
+    with pytest.raises(SystemExit):
+        script.main(["--tokens", "0"])
+
+
 def test_foreground_patches_marks_non_white_patches():
     from PIL import Image
 

@@ -89,3 +89,49 @@ def by_image(items) -> dict[int, list[Question]]:
     for q in items:
         groups.setdefault(q.image_id, []).append(q)
     return groups
+
+
+SHAPES = ("circle", "rectangle", "triangle")
+YES_NO = ("yes", "no")
+
+
+def colours() -> tuple[str, ...]:
+    """The 8 colour answers."""
+    return tuple(a for a in answers() if a not in SHAPES and a not in YES_NO)
+
+
+def kind(question: Question) -> str:
+    """What a question asks: ``"shape"``, ``"colour"``, ``"yes/no"`` or ``"yes/no negated"``.
+
+    Negated forms ("is there not a ...", "is no ... present", "does the image not contain ...") are told
+    apart because a frozen language model has to invert its reading of the image for them.
+    """
+    if question.answer in SHAPES:
+        return "shape"
+    if question.answer not in YES_NO:
+        return "colour"
+    words = question.text.rstrip("?").split()
+    return "yes/no negated" if "not" in words or "no" in words else "yes/no"
+
+
+def image_labels(split: str) -> dict[int, tuple[str, str]]:
+    """(shape, colour) of each image, read from its shape and colour questions.
+
+    A shape question names the colour ("what is the red shape?") and a colour question may name the
+    shape ("what is the color of the triangle?"); images whose questions do not give both are left out.
+    """
+    shades = colours()
+    labels = {}
+    for image_id, items in by_image(questions(split)).items():
+        shape = colour = None
+        for q in items:
+            words = q.text.rstrip("?").split()
+            if q.answer in SHAPES:
+                shape = q.answer
+                colour = next((w for w in words if w in shades), colour)
+            elif q.answer in shades:
+                colour = q.answer
+                shape = next((w for w in words if w in SHAPES), shape)
+        if shape is not None and colour is not None:
+            labels[image_id] = (shape, colour)
+    return labels

@@ -66,6 +66,15 @@ def answer_loss(model, projector: nn.Module, batch: Batch) -> torch.Tensor:
     ``model`` is the LLaVA whose language model and embeddings are used (frozen); ``projector`` maps the
     (B, 256, 384) features to (B, 256, 576) and may differ from ``model``'s own (e.g. a reparametrised copy).
     """
+    logits = answer_logits(model, projector, batch)
+    return nn.functional.cross_entropy(logits.float(), batch.labels[batch.labels != -100])
+
+
+def answer_logits(model, projector: nn.Module, batch: Batch) -> torch.Tensor:
+    """(A, vocab) logits at the A scored positions of ``batch`` (row by row, where ``labels != -100``).
+
+    ``projector`` maps ``batch.features`` (B, T, D) to the (B, T, H) visual embeddings.
+    """
     lm = model.model.language_model
     embed = model.get_input_embeddings()
     b = batch.features.shape[0]
@@ -85,8 +94,7 @@ def answer_loss(model, projector: nn.Module, batch: Batch) -> torch.Tensor:
         input_ids=batch.suffix_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
     ).last_hidden_state  # (Q, S, H)
     scored = batch.labels != -100
-    logits = model.lm_head(hidden[scored])  # (answer tokens, vocab): the LM head only where it is scored
-    return nn.functional.cross_entropy(logits.float(), batch.labels[scored])
+    return model.lm_head(hidden[scored])  # (answer tokens, vocab): the LM head only where it is scored
 
 
 class StandardizedProjector(nn.Module):
