@@ -231,9 +231,9 @@ def test_image_labels_agree_with_every_question_about_the_image():
 
     labels = data.image_labels("test")
     assert len(labels) > 700  # images with both a shape and a colour question
-    kinds = set()
+    kinds, grouped = set(), data.by_image(data.questions("test"))
     for image_id, (shape, colour) in labels.items():
-        for q in data.by_image(data.questions("test"))[image_id]:
+        for q in grouped[image_id]:
             kind = data.kind(q)
             kinds.add(kind)
             if kind == "shape":
