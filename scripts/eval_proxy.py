@@ -12,6 +12,7 @@ interrupted sweep resumes (results made with another question subset or projecto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -85,6 +86,20 @@ def markdown_table(results: dict, pruners, keeps) -> str:
     return "\n".join(lines)
 
 
+def kind_table(results: dict, pruners, keeps) -> str:
+    """Accuracy per kind of question (``accuracy_by_kind``) of every run that has it, one row per run."""
+    runs = results["runs"]
+    names = [n for n in [UNPRUNED] + [key(p, k) for p in pruners for k in keeps] if "by_kind" in runs.get(n, {})]
+    if not names:
+        return ""
+    kinds = list(dict.fromkeys(kind for n in names for kind in runs[n]["by_kind"]))
+    lines = ["| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for n in names:
+        by_kind = runs[n]["by_kind"]
+        lines.append(f"| {n} | " + " | ".join(f"{100 * by_kind[k]:.1f}" if k in by_kind else "-" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, pruners, keeps, path: Path) -> None:
     import matplotlib
 
@@ -119,27 +134,36 @@ def main(argv=None) -> int:
         import torch
 
         import vtprune
-        from vtprune.proxy import evaluate, load_proxy
+        from vtprune.proxy import data, load_proxy
+        from vtprune.proxy.evaluate import accuracy_by_kind, predict
 
         torch.set_num_threads(args.threads)
         model, processor = load_proxy(projector=args.projector)
         print(
             f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True
         )
+        items = data.subset("test", args.n, args.seed)
         todo = [(UNPRUNED, None)] + [(p, k) for p in args.pruners for k in args.keeps]
         for pruner, keep in todo:
             name = key(pruner, keep)
             if name in results["runs"]:
                 continue
-            context = None if pruner == UNPRUNED else (lambda p=pruner, k=keep: vtprune.apply(model, p, keep=k))
+            context = contextlib.nullcontext() if pruner == UNPRUNED else vtprune.apply(model, pruner, keep=keep)
             start = time.perf_counter()
-            accuracy = evaluate(model, processor, n=args.n, seed=args.seed, context=context, batch_size=args.batch_size)
+            with context:
+                predictions = predict(model, processor, items, batch_size=args.batch_size)
             seconds = time.perf_counter() - start
-            results["runs"][name] = {"accuracy": accuracy, "seconds": round(seconds, 1)}
+            accuracy = sum(p == q.answer for p, q in zip(predictions, items)) / len(items)
+            by_kind = accuracy_by_kind(items, predictions)
+            results["runs"][name] = {"accuracy": accuracy, "by_kind": by_kind, "seconds": round(seconds, 1)}
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1) + "\n")
             print(f"{name:<16} accuracy {100 * accuracy:5.1f}%  ({seconds:.0f} s)", flush=True)
     print(markdown_table(results, args.pruners, args.keeps))
+    by_kind = kind_table(results, args.pruners, args.keeps)
+    if by_kind:
+        print("\naccuracy by kind of question (yes/no split by whether the named shape or colour is in the image):")
+        print(by_kind)
     if args.plot is not None:
         plot(results, args.pruners, args.keeps, args.plot)
         print(f"plot: {args.plot}")

@@ -4,6 +4,7 @@ model (about a minute) under $VTPRUNE_CACHE/proxy or ~/.cache/vtprune/proxy.
 """
 
 import pytest
+import torch
 
 import vtprune
 from vtprune import proxy
@@ -174,10 +175,38 @@ def _script(name):
     return module
 
 
+def test_train_script_is_reproducible_from_its_seed_and_continues_from_init(tmp_path):
+    from safetensors.torch import load_file
+
+    from vtprune.proxy.load import PROJECTOR_FILE
+
+    script = _script("train_proxy")
+    # --eval-every 0 with --eval-n 0: no evaluation at all (it used to run one with n=0 and crash).
+    argv = ["--steps", "2", "--images-per-step", "1", "--warmup", "1", "--threads", "1", "--balance-yes-no"]
+    argv += ["--eval-every", "0", "--eval-n", "0", "--final-eval-n", "0"]
+    first, again, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    assert script.main([*argv, "--out", str(first), "--seed", "3"]) == 0
+    assert script.main([*argv, "--out", str(again), "--seed", "3"]) == 0
+    assert script.main([*argv, "--out", str(other), "--seed", "4"]) == 0
+    a, b, c = load_file(str(first)), load_file(str(again)), load_file(str(other))
+    assert a.keys() == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["linear_2.weight"], c["linear_2.weight"])
+    # --init starts from a trained projector (unfolded into the standardised space and folded back).
+    shipped = load_file(str(PROJECTOR_FILE))
+    assert script.main([*argv, "--out", str(other), "--seed", "3", "--lr", "0", "--init", str(PROJECTOR_FILE)]) == 0
+    resumed = load_file(str(other))
+    for name in shipped:
+        torch.testing.assert_close(resumed[name], shipped[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(first)])  # neither --steps nor --minutes
+
+
 def test_eval_script_writes_table_plot_and_resumes(tmp_path, capsys, proxy_model):
     import json
 
-    from vtprune.proxy import evaluate
+    from vtprune.proxy import data, evaluate
+    from vtprune.proxy.evaluate import accuracy_by_kind, predict
 
     script = _script("eval_proxy")
     results, plot = tmp_path / "acc.json", tmp_path / "acc.png"
@@ -195,6 +224,9 @@ def test_eval_script_writes_table_plot_and_resumes(tmp_path, capsys, proxy_model
     assert script.main([*argv, "--results", str(results)]) == 0
     out = capsys.readouterr().out
     assert "accuracy" not in out and f"| uniform | {100 * runs['uniform@8']['accuracy']:.1f} |" in out
+    items = data.subset("test", 6, 0)
+    assert runs["unpruned"]["by_kind"] == accuracy_by_kind(items, predict(model, processor, items))
+    assert "| uniform@8 | " in out
     with pytest.raises(SystemExit, match="measured with"):
         script.main(["--n", "7", "--results", str(results), "--plot-only"])
 
@@ -243,7 +275,53 @@ def test_image_labels_agree_with_every_question_about_the_image():
             else:
                 named = set(q.text.rstrip("?").split()) & {shape, colour}
                 assert (q.answer == "yes") == (bool(named) != (kind == "yes/no negated")), q
+                assert data.named_present(q) is bool(named), q
     assert kinds == {"shape", "colour", "yes/no", "yes/no negated"}
+
+
+def test_balance_yes_no_evens_present_and_absent_per_image_and_keeps_the_rest():
+    import random
+
+    from vtprune.proxy import data
+
+    pool = data.questions("train")
+    balanced = data.balance_yes_no(pool, random.Random(0))
+    assert balanced == data.balance_yes_no(pool, random.Random(0))
+    assert balanced != data.balance_yes_no(pool, random.Random(1))
+    assert set(balanced) <= set(pool)
+    before, after = data.by_image(pool), data.by_image(balanced)
+    for image_id, group in before.items():
+        kept = after.get(image_id, [])
+        assert kept == [q for q in group if q in set(kept)]  # order kept
+        present = [q for q in group if data.named_present(q) is True]
+        absent = [q for q in group if data.named_present(q) is False]
+        assert [q for q in kept if data.named_present(q) is None] == [q for q in group if data.named_present(q) is None]
+        assert [q for q in kept if data.named_present(q) is True] == present
+        assert sum(data.named_present(q) is False for q in kept) == min(len(present), len(absent))
+    # The data set's shortcut, and that balancing removes it.
+    share = sum(data.named_present(q) is False for q in pool) / sum(data.named_present(q) is not None for q in pool)
+    assert share > 0.8
+    flags = [data.named_present(q) for q in balanced if data.named_present(q) is not None]
+    assert abs(sum(flags) / len(flags) - 0.5) < 0.01
+
+
+def test_accuracy_by_kind_splits_yes_no_by_presence():
+    from vtprune.proxy import data
+    from vtprune.proxy.evaluate import accuracy_by_kind
+
+    items = [
+        data.Question("what shape is this?", "circle", 0, "test"),
+        data.Question("is there a red shape?", "yes", 0, "test"),  # present
+        data.Question("is there not a circle?", "no", 0, "test"),  # present
+        data.Question("is there a blue shape?", "no", 0, "test"),  # absent
+    ]
+    assert accuracy_by_kind(items, ["circle", "no", "no", "no"]) == {
+        "shape": 1.0,
+        "yes/no present": 0.5,
+        "yes/no absent": 1.0,
+    }
+    with pytest.raises(ValueError, match="3 predictions"):
+        accuracy_by_kind(items, ["circle", "no", "no"])
 
 
 def test_ceiling_script_trains_class_prompts_and_scores_every_kind(capsys):

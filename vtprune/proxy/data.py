@@ -135,3 +135,32 @@ def image_labels(split: str) -> dict[int, tuple[str, str]]:
         if shape is not None and colour is not None:
             labels[image_id] = (shape, colour)
     return labels
+
+
+def named_present(question: Question) -> bool | None:
+    """For a yes/no question, whether the shape or colour it names is in the image; None otherwise.
+
+    "is there a red shape?" -> yes means present; "is there not a red shape?" -> no means present.
+    """
+    question_kind = kind(question)
+    if not question_kind.startswith("yes/no"):
+        return None
+    return (question.answer == "yes") == (question_kind == "yes/no")
+
+
+def balance_yes_no(items, rng: random.Random) -> list[Question]:
+    """``items`` with, per image, as many yes/no questions about absent things as about present ones.
+
+    About 82% of easy-vqa's yes/no questions name something absent, so "absent" is right most of the
+    time without looking at the image. Trained on all of them, the proxy's projector learned exactly
+    that: on the test set it answered every yes/no question as if the named thing were absent. Keeping
+    every present-thing question and an equal random draw of absent-thing ones (per image, order kept)
+    removes the shortcut; shape and colour questions are all kept.
+    """
+    out: list[Question] = []
+    for group in by_image(items).values():
+        present = [q for q in group if named_present(q) is True]
+        absent = [i for i, q in enumerate(group) if named_present(q) is False]
+        keep_absent = set(rng.sample(absent, min(len(present), len(absent))))
+        out.extend(q for i, q in enumerate(group) if named_present(q) is not False or i in keep_absent)
+    return out

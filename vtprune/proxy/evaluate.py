@@ -71,6 +71,24 @@ def predict(model, processor, items, batch_size: int = 8, progress: bool = False
     return out
 
 
+def accuracy_by_kind(items, predictions) -> dict[str, float]:
+    """Accuracy in [0, 1] per kind of question: ``"shape"``, ``"colour"``, and yes/no questions split
+    by whether the shape or colour they name is in the image (``"yes/no present"``, ``"yes/no absent"``;
+    negated or not), the split that shows whether a model reads the image or the answer prior.
+    Kinds with no question in ``items`` are left out.
+    """
+    items, predictions = list(items), list(predictions)
+    if len(items) != len(predictions):
+        raise ValueError(f"{len(items)} questions but {len(predictions)} predictions")
+    right: dict[str, list[bool]] = {}
+    for q, p in zip(items, predictions):
+        present = data.named_present(q)
+        name = data.kind(q) if present is None else ("yes/no present" if present else "yes/no absent")
+        right.setdefault(name, []).append(p == q.answer)
+    order = ("shape", "colour", "yes/no present", "yes/no absent")
+    return {name: sum(right[name]) / len(right[name]) for name in order if name in right}
+
+
 def evaluate(
     model,
     processor,
