@@ -219,11 +219,13 @@ def test_eval_script_writes_table_plot_and_resumes(tmp_path, capsys, proxy_model
     with vtprune.apply(model, "uniform", keep=8):
         assert runs["uniform@8"]["accuracy"] == evaluate(model, processor, n=6)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    capsys.readouterr()
+    first = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in first if line.split()[1:2] == ["accuracy"]] == ["unpruned", "uniform@8"]
     # A second run finds both results and measures nothing; the table shows them.
     assert script.main([*argv, "--results", str(results)]) == 0
     out = capsys.readouterr().out
-    assert "accuracy" not in out and f"| uniform | {100 * runs['uniform@8']['accuracy']:.1f} |" in out
+    measured = [line for line in out.splitlines() if line.split()[1:2] == ["accuracy"]]  # "<run> accuracy x%"
+    assert measured == [] and f"| uniform | {100 * runs['uniform@8']['accuracy']:.1f} |" in out
     items = data.subset("test", 6, 0)
     assert runs["unpruned"]["by_kind"] == accuracy_by_kind(items, predict(model, processor, items))
     assert "| uniform@8 | " in out
