@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 
         import vtprune
         from vtprune.proxy import data, load_proxy
-        from vtprune.proxy.evaluate import accuracy_by_kind, predict
+        from vtprune.proxy.evaluate import accuracy, accuracy_by_kind, predict
 
         torch.set_num_threads(args.threads)
         model, processor = load_proxy(projector=args.projector)
@@ -153,12 +153,12 @@ def main(argv=None) -> int:
             with context:
                 predictions = predict(model, processor, items, batch_size=args.batch_size)
             seconds = time.perf_counter() - start
-            accuracy = sum(p == q.answer for p, q in zip(predictions, items)) / len(items)
+            share = accuracy(items, predictions)
             by_kind = accuracy_by_kind(items, predictions)
-            results["runs"][name] = {"accuracy": accuracy, "by_kind": by_kind, "seconds": round(seconds, 1)}
+            results["runs"][name] = {"accuracy": share, "by_kind": by_kind, "seconds": round(seconds, 1)}
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1) + "\n")
-            print(f"{name:<16} accuracy {100 * accuracy:5.1f}%  ({seconds:.0f} s)", flush=True)
+            print(f"{name:<16} accuracy {100 * share:5.1f}%  ({seconds:.0f} s)", flush=True)
     print(markdown_table(results, args.pruners, args.keeps))
     by_kind = kind_table(results, args.pruners, args.keeps)
     if by_kind:

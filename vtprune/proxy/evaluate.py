@@ -71,6 +71,14 @@ def predict(model, processor, items, batch_size: int = 8, progress: bool = False
     return out
 
 
+def accuracy(items, predictions) -> float:
+    """Share in [0, 1] of ``predictions`` equal to the answers of the ``data.Question`` ``items``."""
+    items, predictions = list(items), list(predictions)
+    if len(items) != len(predictions):
+        raise ValueError(f"{len(items)} questions but {len(predictions)} predictions")
+    return sum(p == q.answer for p, q in zip(predictions, items)) / len(items)
+
+
 def accuracy_by_kind(items, predictions) -> dict[str, float]:
     """Accuracy in [0, 1] per kind of question: ``"shape"``, ``"colour"``, and yes/no questions split
     by whether the shape or colour they name is in the image (``"yes/no present"``, ``"yes/no absent"``;
@@ -107,4 +115,4 @@ def evaluate(
     items = data.subset(split, n, seed)
     with _as_context(context):
         predictions = predict(model, processor, items, batch_size=batch_size, progress=progress)
-    return sum(p == q.answer for p, q in zip(predictions, items)) / len(items)
+    return accuracy(items, predictions)
