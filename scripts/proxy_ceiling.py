@@ -30,6 +30,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-images", type=int, default=300, help="test images whose questions are scored")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--balance-yes-no",
+        action="store_true",
+        help="train on as many yes/no questions about absent things as about present ones (data.balance_yes_no)",
+    )
     args = p.parse_args(argv)
     for name in ("tokens", "steps", "images_per_step", "eval_images", "threads"):
         if getattr(args, name) < 1:
@@ -62,7 +67,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from vtprune.proxy import data, load_proxy
-    from vtprune.proxy.evaluate import answer_first_tokens
+    from vtprune.proxy.evaluate import accuracy_by_kind, answer_first_tokens
     from vtprune.proxy.train import answer_logits, answer_loss, encode_examples
 
     model, processor = load_proxy()
@@ -70,7 +75,10 @@ def main(argv=None) -> int:
         param.requires_grad_(False)
     tokenizer = processor.tokenizer
     classes = [(s, c) for s in data.SHAPES for c in data.colours()]
+    rng = random.Random(args.seed)
     questions = {split: data.by_image(data.questions(split)) for split in data.SPLITS}
+    if args.balance_yes_no:
+        questions["train"] = data.by_image(data.balance_yes_no(data.questions("train"), rng))
     labels = {split: data.image_labels(split) for split in data.SPLITS}
 
     def batch_of(split, ids):
@@ -83,8 +91,7 @@ def main(argv=None) -> int:
     scale = float(model.get_input_embeddings().weight.std())
     prompt = class_prompt(len(classes), args.tokens, model.config.text_config.hidden_size, scale)
     optimizer = torch.optim.AdamW(prompt.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    rng = random.Random(args.seed)
-    train_ids = list(labels["train"])
+    train_ids = [i for i in labels["train"] if i in questions["train"]]
     smoothed, start = None, time.perf_counter()
     for step in range(args.steps):
         warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
@@ -100,6 +107,7 @@ def main(argv=None) -> int:
 
     candidates, names = answer_first_tokens(tokenizer), data.answers()
     right, total = Counter(), Counter()
+    scored_items, predictions = [], []
     test_ids = list(labels["test"])[: args.eval_images]
     with torch.no_grad():
         for s in range(0, len(test_ids), 8):
@@ -114,11 +122,16 @@ def main(argv=None) -> int:
             for c, q in zip(choice.tolist(), [q for i in ids for q in questions["test"][i]]):
                 total[data.kind(q)] += 1
                 right[data.kind(q)] += names[c] == q.answer
+                scored_items.append(q)
+                predictions.append(names[c])
     print(f"\nperfect-image ceiling, K={args.tokens}, {args.steps} steps, {len(test_ids)} test images:")
     print("| question kind | questions | accuracy |\n|---|---|---|")
     for kind in sorted(total):
         print(f"| {kind} | {total[kind]} | {100 * right[kind] / total[kind]:.1f}% |")
     print(f"| all | {sum(total.values())} | {100 * sum(right.values()) / sum(total.values()):.1f}% |")
+    # Present + absent near 100% means the yes/no answer does not depend on the image (a fixed bias).
+    by_kind = accuracy_by_kind(scored_items, predictions)
+    print("\n" + " | ".join(f"{name} {100 * value:.1f}%" for name, value in by_kind.items()))
     return 0
 
 

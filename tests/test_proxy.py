@@ -332,8 +332,49 @@ def test_ceiling_script_trains_class_prompts_and_scores_every_kind(capsys):
     out = capsys.readouterr().out
     for kind in ("shape", "colour", "yes/no", "yes/no negated", "all"):
         assert f"| {kind} | " in out
+    assert "yes/no present " in out and "yes/no absent " in out
     with pytest.raises(SystemExit):
         script.main(["--tokens", "0"])
+
+
+def test_ceiling_script_balances_training_questions(monkeypatch, capsys):
+    from vtprune.proxy import data
+
+    script = _script("proxy_ceiling")
+    seen = []
+    balance = data.balance_yes_no
+    monkeypatch.setattr(data, "balance_yes_no", lambda items, rng: seen.append(1) or balance(items, rng))
+    argv = ["--tokens", "1", "--steps", "1", "--eval-images", "1", "--threads", "1"]
+    assert script.main([*argv, "--balance-yes-no"]) == 0 and seen == [1]
+    assert script.main(argv) == 0 and seen == [1]
+
+
+def test_text_oracle_script_scores_every_template(capsys, proxy_model):
+    from vtprune.proxy import data
+    from vtprune.proxy.evaluate import accuracy, answer_first_tokens
+
+    script = _script("proxy_text_oracle")
+    assert script.main(["--n", "12", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    for title in script.TEMPLATES:
+        assert f"\n{title} (" in out
+    # The first template's accuracy, recomputed here from its prompts.
+    model, processor = proxy_model
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    labels = data.image_labels("test")
+    items = [q for q in data.subset("test", 12, 0) if q.image_id in labels]
+    template = next(iter(script.TEMPLATES.values()))
+    predictions = []
+    for q in items:
+        shape, colour = labels[q.image_id]
+        ids = tokenizer(template.format(caption=f"a {colour} {shape}", question=q.text), return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**ids).logits[0, -1]
+        predictions.append(data.answers()[int(logits[answer_first_tokens(tokenizer)].argmax())])
+    assert f"s): all {100 * accuracy(items, predictions):.1f}%" in out.split("\n\n")[1]
+    with pytest.raises(SystemExit):
+        script.main(["--n", "0"])
 
 
 def test_foreground_patches_marks_non_white_patches():
