@@ -48,3 +48,14 @@ def greedy(model, inputs, n=8):
 def logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def hooks_of(model):
+    """Every hook on every submodule. transformers installs its own output-capturing hooks lazily on
+    the first forward, so tests compare against a snapshot instead of expecting none."""
+    return {
+        (name, kind, key)
+        for name, m in model.named_modules()
+        for kind, hooks in (("pre", m._forward_pre_hooks), ("post", m._forward_hooks), ("back", m._backward_hooks))
+        for key in hooks
+    }

@@ -2,20 +2,9 @@
 
 import pytest
 import torch
-from conftest import PRUNER_OPTIONS, apply, greedy, logits
+from conftest import PRUNER_OPTIONS, apply, greedy, hooks_of, logits
 
 import vtprune
-
-
-def hooks_of(model):
-    """Every hook on every submodule. transformers installs its own output-capturing hooks lazily on
-    the first forward, so tests compare against a snapshot instead of expecting none."""
-    return {
-        (name, kind, key)
-        for name, m in model.named_modules()
-        for kind, hooks in (("pre", m._forward_pre_hooks), ("post", m._forward_hooks), ("back", m._backward_hooks))
-        for key in hooks
-    }
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@
     handle.remove()
 """
 
-from vtprune.api import apply
+from vtprune.api import apply, handle_of
 from vtprune.handle import PruneHandle
 from vtprune.pruners import CLSPrune, DivPrune, FastV, LLMPruner, Pruner, RandomPrune, UniformPrune, VisionPruner
 from vtprune.registry import available
@@ -27,4 +27,5 @@ __all__ = [
     "VisionPruner",
     "apply",
     "available",
+    "handle_of",
 ]

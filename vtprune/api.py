@@ -22,6 +22,16 @@ def make_pruner(pruner: str | Pruner, **options) -> Pruner:
         raise TypeError(f"bad options for pruner {pruner!r}: {exc}; it takes {', '.join(fields)}") from None
 
 
+def _uncompiled(model):
+    """The module behind ``torch.compile(model)``: the compiled wrapper calls its (patched) forward."""
+    return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+
+
+def handle_of(model) -> PruneHandle | None:
+    """The active handle of ``model`` (or of the module ``torch.compile`` wrapped), or None."""
+    return getattr(_uncompiled(model), HANDLE_ATTR, None)
+
+
 def apply(model, pruner: str | Pruner, **options) -> PruneHandle:
     """Prune visual tokens of ``model`` until the returned handle's ``remove()``.
 
@@ -34,9 +44,12 @@ def apply(model, pruner: str | Pruner, **options) -> PruneHandle:
         A handle: ``handle.last`` describes the last pruned forward, ``handle.remove()`` (or leaving a
         ``with`` block) restores the model exactly.
 
-    Everything is validated before the model is touched.
+    Everything is validated before the model is touched. A model compiled with ``torch.compile(model)``
+    is pruned through the module it wraps; ``copy.deepcopy`` of a pruned model is pruned the same way,
+    independently (its handle: ``vtprune.handle_of(copy)``).
     """
     config = make_pruner(pruner, **options)
+    model = _uncompiled(model)
     existing = getattr(model, HANDLE_ATTR, None)
     if existing is not None:
         raise RuntimeError(

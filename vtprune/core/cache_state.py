@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import weakref
-
 
 class CacheState:
-    """Maps a cache object to what its prefill pruned; entries die with their cache."""
+    """Maps a cache object to what its prefill pruned; the entry lives on the cache, and dies with it.
 
-    def __init__(self):
-        self._by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    Stored as an attribute of the cache rather than in a ``WeakKeyDictionary``: torch.compile cannot
+    build guards over a weak dictionary, and a copied cache (``copy.deepcopy``) keeps its meaning.
+    """
+
+    def __init__(self, key: str):
+        self.attr = f"_vtprune_{key}"
 
     def get(self, cache):
-        return None if cache is None else self._by_cache.get(cache)
+        return None if cache is None else getattr(cache, self.attr, None)
 
     def __setitem__(self, cache, value) -> None:
-        self._by_cache[cache] = value
+        setattr(cache, self.attr, value)

@@ -73,3 +73,30 @@ class Compaction:
         index = torch.cat([self.index, tail], dim=1)
         valid = torch.cat([self.valid, torch.ones_like(tail, dtype=torch.bool)], dim=1)
         return index, valid
+
+
+def scatter_attention(
+    weights: torch.Tensor,
+    kv_index: torch.Tensor,
+    kv_valid: torch.Tensor,
+    kv_len: int,
+    q_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Attention weights of compacted tokens placed back at their original rows and columns.
+
+    weights: (B, H, Q', KV'); kv_index/kv_valid: (B, KV') original column of each compacted key;
+    q_rows: (index, valid), each (B, Q'), when the queries were compacted too (prefill), else None.
+    Returns (B, H, Q, kv_len), zero wherever a dropped token would have been.
+    """
+    b, h, q_short, _ = weights.shape
+    q_len = q_short if q_rows is None else kv_len
+    full = weights.new_zeros(b, h, q_len, kv_len)
+    for i in range(b):
+        cols = kv_index[i][kv_valid[i]]
+        w = weights[i][:, :, kv_valid[i]]
+        if q_rows is None:
+            full[i][:, :, cols] = w
+        else:
+            rows = q_rows[0][i][q_rows[1][i]]
+            full[i][:, rows[:, None], cols[None, :]] = w[:, q_rows[1][i]]
+    return full

@@ -51,8 +51,17 @@ class DecodeTranslation:
     comp: Compaction
     short_mask: torch.Tensor | None  # (B, L') mask of the shortened prompt, None if all ones
 
+    @property
+    def shrink(self) -> int:
+        """Prompt positions the shortened cache no longer holds (L - L')."""
+        return self.comp.length - self.comp.index.shape[1]
+
     def attention_mask(self, mask: torch.Tensor | None, total_short: int) -> torch.Tensor | None:
         """mask: (B, L + t) in the original layout, or None; total_short: cache length after this step."""
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(
+                f"vtprune maps 2-D attention masks onto a cache its pruning shortened; got a {mask.dim()}-D mask"
+            )
         if mask is not None:
             head = self.short_mask if self.short_mask is not None else torch.ones_like(self.comp.valid, dtype=mask.dtype)
             return torch.cat([head.to(mask.dtype), mask[:, self.comp.length :]], dim=1)

@@ -1,17 +1,20 @@
-"""LLaVA (``LlavaForConditionalGeneration``, llava-hf checkpoints): where the two stages attach.
+"""LLaVA (``LlavaForConditionalGeneration`` and subclasses, llava-hf checkpoints): where the stages attach.
 
-Two instance-level patches, both undone by ``remove()``:
+Instance-level patches (``MethodPatch``), all undone by ``remove()`` and copied by ``copy.deepcopy``:
 - ``model.model.get_image_features`` also records, on each image's feature tensor, the patch grid and
   (when the pruner asks) the tower's CLS attention. ``generate()`` calls it before prefill and looks
-  up its signature, which ``functools.wraps`` keeps.
+  up its signature, which the patch keeps.
 - ``model.forward`` locates each image's placeholder tokens from ``config.image_token_id`` and runs
   the vision stage (shortens the prompt) or scopes the LLM stage's decoder hooks; decode steps after
   a shortened prefill get their mask and positions mapped onto the shorter cache.
+- ``model.generate`` records where the prompt ends (the LLM stage scores with the last prompt token
+  even when the first forward holds more, as in assisted decoding or ``use_cache=False``).
+- ``model.prepare_inputs_for_generation`` maps lengths between ``input_ids`` and a shortened cache
+  when a ``generate()`` continues one, and keeps 2-D masks for static caches (mapped in ``forward``).
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -19,11 +22,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vtprune.core.cache_state import CacheState
 from vtprune.core.compaction import Compaction
+from vtprune.core.generation import GenerateCall, continuation_length, prompt_length
 from vtprune.core.layout import VisualLayout
 from vtprune.core.llm_stage import LLMStage
+from vtprune.core.patching import MethodPatch, PerThread
 from vtprune.core.vision_stage import DecodeTranslation, shorten_prompt
 from vtprune.patches import llama, towers
 from vtprune.pruners.base import ModelInfo, Pruner, VisionPruner, VisionTokens
+from vtprune.registry import available, pruner_class
 from vtprune.stats import PruneStats
 
 SUPPORTED = ("LlavaForConditionalGeneration",)
@@ -31,22 +37,21 @@ _IMAGE_INFO = "_vtprune_image"  # attribute set on each image's feature tensor
 
 
 def supports(model) -> bool:
-    return type(model).__name__ in SUPPORTED
+    import transformers
+
+    return isinstance(model, tuple(getattr(transformers, name) for name in SUPPORTED))
 
 
-def _patch_instance_method(obj, name: str, wrapper) -> callable:
-    """Shadow ``obj.name`` with ``wrapper``; returns the undo."""
-    had_own = name in obj.__dict__
-    previous = obj.__dict__.get(name)
-    setattr(obj, name, wrapper)
+def _is_static(cache) -> bool:
+    """Caches with fixed slots (``cache_implementation="static"``, ``StaticCache``)."""
+    return bool(getattr(cache, "is_compileable", False))
 
-    def undo():
-        if had_own:
-            setattr(obj, name, previous)
-        else:
-            obj.__dict__.pop(name, None)
 
-    return undo
+def _requested(a: dict, config, name: str) -> bool:
+    """Whether a forward asks for ``output_hidden_states``/``output_attentions`` (argument, else config)."""
+    value = a.get(name)
+    value = getattr(config, name, None) if value is None else value
+    return value is not None and value is not False
 
 
 def _feature_layers(config, n_layers: int) -> tuple[int, ...]:
@@ -76,7 +81,8 @@ class LlavaAdapter:
         self.last: PruneStats | None = None
         self._pruner: Pruner | None = None
         self._llm: LLMStage | None = None
-        self._decode: CacheState = CacheState()
+        self._decode = CacheState("decode")
+        self._generation = PerThread()  # GenerateCall of the generate() running in this thread
 
     @property
     def attn_implementation(self) -> str:
@@ -92,41 +98,37 @@ class LlavaAdapter:
 
     # -- installation ------------------------------------------------------------------------------
     def install(self, pruner: Pruner) -> list:
+        """Patch the model; returns the undo steps (bound methods, so a deep copy undoes its own)."""
         self._pruner = pruner
         undo = []
         try:
-            inner = self.model.model
-            undo.append(_patch_instance_method(inner, "get_image_features", self._wrap_image_features(inner.get_image_features)))
+            undo.append(MethodPatch(self.model.model, "get_image_features", self._image_features).undo)
             if pruner.stage == "llm":
                 flash = "flash" in self.attn_implementation
                 self._llm = LLMStage(pruner, self.decoder_layers, llama.query_key, flash)
                 undo += [h.remove for h in self._llm.install()]
-            undo.append(_patch_instance_method(self.model, "forward", self._wrap_forward(self.model.forward)))
+            undo.append(MethodPatch(self.model, "forward", self._patched_forward).undo)
+            undo.append(MethodPatch(self.model, "generate", self._generate).undo)
+            undo.append(MethodPatch(self.model, "prepare_inputs_for_generation", self._prepare_inputs).undo)
         except Exception:
             for u in reversed(undo):
                 u()
             raise
         return undo
 
-    def _wrap_image_features(self, original):
-        signature = inspect.signature(original)
+    def _image_features(self, original, *args, **kwargs):
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        pixel_values = bound.arguments["pixel_values"]
         layers = self._pruner.tower_attention_layers(self.info) if isinstance(self._pruner, VisionPruner) else []
-
-        @functools.wraps(original)
-        def get_image_features(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            pixel_values = bound.arguments["pixel_values"]
-            if layers:
-                with towers.capture_cls_attention(self.tower, layers) as rows:
-                    out = original(*args, **kwargs)
-                cls = torch.stack(rows).sum(0) if rows else None
-            else:
+        if layers:
+            with towers.capture_cls_attention(self.tower, layers) as rows:
                 out = original(*args, **kwargs)
-                cls = None
-            self._annotate(out, pixel_values, cls, bound.arguments.get("vision_feature_select_strategy"))
-            return out
-
-        return get_image_features
+            cls = torch.stack(rows).sum(0) if rows else None
+        else:
+            out = original(*args, **kwargs)
+            cls = None
+        self._annotate(out, pixel_values, cls, bound.arguments.get("vision_feature_select_strategy"))
+        return out
 
     def _annotate(self, out, pixel_values, cls, strategy) -> None:
         features = out.pooler_output if not isinstance(out, tuple) else out[1]
@@ -142,29 +144,56 @@ class LlavaAdapter:
             # A plain tuple, not VisionTokens: holding ``f`` itself would make a reference cycle.
             setattr(f, _IMAGE_INFO, (grid if grid[0] * grid[1] == n else None, row))
 
-    def _wrap_forward(self, original):
-        signature = inspect.signature(original)
+    def _patched_forward(self, original, *args, **kwargs):
+        a = dict(inspect.signature(original).bind(*args, **kwargs).arguments)
+        a.update(a.pop("kwargs", {}))
+        return self._forward(original, a)
 
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            a = dict(bound.arguments)
-            a.update(a.pop("kwargs", {}))
-            return self._forward(original, a)
+    # -- generate() ----------------------------------------------------------------------------------
+    def _generate(self, original, *args, **kwargs):
+        length = prompt_length(inspect.signature(original).bind_partial(*args, **kwargs).arguments)
+        if length is None:
+            return original(*args, **kwargs)
+        with self._generation.set(GenerateCall(prompt_length=length)):
+            return original(*args, **kwargs)
 
-        return forward
+    def _prepare_inputs(self, original, input_ids, *args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        translation = self._decode.get(cache)
+        if translation is not None:
+            kwargs["next_sequence_length"] = continuation_length(
+                kwargs.get("next_sequence_length"), input_ids, cache, translation.shrink
+            )
+        inputs = original(input_ids, *args, **kwargs)
+        mask = kwargs.get("attention_mask")
+        if _is_static(cache) and (mask is None or mask.dim() == 2):
+            # generate() builds 4-D masks for static caches in the prompt's original layout; the
+            # forward maps the 2-D one onto the shortened prompt and the model builds its own.
+            inputs["attention_mask"] = mask
+        return inputs
 
     # -- the forward -------------------------------------------------------------------------------
     def _forward(self, original, a: dict):
+        cache = a.get("past_key_values")
+        if self._llm is not None and _is_static(cache):
+            raise ValueError(
+                f"the {self._pruner.name!r} pruner drops tokens inside the decoder, so its pruned layers hold "
+                f"fewer tokens than a static cache's fixed slots: cache_implementation='static' (or a "
+                f"{type(cache).__name__}) is not supported with it; use the default dynamic cache, or a "
+                f"vision-stage pruner ({', '.join(_vision_pruner_names())})"
+            )
         encoded = (a.get("mm_encoder_outputs") or {}).get("image")
         if a.get("pixel_values") is None and encoded is None:
             return self._forward_without_images(original, a)
         input_ids = a.get("input_ids")
         if input_ids is None:
             raise ValueError("vtprune locates image tokens by input_ids; pass input_ids instead of inputs_embeds with images")
-        cache = a.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:
-            raise NotImplementedError("vtprune cannot prune images in a prompt that continues a non-empty KV cache")
+            raise NotImplementedError(
+                "vtprune cannot prune images in a prompt that continues a non-empty KV cache (a new image in a "
+                "later turn, or prefill_chunk_size); to continue a pruned generate() with more text, pass its "
+                "past_key_values and the full token ids without pixel_values"
+            )
         if encoded is None:
             encoded = self.model.model.get_image_features(
                 pixel_values=a["pixel_values"],
@@ -178,12 +207,30 @@ class LlavaAdapter:
         features = list(encoded.pooler_output)
         layout = VisualLayout.from_placeholders(input_ids, self.config.image_token_id, [f.shape[0] for f in features])
         if self._llm is not None:
-            mask = a.get("attention_mask")
-            with self._llm.call(layout, None if mask is None or mask.dim() != 2 else mask.bool()):
-                out = original(**a)
-            self.last = self._llm.last
-            return out
+            return self._llm_forward(original, a, layout)
         return self._vision_forward(original, a, encoded, features, layout)
+
+    def _llm_forward(self, original, a: dict, layout: VisualLayout):
+        mask = a.get("attention_mask")
+        generating = self._generation.get()
+        score_row = kept = None
+        if generating is not None:
+            length = a["input_ids"].shape[1]
+            if generating.prompt_length > length:
+                raise NotImplementedError(
+                    f"the {self._pruner.name!r} pruner scores with the prompt's last token, which this forward "
+                    f"({length} of the prompt's {generating.prompt_length} tokens) does not hold: chunked "
+                    f"prefill (prefill_chunk_size) is not supported with it"
+                )
+            score_row, kept = generating.prompt_length - 1, generating.kept
+        restore = _requested(a, self.config, "output_hidden_states") or _requested(a, self.config, "output_attentions")
+        key_mask = None if mask is None or mask.dim() != 2 else mask.bool()
+        with self._llm.call(layout, key_mask, score_row=score_row, kept=kept, restore_outputs=restore) as call:
+            out = original(**a)
+        if generating is not None:
+            generating.kept = call.kept
+        self.last = self._llm.last
+        return out
 
     def _forward_without_images(self, original, a: dict):
         translation = self._decode.get(a.get("past_key_values"))
@@ -193,7 +240,8 @@ class LlavaAdapter:
             a["attention_mask"] = translation.attention_mask(a.get("attention_mask"), cache.get_seq_length() + q_len)
             a["position_ids"] = translation.position_ids(a.get("position_ids"))
         if self._llm is not None:
-            with self._llm.call(None, None):
+            restore = _requested(a, self.config, "output_attentions")
+            with self._llm.call(None, None, restore_outputs=restore):
                 return original(**a)
         return original(**a)
 
@@ -235,3 +283,7 @@ class LlavaAdapter:
             if pad is not None and pad != self.config.image_token_id:
                 return int(pad)
         return 0 if self.config.image_token_id != 0 else 1
+
+
+def _vision_pruner_names() -> list[str]:
+    return [name for name in available() if pruner_class(name).stage == "vision"]
