@@ -8,6 +8,7 @@
 
 from vtprune.api import apply, handle_of
 from vtprune.handle import PruneHandle
+from vtprune.pipeline import Pipeline
 from vtprune.pruners import CLSPrune, DivPrune, FastV, LLMPruner, Pruner, RandomPrune, UniformPrune, VisionPruner
 from vtprune.registry import available
 from vtprune.stats import PruneStats
@@ -19,6 +20,7 @@ __all__ = [
     "DivPrune",
     "FastV",
     "LLMPruner",
+    "Pipeline",
     "PruneHandle",
     "PruneStats",
     "Pruner",

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from vtprune.handle import HANDLE_ATTR, PruneHandle
 from vtprune.patches import adapter_for
+from vtprune.pipeline import Pipeline
 from vtprune.pruners.base import Pruner
 from vtprune.registry import pruner_class
 
 
-def make_pruner(pruner: str | Pruner, **options) -> Pruner:
-    """A pruner config from a registry name and options, or the config object itself."""
-    if isinstance(pruner, Pruner):
+def make_pruner(pruner, **options) -> Pruner | Pipeline:
+    """A pruner config from a registry name and options, the config object itself, or a Pipeline
+    from a list of config objects."""
+    if isinstance(pruner, (list, tuple)):
+        if options:
+            raise TypeError(f"options {sorted(options)} given with a list of pruners; set them on each pruner object")
+        return Pipeline(list(pruner))
+    if isinstance(pruner, (Pruner, Pipeline)):
         if options:
             raise TypeError(f"options {sorted(options)} given with a pruner object; set them on the object instead")
         return pruner
@@ -32,12 +38,14 @@ def handle_of(model) -> PruneHandle | None:
     return getattr(_uncompiled(model), HANDLE_ATTR, None)
 
 
-def apply(model, pruner: str | Pruner, **options) -> PruneHandle:
+def apply(model, pruner, **options) -> PruneHandle:
     """Prune visual tokens of ``model`` until the returned handle's ``remove()``.
 
     Args:
         model: a ``LlavaForConditionalGeneration`` (unmodified; any attention implementation).
-        pruner: a name from ``vtprune.available()`` or a pruner object such as ``vtprune.DivPrune(keep=64)``.
+        pruner: a name from ``vtprune.available()``, a pruner object such as ``vtprune.DivPrune(keep=64)``,
+            or a ``vtprune.Pipeline`` (or a list) of pruner objects: one vision-stage pruner, then
+            LLM-stage pruners.
         **options: the pruner's options when ``pruner`` is a name, e.g. ``keep=64`` or ``layer=2``.
 
     Returns:

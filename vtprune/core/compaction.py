@@ -55,6 +55,13 @@ class Compaction:
         valid = self.valid.view(*self.valid.shape, *([1] * (x.dim() - 2)))
         return torch.where(valid, out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
 
+    def slots(self) -> torch.Tensor:
+        """(B, L) long: the new slot of each original position, -1 where it was dropped."""
+        b = self.index.shape[0]
+        slots = torch.full((b, self.length), -1, dtype=torch.long, device=self.index.device)
+        new = torch.arange(self.index.shape[1], device=self.index.device).expand(b, -1)
+        return slots.scatter_(1, self.index, torch.where(self.valid, new, -1))
+
     def scatter_into(self, full: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
         """Copy of ``full`` (B, L, D) with the kept positions overwritten by ``short`` (B, L', D)."""
         out = full.clone()

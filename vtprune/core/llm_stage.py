@@ -1,17 +1,23 @@
-"""The LLM stage: drop visual tokens inside the decoder, before layer K, keeping original positions.
+"""The LLM stage: drop visual tokens inside the decoder at the drop points of a schedule.
 
-Forward pre-hooks on the decoder layers rewrite what each layer >= K receives (hidden states at K,
-then masks, position embeddings and position ids), so the dropped tokens never enter those layers'
-KV cache. A forward hook writes the kept tokens' outputs back into a full-length sequence, where
-dropped tokens carry the hidden state they had when they were dropped, so outputs keep their usual
-shape: on the last layer always, and on every pruned layer (and its attention weights) when the
-call asks for hidden states or attentions. Decode steps reuse the compaction stored for their cache.
+A forward pre-hook on every decoder layer rewrites what the layer receives. At a drop point the
+pruner scores the visual tokens still present and the hidden states are compacted again; every layer
+after the first drop gets the position embeddings, position ids and mask columns of the tokens still
+present, gathered from the model's own (full-length) ones, so kept tokens keep their original
+positions and each layer's KV cache holds exactly the tokens that entered it. Decode steps map each
+layer group's cache with the compaction stored for it.
+
+A forward hook writes the kept tokens' outputs back into a full-length sequence, where dropped
+tokens carry the hidden state they had when they were dropped, so outputs keep their usual shape:
+on the last layer always, and on every pruned layer (and its attention weights) when the call asks
+for hidden states or attentions.
 
 Per-call state is kept per thread, so one model can serve several threads at once.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,13 +28,28 @@ from torch import nn
 from vtprune.core.cache_state import CacheState
 from vtprune.core.compaction import Compaction, scatter_attention
 from vtprune.core.layout import VisualLayout
+from vtprune.core.llm_signals import instruction_attention, last_token_attention
 from vtprune.core.masks import compact_mask
 from vtprune.core.patching import PerThread
-from vtprune.ops import attention_rows
-from vtprune.pruners.base import LLMPruner, PromptTokens
+from vtprune.core.schedule import DropPoint
+from vtprune.ops import transition_variation
+from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens
 from vtprune.stats import PruneStats
 
 QueryKeyFn = Callable[[nn.Module, torch.Tensor, tuple, torch.Tensor], tuple]
+SublayersFn = Callable[[nn.Module], tuple[nn.Module, nn.Module]]
+
+
+@dataclass
+class _Image:
+    """One image of one sample in a prefill."""
+
+    sample: int
+    span: torch.Tensor  # (N,) its tokens' positions in the prompt
+    points: dict[int, tuple[DropPoint, LLMPruner]]  # drop layer -> (point, the pruner that owns it)
+    grid: tuple[int, int] | None
+    present: torch.Tensor  # ascending indices into the image's tokens still in the sequence
+    counts: list[tuple[int, int]] = field(default_factory=list)  # (layer, tokens from then on)
 
 
 @dataclass
@@ -36,36 +57,54 @@ class _Call:
     """State of one forward call through the decoder."""
 
     layout: VisualLayout | None  # None: no images in this call (decode step or text only)
-    key_mask: torch.Tensor | None  # (B, L) bool padding mask of the prompt
-    score_row: int | None = None  # position of the scoring query (the last prompt token); None: the last one
+    key_mask: torch.Tensor | None = None  # (B, L) bool padding mask of the prompt
+    score_row: int | None = None  # position of the last prompt token; None: the last position
     restore_outputs: bool = False  # the caller collects every layer's hidden states or attention weights
-    kept: list | None = None  # kept[b][i]: indices into image i of sample b; preset to reuse a choice
-    scores: torch.Tensor | None = None  # (B, L) attention from the scoring row at layer K-1
-    compaction: Compaction | None = None
+    reuse: dict | None = None  # drop layer -> presents per image, an earlier choice to repeat
+    images: list[_Image] = field(default_factory=list)
+    scored_at: dict = field(default_factory=dict)  # scoring layer -> [(drop layer, signals)]
+    signals: dict = field(default_factory=dict)  # drop layer -> {signal: (B, L) fp32, original positions}
+    transition: torch.Tensor | None = None  # (B, L) fp32 accumulated transition variation
+    transition_layers: frozenset = frozenset()
+    compaction: Compaction | None = None  # original positions still present; None: nothing dropped yet
     full_hidden: torch.Tensor | None = None
-    decode_columns: tuple | None = None  # decode steps: (kv_index, kv_valid, kv_len) of the pruned layers
-    converted: dict = field(default_factory=dict)  # id(original kwarg) -> (original, converted)
+    layer_compactions: list | None = None  # per decoder layer, stored on the cache for decode steps
+    choices: dict = field(default_factory=dict)  # drop layer -> presents per image
+    decode_columns: dict = field(default_factory=dict)  # decode steps: layer -> (kv_index, kv_valid, kv_len)
+    converted: dict = field(default_factory=dict)  # (id(original kwarg), id(compaction)) -> (original, converted)
 
 
 class LLMStage:
-    def __init__(self, pruner: LLMPruner, layers: nn.ModuleList, query_key: QueryKeyFn, flash: bool):
-        self.pruner = pruner
+    def __init__(
+        self,
+        pruners: list[LLMPruner],
+        layers: nn.ModuleList,
+        info: ModelInfo,
+        query_key: QueryKeyFn,
+        sublayers: SublayersFn,
+        flash: bool,
+    ):
+        self.pruners = pruners
         self.layers = layers
+        self.info = info
         self.query_key = query_key
+        self.sublayers = sublayers
         self.flash = flash
         self._calls = PerThread()
         self._caches = CacheState("llm_stage")
         self.last: PruneStats | None = None
 
     def install(self) -> list:
-        k = self.pruner.layer
-        pruned = self.layers[k:]
-        handles = [self.layers[k - 1].register_forward_pre_hook(self._score, with_kwargs=True)]
-        handles += [layer.register_forward_pre_hook(self._prune, with_kwargs=True) for layer in pruned]
-        # Prepended so that output-capturing hooks (transformers installs them on the first forward,
-        # possibly before vtprune) see the restored full-length tensors.
-        handles += [layer.register_forward_hook(self._restore_length, prepend=True) for layer in pruned]
-        handles += [layer.self_attn.register_forward_hook(self._restore_attention, prepend=True) for layer in pruned]
+        handles = []
+        for i, layer in enumerate(self.layers):
+            attention, mlp = self.sublayers(layer)
+            handles.append(layer.register_forward_pre_hook(functools.partial(self._before, i), with_kwargs=True))
+            # Prepended so that output-capturing hooks (transformers installs them on the first forward,
+            # possibly before vtprune) see the restored full-length tensors.
+            handles.append(layer.register_forward_hook(functools.partial(self._after, i), prepend=True))
+            handles.append(attention.register_forward_hook(
+                functools.partial(self._after_attention, i), with_kwargs=True, prepend=True))
+            handles.append(mlp.register_forward_hook(functools.partial(self._after_mlp, i)))
         return handles
 
     @contextmanager
@@ -74,134 +113,273 @@ class LLMStage:
         layout: VisualLayout | None,
         key_mask: torch.Tensor | None,
         *,
+        grids: list | None = None,
         score_row: int | None = None,
-        kept: list | None = None,
+        reuse: dict | None = None,
         restore_outputs: bool = False,
     ):
-        """Scope one model forward; ``layout`` None for calls without images. ``kept`` reuses an
-        earlier choice instead of scoring again (full forwards of ``generate(use_cache=False)``)."""
+        """Scope one model forward; ``layout`` None for calls without images. ``grids``: the patch grid
+        (or None) of each image in layout order. ``reuse`` repeats an earlier call's ``choices``
+        instead of scoring again (the full forwards of ``generate(use_cache=False)``)."""
         has_images = layout is not None and layout.has_images
-        state = _Call(
-            layout=layout if has_images else None,
-            key_mask=key_mask,
-            score_row=score_row,
-            kept=kept if has_images else None,
-            restore_outputs=restore_outputs,
-        )
+        state = _Call(layout=layout if has_images else None, key_mask=key_mask, score_row=score_row,
+                      reuse=reuse, restore_outputs=restore_outputs)
+        if has_images:
+            self._plan(state, grids)
         with self._calls.set(state) as call:
             yield call
-            if call.layout is not None and call.kept is not None:
+            if call.layout is not None:
                 self.last = self._stats(call)
 
-    # -- hooks -------------------------------------------------------------------------------------
-    def _score(self, layer, args, kwargs):
-        call = self._calls.get()
-        if call is None or call.layout is None or call.kept is not None:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        row = hidden.shape[1] - 1 if call.score_row is None else call.score_row
-        row = torch.tensor([row], device=hidden.device)
-        with torch.no_grad():
-            q, k, scale = self.query_key(layer, hidden, kwargs["position_embeddings"], row)
-            call.scores = attention_rows(q, k, row, key_mask=call.key_mask, scale=scale)[:, 0]
-        return
+    # -- planning ------------------------------------------------------------------------------------
+    def _plan(self, call: _Call, grids: list | None) -> None:
+        """Each image's drop points, the layers that score for them, and the instruction rows."""
+        flat = 0
+        for b, spans in enumerate(call.layout.spans):
+            for span in spans:
+                grid = grids[flat] if grids is not None else None
+                flat += 1
+                points = {}
+                previous_layer, owner = 0, None
+                for pruner in self.pruners:
+                    mine = pruner.drop_points(self.info, span.numel())
+                    if mine and owner is not None and mine[0].layer <= previous_layer:
+                        raise ValueError(
+                            f"the {pruner.name!r} pruner drops before layer {mine[0].layer}, not after the "
+                            f"{owner.name!r} pruner's last drop (layer {previous_layer}): LLM-stage pruners "
+                            f"of a Pipeline must drop at increasing layers"
+                        )
+                    for point in mine:
+                        points[point.layer] = (point, pruner)
+                        previous_layer, owner = point.layer, pruner
+                present = torch.arange(span.numel(), device=span.device)
+                call.images.append(_Image(sample=b, span=span, points=points, grid=grid, present=present))
+        drops = {layer: pruner for image in call.images for layer, (_, pruner) in image.points.items()}
+        if call.reuse is None:
+            for layer, pruner in sorted(drops.items()):
+                call.scored_at.setdefault(layer - pruner.score_offset, []).append((layer, pruner.signals))
+        if call.reuse is None:
+            call.transition_layers = frozenset(
+                i for layer, pruner in drops.items() if "transition" in pruner.signals
+                for i in pruner.transition_layers(self.info) if i < layer
+            )
 
-    def _prune(self, layer, args, kwargs):
+    # -- hooks -------------------------------------------------------------------------------------
+    def _before(self, i: int, layer, args, kwargs):
         call = self._calls.get()
         if call is None:
             return None
-        if call.layout is not None:
-            if call.compaction is None:
-                args, kwargs = self._compact_hidden(args, kwargs)
-            elif call.restore_outputs and not call.compaction.is_identity:
-                args, kwargs = _replace_hidden(args, kwargs, call.compaction.gather(_hidden(args, kwargs)))
-            comp = call.compaction
-            if comp.is_identity:
-                return None
-            q_index, q_valid, kv_index, kv_valid = comp.index, comp.valid, comp.index, comp.valid
-            q_len = kv_len = comp.length
-            kwargs["position_embeddings"] = self._convert(
-                kwargs["position_embeddings"], lambda pe: tuple(comp.gather(t) for t in pe)
-            )
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = self._convert(kwargs["position_ids"], comp.gather)
-        else:
-            comp = self._caches.get(kwargs.get("past_key_values"))
-            if comp is None:
-                return None
-            mask = kwargs.get("attention_mask")
-            q_len = _hidden(args, kwargs).shape[1]
-            kv_len = mask.shape[-1] if mask is not None else kwargs["past_key_values"].get_seq_length(0)
-            q_index = q_valid = None
-            kv_index, kv_valid = comp.key_columns(kv_len)
-            call.decode_columns = (kv_index, kv_valid, kv_len)
-        kwargs["attention_mask"] = self._convert(
-            kwargs.get("attention_mask"),
-            lambda m: compact_mask(
-                m, q_index=q_index, q_valid=q_valid, kv_index=kv_index, kv_valid=kv_valid,
-                q_len=q_len, kv_len=kv_len, flash=self.flash,
-            ),
-        )
+        if call.layout is None:
+            return self._before_decode(i, args, kwargs)
+        hidden = _hidden(args, kwargs)
+        original = {k: kwargs.get(k) for k in ("position_embeddings", "position_ids", "attention_mask")}
+        if call.compaction is not None and call.restore_outputs:
+            hidden = call.compaction.gather(hidden)  # the previous layer's output was restored to full length
+        for drop_layer, signals in call.scored_at.get(i, []):
+            if drop_layer == i:
+                self._score(call, layer, hidden, original, drop_layer, signals)
+        if any(i in image.points for image in call.images):
+            hidden = self._drop(call, i, hidden, kwargs.get("past_key_values"))
+        for drop_layer, signals in call.scored_at.get(i, []):
+            if drop_layer != i:
+                self._score(call, layer, hidden, original, drop_layer, signals)
+        if call.compaction is None:
+            return None
+        kwargs.update(self._inputs(call, call.compaction, original))
+        return _replace_hidden(args, kwargs, hidden)
+
+    def _before_decode(self, i: int, args, kwargs):
+        call = self._calls.get()
+        compactions = self._caches.get(kwargs.get("past_key_values"))
+        comp = compactions[i] if compactions is not None else None
+        if comp is None:
+            return None
+        mask = kwargs.get("attention_mask")
+        q_len = _hidden(args, kwargs).shape[1]
+        kv_len = mask.shape[-1] if mask is not None else kwargs["past_key_values"].get_seq_length(0)
+        kv_index, kv_valid = comp.key_columns(kv_len)
+        call.decode_columns[i] = (kv_index, kv_valid, kv_len)
+        kwargs["attention_mask"] = self._convert(call, mask, comp, lambda m: compact_mask(
+            m, q_index=None, q_valid=None, kv_index=kv_index, kv_valid=kv_valid,
+            q_len=q_len, kv_len=kv_len, flash=self.flash,
+        ))
         return args, kwargs
 
-    def _restore_length(self, layer, args, output):
+    def _after(self, i: int, layer, args, output):
         call = self._calls.get()
-        if call is None or call.compaction is None or call.compaction.is_identity:
+        if call is None or call.compaction is None:
             return None
-        if layer is not self.layers[-1] and not call.restore_outputs:
+        if i != len(self.layers) - 1 and not call.restore_outputs:
             return None
         return call.compaction.scatter_into(call.full_hidden, output)
 
-    def _restore_attention(self, attention, args, output):
+    def _after_attention(self, i: int, attention, args, kwargs, output):
         call = self._calls.get()
-        if call is None or not call.restore_outputs or not isinstance(output, tuple) or output[1] is None:
+        if call is None:
             return None
-        if call.compaction is not None and not call.compaction.is_identity:
+        if call.layout is not None and i in call.transition_layers:
+            self._accumulate_transition(call, _hidden(args, kwargs), output[0])
+        if not call.restore_outputs or not isinstance(output, tuple) or output[1] is None:
+            return None
+        if call.compaction is not None:
             comp = call.compaction
             weights = scatter_attention(output[1], comp.index, comp.valid, comp.length, q_rows=(comp.index, comp.valid))
-        elif call.layout is None and call.decode_columns is not None:
-            weights = scatter_attention(output[1], *call.decode_columns)
+        elif call.layout is None and i in call.decode_columns:
+            weights = scatter_attention(output[1], *call.decode_columns[i])
         else:
             return None
         return (output[0], weights, *output[2:])
 
-    # -- helpers -----------------------------------------------------------------------------------
-    def _convert(self, value, fn):
-        """Convert a kwarg shared by all layers once per call."""
-        converted = self._calls.get().converted
-        key = id(value)
-        if key not in converted:
-            converted[key] = (value, fn(value))
-        return converted[key][1]
-
-    def _compact_hidden(self, args, kwargs):
+    def _after_mlp(self, i: int, mlp, args, output):
         call = self._calls.get()
-        hidden = _hidden(args, kwargs)
-        if call.kept is None:
-            if call.scores is None:
-                raise RuntimeError("vtprune: the scoring layer did not run before the pruning layer")
-            call.kept = [
-                [self.pruner.select(PromptTokens(attention=call.scores[b, span])) for span in images]
-                for b, images in enumerate(call.layout.spans)
-            ]
-        keep = call.layout.keep_mask(call.kept, hidden.device)
-        call.compaction = comp = Compaction.from_keep(keep)
-        if comp.is_identity:
-            return args, kwargs
-        cache = kwargs.get("past_key_values")
+        if call is not None and call.layout is not None and i in call.transition_layers:
+            self._accumulate_transition(call, args[0], output)
+
+    # -- prefill steps --------------------------------------------------------------------------------
+    def _current_key_mask(self, call: _Call) -> torch.Tensor | None:
+        comp = call.compaction
+        if comp is None:
+            return call.key_mask
+        mask = call.key_mask if call.key_mask is not None else torch.ones_like(comp.valid[:, :1]).expand(-1, comp.length)
+        return comp.gather(mask, fill=False) & comp.valid
+
+    def _to_original(self, call: _Call, scores: torch.Tensor) -> torch.Tensor:
+        """(B, L') scores over the current sequence as (B, L) over original positions (0 where dropped)."""
+        comp = call.compaction
+        if comp is None:
+            return scores
+        out = scores.new_zeros(scores.shape[0], comp.length)
+        return out.scatter_(1, comp.index, scores.masked_fill(~comp.valid, 0.0))
+
+    def _row(self, call: _Call, position: int, length: int) -> int:
+        """Current index of an original position after the last visual token (all such tokens stay, and
+        samples stay right-aligned)."""
+        original_length = call.layout.length
+        return length - (original_length - position)
+
+    def _score(self, call: _Call, layer, hidden, original: dict, drop_layer: int, signals) -> None:
+        comp = call.compaction
+        inputs = self._inputs(call, comp, original) if comp is not None else original
+        pe, key_mask = inputs["position_embeddings"], self._current_key_mask(call)
+        length = hidden.shape[1]
+        last = call.score_row if call.score_row is not None else call.layout.length - 1
+        out = call.signals.setdefault(drop_layer, {})
+        if "last" in signals:
+            scores = last_token_attention(self.query_key, layer, hidden, pe, self._row(call, last, length), key_mask)
+            out["last"] = self._to_original(call, scores)
+        if "instruction" in signals:
+            rows = [torch.tensor([self._row(call, p, length) for p in r]) for r in self._instruction_rows(call, last)]
+            scores = instruction_attention(self.query_key, layer, hidden, pe, rows, key_mask)
+            out["instruction"] = self._to_original(call, scores)
+
+    def _instruction_rows(self, call: _Call, last: int) -> list[list[int]]:
+        """Per sample, the prompt positions after its last image (the instruction), else the last token."""
+        rows = []
+        for b, spans in enumerate(call.layout.spans):
+            start = int(spans[-1][-1]) + 1 if spans else last
+            r = [p for p in range(start, last + 1) if call.key_mask is None or bool(call.key_mask[b, p])]
+            rows.append(r or [last])
+        return rows
+
+    def _accumulate_transition(self, call: _Call, x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.no_grad():
+            weights = self._to_original(call, transition_variation(x, y, self._current_key_mask(call)))
+        call.transition = weights if call.transition is None else call.transition + weights
+
+    def _drop(self, call: _Call, i: int, hidden: torch.Tensor, cache) -> torch.Tensor:
+        signals = call.signals.pop(i, {})
+        if any("transition" in image.points[i][1].signals for image in call.images if i in image.points):
+            length = call.layout.length
+            signals["transition"] = call.transition if call.transition is not None else hidden.new_zeros(
+                len(call.layout.spans), length, dtype=torch.float32)
+        chosen = []
+        for n, image in enumerate(call.images):
+            if i not in image.points:
+                chosen.append(image.present)
+                continue
+            point, pruner = image.points[i]
+            if call.reuse is not None:
+                image.present = call.reuse[i][n]
+            elif point.keep < image.present.numel():
+                image.present = image.present[self._select(pruner, image, point, signals)]
+            image.counts.append((i, int(image.present.numel())))
+            chosen.append(image.present)
+        call.choices[i] = chosen
+        per_sample = [[image.present for image in call.images if image.sample == b] for b in range(len(call.layout.spans))]
+        new = Compaction.from_keep(call.layout.keep_mask(per_sample, hidden.device))
+        if new.is_identity:
+            return hidden
+        current = call.compaction
+        if current is None:
+            call.full_hidden = hidden
+            relative = new.index
+        else:
+            call.full_hidden = current.scatter_into(call.full_hidden, hidden)
+            relative = current.slots().gather(1, new.index).clamp_min(0)
+        hidden = Compaction(index=relative, valid=new.valid, length=hidden.shape[1]).gather(hidden)
+        call.compaction = new
         if cache is not None:
-            self._caches[cache] = comp
-        call.full_hidden = hidden
-        return _replace_hidden(args, kwargs, comp.gather(hidden))
+            if call.layer_compactions is None:
+                call.layer_compactions = [None] * len(self.layers)
+                self._caches[cache] = call.layer_compactions
+            call.layer_compactions[i:] = [new] * (len(self.layers) - i)
+        return hidden
+
+    def _select(self, pruner: LLMPruner, image: _Image, point: DropPoint, signals: dict) -> torch.Tensor:
+        positions = image.span[image.present]
+        tokens = PromptTokens(
+            keep=point.keep,
+            positions=image.present,
+            grid=image.grid,
+            **{_FIELDS[s]: signals[s][image.sample, positions] for s in pruner.signals},
+        )
+        idx = pruner.select(tokens)
+        n = image.present.numel()
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"the {pruner.name!r} pruner's select() must return a 1-D integer tensor, got {idx!r}")
+        idx = idx.to(image.present.device, torch.long)
+        if idx.numel() > point.keep or (idx.numel() and (idx.min() < 0 or idx.max() >= n)) or bool((idx[1:] <= idx[:-1]).any()):
+            raise ValueError(
+                f"the {pruner.name!r} pruner's select() must return at most {point.keep} ascending, distinct "
+                f"indices in [0, {n}), got {idx.tolist()}"
+            )
+        return idx
+
+    def _inputs(self, call: _Call, comp: Compaction, original: dict) -> dict:
+        """The layer kwargs for the tokens ``comp`` keeps, converted once per call and compaction."""
+        out = {"position_embeddings": self._convert(
+            call, original["position_embeddings"], comp, lambda pe: tuple(comp.gather(t) for t in pe))}
+        if original.get("position_ids") is not None:
+            out["position_ids"] = self._convert(call, original["position_ids"], comp, comp.gather)
+        out["attention_mask"] = self._convert(call, original.get("attention_mask"), comp, lambda m: compact_mask(
+            m, q_index=comp.index, q_valid=comp.valid, kv_index=comp.index, kv_valid=comp.valid,
+            q_len=comp.length, kv_len=comp.length, flash=self.flash,
+        ))
+        return out
+
+    def _convert(self, call: _Call, value, comp: Compaction, fn):
+        key = (id(value), id(comp))
+        if key not in call.converted:
+            call.converted[key] = (value, fn(value))
+        return call.converted[key][1]
 
     def _stats(self, call: _Call) -> PruneStats:
-        k, n = self.pruner.layer, len(self.layers)
-        before = call.layout.visual_counts()
-        kept = call.layout.sample_kept(call.kept)
-        return PruneStats(
-            kept=kept,
-            layer_tokens=[[v] * k + [int(t.numel())] * (n - k) for v, t in zip(before, kept)],
-        )
+        n_layers = len(self.layers)
+        spans = call.layout.spans
+        kept = call.layout.sample_kept([[im.present for im in call.images if im.sample == b] for b in range(len(spans))])
+        layer_tokens = []
+        for b in range(len(spans)):
+            totals = [0] * n_layers
+            for image in (im for im in call.images if im.sample == b):
+                count, steps = image.span.numel(), dict(image.counts)
+                for layer in range(n_layers):
+                    count = steps.get(layer, count)
+                    totals[layer] += count
+            layer_tokens.append(totals)
+        return PruneStats(kept=kept, layer_tokens=layer_tokens)
+
+
+_FIELDS = {"last": "attention", "instruction": "instruction_attention", "transition": "transition"}
 
 
 def _hidden(args, kwargs) -> torch.Tensor:

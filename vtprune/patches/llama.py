@@ -42,3 +42,9 @@ def query_key(
     q = _rotate(q, cos[:, rows], sin[:, rows], layer)
     k = _rotate(k, cos, sin, layer)
     return q, k, attn.scaling
+
+
+def sublayers(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A decoder layer's attention and MLP sub-layers. Each is called on its own normed input and
+    returns what is added to the residual stream (the attention as ``(output, weights)``)."""
+    return layer.self_attn, layer.mlp

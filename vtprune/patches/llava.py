@@ -28,7 +28,8 @@ from vtprune.core.llm_stage import LLMStage
 from vtprune.core.patching import MethodPatch, PerThread
 from vtprune.core.vision_stage import DecodeTranslation, shorten_prompt
 from vtprune.patches import llama, towers
-from vtprune.pruners.base import ModelInfo, Pruner, VisionPruner, VisionTokens
+from vtprune.pipeline import Pipeline, as_pipeline
+from vtprune.pruners.base import ModelInfo, VisionTokens
 from vtprune.registry import available, pruner_class
 from vtprune.stats import PruneStats
 
@@ -54,6 +55,15 @@ def _requested(a: dict, config, name: str) -> bool:
     return value is not None and value is not False
 
 
+def _tokens_per_image(config) -> int | None:
+    """Visual tokens of one image (LLaVA-1.5: one fixed-size image, a square patch grid)."""
+    vision = config.vision_config
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not isinstance(size, int) or not isinstance(patch, int):
+        return None
+    return (size // patch) ** 2 + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
 def _feature_layers(config, n_layers: int) -> tuple[int, ...]:
     """Encoder layers (0-based) whose outputs are the selected hidden states."""
     selected = config.vision_feature_layer
@@ -77,9 +87,10 @@ class LlavaAdapter:
             tower_has_cls=towers.has_cls_token(self.tower),
             tower_name=type(self.tower).__name__,
             feature_layers=_feature_layers(self.config, n_tower),
+            visual_tokens=_tokens_per_image(self.config),
         )
         self.last: PruneStats | None = None
-        self._pruner: Pruner | None = None
+        self._pipeline: Pipeline | None = None
         self._llm: LLMStage | None = None
         self._decode = CacheState("decode")
         self._generation = PerThread()  # GenerateCall of the generate() running in this thread
@@ -88,24 +99,27 @@ class LlavaAdapter:
     def attn_implementation(self) -> str:
         return self.language_model.config._attn_implementation or "eager"
 
-    def check(self, pruner: Pruner) -> None:
-        pruner.check(self.info)
+    def check(self, config) -> None:
+        pipeline = as_pipeline(config)
+        pipeline.check(self.info)
         impl = self.attn_implementation
-        if pruner.stage == "llm" and "flex" in impl:
-            raise ValueError(f"the {pruner.name!r} pruner does not support attn_implementation={impl!r}; use sdpa, eager or flash")
-        if isinstance(pruner, VisionPruner) and pruner.tower_attention_layers(self.info) and towers.tower_spec(self.tower) is None:
-            raise ValueError(f"the {pruner.name!r} pruner cannot read attention from vision tower {self.info.tower_name}")
+        for pruner in pipeline.llm:
+            if "flex" in impl:
+                raise ValueError(f"the {pruner.name!r} pruner does not support attn_implementation={impl!r}; use sdpa, eager or flash")
+        vision = pipeline.vision
+        if vision is not None and vision.tower_attention_layers(self.info) and towers.tower_spec(self.tower) is None:
+            raise ValueError(f"the {vision.name!r} pruner cannot read attention from vision tower {self.info.tower_name}")
 
     # -- installation ------------------------------------------------------------------------------
-    def install(self, pruner: Pruner) -> list:
+    def install(self, config) -> list:
         """Patch the model; returns the undo steps (bound methods, so a deep copy undoes its own)."""
-        self._pruner = pruner
+        self._pipeline = pipeline = as_pipeline(config)
         undo = []
         try:
             undo.append(MethodPatch(self.model.model, "get_image_features", self._image_features).undo)
-            if pruner.stage == "llm":
+            if pipeline.llm:
                 flash = "flash" in self.attn_implementation
-                self._llm = LLMStage(pruner, self.decoder_layers, llama.query_key, flash)
+                self._llm = LLMStage(pipeline.llm, self.decoder_layers, self.info, llama.query_key, llama.sublayers, flash)
                 undo += [h.remove for h in self._llm.install()]
             undo.append(MethodPatch(self.model, "forward", self._patched_forward).undo)
             undo.append(MethodPatch(self.model, "generate", self._generate).undo)
@@ -119,7 +133,8 @@ class LlavaAdapter:
     def _image_features(self, original, *args, **kwargs):
         bound = inspect.signature(original).bind(*args, **kwargs)
         pixel_values = bound.arguments["pixel_values"]
-        layers = self._pruner.tower_attention_layers(self.info) if isinstance(self._pruner, VisionPruner) else []
+        vision = self._pipeline.vision
+        layers = vision.tower_attention_layers(self.info) if vision is not None else []
         if layers:
             with towers.capture_cls_attention(self.tower, layers) as rows:
                 out = original(*args, **kwargs)
@@ -177,7 +192,7 @@ class LlavaAdapter:
         cache = a.get("past_key_values")
         if self._llm is not None and _is_static(cache):
             raise ValueError(
-                f"the {self._pruner.name!r} pruner drops tokens inside the decoder, so its pruned layers hold "
+                f"the {self._llm.pruners[0].name!r} pruner drops tokens inside the decoder, so its pruned layers hold "
                 f"fewer tokens than a static cache's fixed slots: cache_implementation='static' (or a "
                 f"{type(cache).__name__}) is not supported with it; use the default dynamic cache, or a "
                 f"vision-stage pruner ({', '.join(_vision_pruner_names())})"
@@ -206,31 +221,41 @@ class LlavaAdapter:
             a["mm_encoder_outputs"] = {**(a.get("mm_encoder_outputs") or {}), "image": encoded}
         features = list(encoded.pooler_output)
         layout = VisualLayout.from_placeholders(input_ids, self.config.image_token_id, [f.shape[0] for f in features])
-        if self._llm is not None:
-            return self._llm_forward(original, a, layout)
-        return self._vision_forward(original, a, encoded, features, layout)
+        tail = self._tail_after_prompt(input_ids.shape[1])
+        if self._pipeline.vision is None:
+            grids = [getattr(f, _IMAGE_INFO, (None, None))[0] for f in features]
+            out, stats = self._llm_forward(original, a, layout, grids, tail)
+            self.last = stats
+            return out
+        return self._vision_forward(original, a, encoded, features, layout, tail)
 
-    def _llm_forward(self, original, a: dict, layout: VisualLayout):
+    def _tail_after_prompt(self, length: int) -> int | None:
+        """Tokens after the last prompt token in this forward (assisted decoding's candidates, the
+        tokens of ``use_cache=False``), when a ``generate()`` says where its prompt ends."""
+        generating = self._generation.get()
+        if generating is None or self._llm is None:
+            return None
+        if generating.prompt_length > length:
+            raise NotImplementedError(
+                f"the {self._llm.pruners[0].name!r} pruner scores with the prompt's last token, which this "
+                f"forward ({length} of the prompt's {generating.prompt_length} tokens) does not hold: "
+                f"chunked prefill (prefill_chunk_size) is not supported with it"
+            )
+        return length - generating.prompt_length
+
+    def _llm_forward(self, original, a: dict, layout: VisualLayout, grids: list, tail: int | None) -> tuple:
+        """Run the forward with the LLM stage's drops; returns the output and the stage's stats."""
         mask = a.get("attention_mask")
         generating = self._generation.get()
-        score_row = kept = None
-        if generating is not None:
-            length = a["input_ids"].shape[1]
-            if generating.prompt_length > length:
-                raise NotImplementedError(
-                    f"the {self._pruner.name!r} pruner scores with the prompt's last token, which this forward "
-                    f"({length} of the prompt's {generating.prompt_length} tokens) does not hold: chunked "
-                    f"prefill (prefill_chunk_size) is not supported with it"
-                )
-            score_row, kept = generating.prompt_length - 1, generating.kept
+        score_row = None if tail is None else a["input_ids"].shape[1] - 1 - tail
+        reuse = generating.kept if generating is not None else None
         restore = _requested(a, self.config, "output_hidden_states") or _requested(a, self.config, "output_attentions")
         key_mask = None if mask is None or mask.dim() != 2 else mask.bool()
-        with self._llm.call(layout, key_mask, score_row=score_row, kept=kept, restore_outputs=restore) as call:
+        with self._llm.call(layout, key_mask, grids=grids, score_row=score_row, reuse=reuse, restore_outputs=restore) as call:
             out = original(**a)
         if generating is not None:
-            generating.kept = call.kept
-        self.last = self._llm.last
-        return out
+            generating.kept = call.choices
+        return out, self._llm.last
 
     def _forward_without_images(self, original, a: dict):
         translation = self._decode.get(a.get("past_key_values"))
@@ -245,7 +270,7 @@ class LlavaAdapter:
                 return original(**a)
         return original(**a)
 
-    def _vision_forward(self, original, a: dict, encoded, features: list, layout: VisualLayout):
+    def _vision_forward(self, original, a: dict, encoded, features: list, layout: VisualLayout, tail: int | None):
         per_image = [self._select(f) for f in features]
         kept, i = [], 0
         for images in layout.spans:
@@ -257,24 +282,34 @@ class LlavaAdapter:
         self.last = PruneStats(
             kept=sample_kept, layer_tokens=[[int(k.numel())] * self.info.num_decoder_layers for k in sample_kept]
         )
-        if comp.is_identity:
-            return original(**a)
-        short = shorten_prompt(
-            comp, input_ids, a.get("attention_mask"), a.get("position_ids"), a.get("labels"), self._pad_token_id()
-        )
-        a.update({k: v for k, v in short.items() if k != "labels" or "labels" in a})
-        pruned = BaseModelOutputWithPooling(pooler_output=[f[k] for f, k in zip(features, per_image)])
-        a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], "image": pruned}
-        out = original(**a)
+        short = None
+        if not comp.is_identity:
+            short = shorten_prompt(
+                comp, input_ids, a.get("attention_mask"), a.get("position_ids"), a.get("labels"), self._pad_token_id()
+            )
+            a.update({k: v for k, v in short.items() if k != "labels" or "labels" in a})
+            pruned = BaseModelOutputWithPooling(pooler_output=[f[k] for f, k in zip(features, per_image)])
+            a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], "image": pruned}
+        if self._llm is None:
+            out = original(**a)
+        else:
+            short_layout = VisualLayout.from_placeholders(
+                a["input_ids"], self.config.image_token_id, [int(k.numel()) for k in per_image]
+            )
+            out, stats = self._llm_forward(original, a, short_layout, None, tail)
+            # The LLM stage indexes the tokens that entered the LLM; report them among the original ones.
+            self.last = PruneStats(
+                kept=[v[k] for v, k in zip(sample_kept, stats.kept)], layer_tokens=stats.layer_tokens
+            )
         cache = getattr(out, "past_key_values", None)
-        if cache is not None:
+        if cache is not None and short is not None:
             mask = short["attention_mask"]
             self._decode[cache] = DecodeTranslation(comp, None if mask is None or bool(mask.all()) else mask)
         return out
 
     def _select(self, features: torch.Tensor) -> torch.Tensor:
         grid, cls_attention = getattr(features, _IMAGE_INFO, (None, None))
-        idx = self._pruner.select(VisionTokens(features=features, grid=grid, cls_attention=cls_attention))
+        idx = self._pipeline.vision.select(VisionTokens(features=features, grid=grid, cls_attention=cls_attention))
         return idx.to(features.device)
 
     def _pad_token_id(self) -> int:

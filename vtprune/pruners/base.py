@@ -9,6 +9,8 @@ from typing import ClassVar
 
 import torch
 
+from vtprune.core.schedule import DropPoint, budget_tokens, check_explicit, explicit, fit_average
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -19,6 +21,7 @@ class ModelInfo:
     tower_has_cls: bool
     tower_name: str
     feature_layers: tuple[int, ...]  # encoder layers (0-based) whose output feeds the projector
+    visual_tokens: int | None = None  # visual tokens of one image, when every image has the same number
 
 
 @dataclass
@@ -38,13 +41,25 @@ class VisionTokens:
 
 @dataclass
 class PromptTokens:
-    """One image's visual tokens inside the language model, as the LLM stage scores them.
+    """One image's visual tokens still inside the language model at a drop point, as LLM-stage pruners
+    score them. Only the signals the pruner lists in ``signals`` are filled in.
 
-    attention: (N,) fp32 head-mean attention from the prompt's last token to these tokens at the
-        decoder layer before the pruning layer.
+    keep: how many of these tokens the schedule keeps from this drop point on.
+    positions: (N,) ascending indices of these tokens among the image's tokens as they entered the LLM.
+    grid: (rows, cols) of the image's patch grid when its tokens entering the LLM formed one, else None.
+    attention: (N,) fp32 head-mean attention from the last prompt token (signal ``"last"``).
+    instruction_attention: (N,) fp32 attention from the instruction tokens (the text after the last
+        image), head- and token-mean (signal ``"instruction"``).
+    transition: (N,) fp32 transition variation summed over the pruner's transition layers up to this
+        drop point (signal ``"transition"``).
     """
 
-    attention: torch.Tensor
+    keep: int
+    positions: torch.Tensor
+    grid: tuple[int, int] | None = None
+    attention: torch.Tensor | None = None
+    instruction_attention: torch.Tensor | None = None
+    transition: torch.Tensor | None = None
 
 
 def _checked_keep(keep) -> int | float:
@@ -101,25 +116,58 @@ class VisionPruner(Pruner):
         raise NotImplementedError
 
 
+SIGNALS = ("last", "instruction", "transition")
+
+
 @dataclass
 class LLMPruner(Pruner):
-    """Drops visual tokens inside the language model, before decoder layer ``layer`` (0-based)."""
+    """Drops visual tokens inside the language model at one or more drop points (``drop_points``).
 
-    layer: int = 2
+    ``signals`` names the scores a drop point needs (see ``PromptTokens``); attention signals are
+    computed from the queries and keys of decoder layer ``drop layer - score_offset`` (FastV: the layer
+    before the drop; PyramidDrop and TransPrune: the drop layer itself, before it runs).
+    """
 
     stage: ClassVar[str] = "llm"
+    signals: ClassVar[tuple[str, ...]] = ("last",)
+    score_offset: ClassVar[int] = 0
 
-    def check(self, info: ModelInfo) -> None:
-        n = info.num_decoder_layers
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 1 <= self.layer < n:
-            raise ValueError(
-                f"layer must be an int in [1, {n - 1}] for this {n}-layer decoder (tokens are scored at "
-                f"layer-1 and dropped before layer), got {self.layer!r}"
-            )
+    def drop_points(self, info: ModelInfo, n_tokens: int) -> list[DropPoint]:
+        """The schedule for one image with ``n_tokens`` visual tokens entering the LLM."""
+        raise NotImplementedError
+
+    def transition_layers(self, info: ModelInfo) -> range:
+        """Decoder layers whose sub-layer transition variation accumulates (signal ``"transition"``)."""
+        return range(0)
 
     def select(self, tokens: PromptTokens) -> torch.Tensor:
-        """Ascending (k,) long indices into the image's visual tokens to keep."""
+        """Ascending indices into ``tokens.positions`` of the tokens that stay (at most ``tokens.keep``)."""
         raise NotImplementedError
+
+
+@dataclass
+class ScheduledPruner(LLMPruner):
+    """An LLM-stage pruner with several drop points. ``keep`` is the mean number of visual tokens per
+    decoder layer (an int: tokens per image; a float: a fraction of them), met by scaling the
+    method's schedule shape (``fit_average``); ``schedule=[(layer, keep), ...]`` sets the drop points
+    and the tokens kept from each instead (keeps as in ``keep``, relative to the tokens entering the LLM).
+    """
+
+    schedule: list | None = None
+
+    depths: ClassVar[tuple[float, ...]] = ()  # drop layers as fractions of the decoder depth
+    ratios: ClassVar[tuple[float, ...]] = ()  # tokens kept from each drop point, fractions of all
+
+    def check(self, info: ModelInfo) -> None:
+        if self.schedule is not None:
+            check_explicit(self.schedule, info.num_decoder_layers)
+            self.schedule = [tuple(point) for point in self.schedule]
+
+    def drop_points(self, info: ModelInfo, n_tokens: int) -> list[DropPoint]:
+        if self.schedule is not None:
+            return explicit(self.schedule, n_tokens)
+        average = budget_tokens(self.keep, n_tokens)
+        return fit_average(list(self.depths), list(self.ratios), info.num_decoder_layers, n_tokens, average)
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

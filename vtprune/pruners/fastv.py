@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.pruners.base import LLMPruner, PromptTokens, top_k_sorted
+from vtprune.core.schedule import DropPoint
+from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens, top_k_sorted
 from vtprune.registry import register
 
 
@@ -20,7 +21,21 @@ class FastV(LLMPruner):
     the tokens that stay keep their original positions.
     """
 
+    layer: int = 2
+
     name = "fastv"
+    score_offset = 1
+
+    def check(self, info: ModelInfo) -> None:
+        n = info.num_decoder_layers
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 1 <= self.layer < n:
+            raise ValueError(
+                f"layer must be an int in [1, {n - 1}] for this {n}-layer decoder (tokens are scored at "
+                f"layer-1 and dropped before layer), got {self.layer!r}"
+            )
+
+    def drop_points(self, info: ModelInfo, n_tokens: int) -> list[DropPoint]:
+        return [DropPoint(self.layer, self.budget(n_tokens))]
 
     def select(self, tokens: PromptTokens) -> torch.Tensor:
-        return top_k_sorted(tokens.attention, self.budget(tokens.attention.shape[0]))
+        return top_k_sorted(tokens.attention, tokens.keep)

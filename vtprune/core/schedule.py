@@ -1,0 +1,128 @@
+"""Drop schedules of LLM-stage pruners: before which decoder layers visual tokens drop, and how many stay.
+
+A schedule for one image is a list of ``DropPoint(layer, keep)`` with increasing layers and
+non-increasing ``keep``: the image enters layers ``< layer_1`` with all its tokens, layers
+``layer_j .. layer_{j+1}-1`` with ``keep_j`` of them. Multi-drop pruners state a *shape* (drop depths
+as fractions of the decoder, kept ratios) and ``fit_average`` turns it into counts whose per-layer
+mean is a given budget, the way PyramidDrop and SparseVLM compare themselves with FastV.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DropPoint:
+    layer: int  # decoder layer (0-based) before which the drop happens
+    keep: int  # visual tokens of the image that enter ``layer`` and the layers after it
+
+
+def layer_counts(points: list[DropPoint], num_layers: int, n_tokens: int) -> list[int]:
+    """Visual tokens entering each decoder layer under ``points``."""
+    counts, current, j = [], n_tokens, 0
+    for layer in range(num_layers):
+        while j < len(points) and points[j].layer <= layer:
+            current = min(current, points[j].keep)
+            j += 1
+        counts.append(current)
+    return counts
+
+
+def mean_tokens(points: list[DropPoint], num_layers: int, n_tokens: int) -> float:
+    return sum(layer_counts(points, num_layers, n_tokens)) / num_layers
+
+
+def budget_tokens(keep: int | float, n_tokens: int) -> float:
+    """An int ``keep`` is tokens (capped at ``n_tokens``); a float is a fraction of ``n_tokens``."""
+    if isinstance(keep, numbers.Integral):
+        return float(min(int(keep), n_tokens))
+    return float(keep) * n_tokens
+
+
+def scaled_layers(depths: list[float], num_layers: int) -> list[int]:
+    """Drop layers at fractions ``depths`` of the decoder: increasing, in ``[1, num_layers - 1]``."""
+    layers, previous = [], 0
+    for d in depths:
+        layer = min(max(round(d * num_layers), previous + 1), num_layers - 1)
+        if layer <= previous:
+            break  # a decoder too shallow for this many drops keeps the first ones
+        layers.append(layer)
+        previous = layer
+    return layers
+
+
+def _counts(ratios: list[float], scale: float, n_tokens: int) -> list[int]:
+    counts, previous = [], n_tokens
+    for r in ratios:
+        previous = max(1, min(previous, round(scale * r * n_tokens)))
+        counts.append(previous)
+    return counts
+
+
+def fit_average(
+    depths: list[float], ratios: list[float], num_layers: int, n_tokens: int, average: float
+) -> list[DropPoint]:
+    """Counts for the shape (``depths``, ``ratios``) whose mean over the layers is ``average`` tokens.
+
+    The ratios are scaled by one factor (kept ratios never exceed 1). When even one token after the
+    first drop would exceed the budget, all drop depths move earlier by one factor until it fits
+    (down to a first drop before layer 1). The mean matches ``average`` up to the rounding of counts.
+    """
+    if average >= n_tokens:
+        return []
+    for shrink in [1.0] + [i / 20 for i in range(19, 0, -1)] + [0.0]:
+        layers = scaled_layers([d * shrink for d in depths], num_layers)
+        shape = ratios[: len(layers)]
+        if mean_tokens([DropPoint(x, 1) for x in layers], num_layers, n_tokens) <= average or shrink == 0.0:
+            break
+    lo, hi = 0.0, 1.0 / min(shape)
+    for _ in range(50):  # bisection on the scale: the mean grows with it
+        mid = (lo + hi) / 2
+        points = [DropPoint(x, c) for x, c in zip(layers, _counts(shape, mid, n_tokens))]
+        if mean_tokens(points, num_layers, n_tokens) < average:
+            lo = mid
+        else:
+            hi = mid
+    candidates = [[DropPoint(x, c) for x, c in zip(layers, _counts(shape, s, n_tokens))] for s in (lo, hi)]
+    return min(candidates, key=lambda p: abs(mean_tokens(p, num_layers, n_tokens) - average))
+
+
+def explicit(schedule: list[tuple[int, int | float]], n_tokens: int) -> list[DropPoint]:
+    """``[(layer, keep), ...]`` as drop points for an image of ``n_tokens`` (keep as ``budget_tokens``)."""
+    points, previous = [], n_tokens
+    for layer, keep in schedule:
+        previous = min(previous, max(1, math.floor(budget_tokens(keep, n_tokens) + 0.5)))
+        points.append(DropPoint(layer, previous))
+    return points
+
+
+def check_explicit(schedule, num_layers: int) -> None:
+    """Raise ValueError unless ``schedule`` is ``[(layer, keep), ...]`` with increasing layers in
+    ``[1, num_layers - 1]`` and non-increasing keeps of one kind."""
+    def bad(why: str):
+        return ValueError(f"schedule must be [(layer, keep), ...] with {why}; got {schedule!r}")
+
+    if not isinstance(schedule, (list, tuple)) or not schedule:
+        raise bad("at least one drop point")
+    layers, keeps = [], []
+    for point in schedule:
+        if not isinstance(point, (list, tuple)) or len(point) != 2:
+            raise bad("pairs")
+        layer, keep = point
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
+            raise bad(f"layers in [1, {num_layers - 1}] for this {num_layers}-layer decoder")
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+            raise bad("int keeps (tokens per image) or float keeps in (0, 1]")
+        if isinstance(keep, numbers.Integral) and keep < 1 or not isinstance(keep, numbers.Integral) and not 0 < keep <= 1:
+            raise bad("int keeps >= 1 or float keeps in (0, 1]")
+        layers.append(layer)
+        keeps.append(keep)
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise bad("strictly increasing layers")
+    if len({isinstance(k, numbers.Integral) for k in keeps}) > 1:
+        raise bad("keeps all ints or all floats")
+    if any(b > a for a, b in zip(keeps, keeps[1:])):
+        raise bad("non-increasing keeps (a later drop cannot keep more)")

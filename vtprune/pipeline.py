@@ -1,0 +1,81 @@
+"""Composition: one vision-stage pruner, then LLM-stage pruners at increasing decoder layers.
+
+    vtprune.apply(model, vtprune.Pipeline([vtprune.DivPrune(keep=192), vtprune.FastV(layer=2, keep=64)]))
+    vtprune.apply(model, [vtprune.DivPrune(keep=192), vtprune.FastV(layer=2, keep=64)])   # the same
+
+LLM-stage budgets count the visual tokens that enter the language model (after the vision stage);
+``handle.last.kept`` indexes the original visual tokens.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vtprune.pruners.base import LLMPruner, ModelInfo, Pruner, VisionPruner
+
+
+@dataclass
+class Pipeline:
+    pruners: list
+
+    name: ClassVar[str] = "pipeline"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pruners, (list, tuple)) or not self.pruners:
+            raise TypeError(f"a Pipeline takes a non-empty list of pruner objects, got {self.pruners!r}")
+        self.pruners = list(self.pruners)
+        bad = [p for p in self.pruners if not isinstance(p, Pruner) or isinstance(p, Pipeline)]
+        if bad:
+            raise TypeError(f"a Pipeline takes pruner objects such as vtprune.DivPrune(keep=192); got {bad!r}")
+        vision = [p for p in self.pruners if isinstance(p, VisionPruner)]
+        if len(vision) > 1:
+            raise ValueError(f"a Pipeline takes at most one vision-stage pruner, got {[p.name for p in vision]}")
+        if vision and self.pruners[0] is not vision[0]:
+            raise ValueError(
+                f"the vision-stage pruner ({vision[0].name!r}) must come first in a Pipeline: it runs before "
+                f"the language model"
+            )
+        for earlier, later in zip(self.pruners, self.pruners[1:]):
+            if _comparable(earlier.keep, later.keep) and later.keep > earlier.keep:
+                raise ValueError(
+                    f"in a Pipeline a later pruner cannot keep more than an earlier one: {later.name!r} keeps "
+                    f"{later.keep} after {earlier.name!r} kept {earlier.keep}"
+                )
+
+    @property
+    def vision(self) -> VisionPruner | None:
+        return self.pruners[0] if isinstance(self.pruners[0], VisionPruner) else None
+
+    @property
+    def llm(self) -> list[LLMPruner]:
+        return [p for p in self.pruners if isinstance(p, LLMPruner)]
+
+    def check(self, info: ModelInfo) -> None:
+        for p in self.pruners:
+            p.check(info)
+        if info.visual_tokens is None:
+            return
+        n = info.visual_tokens if self.vision is None else self.vision.budget(info.visual_tokens)
+        previous = None
+        for p in self.llm:
+            points = p.drop_points(info, n)
+            if points and previous is not None and points[0].layer <= previous[1]:
+                raise ValueError(
+                    f"LLM-stage pruners of a Pipeline must drop at increasing layers: {p.name!r} drops before "
+                    f"layer {points[0].layer}, but {previous[0]!r} already dropped before layer {previous[1]}"
+                )
+            if points:
+                previous = (p.name, points[-1].layer)
+
+    def options(self) -> dict:
+        return {"pruners": [f"{p.name}({p.options()})" for p in self.pruners]}
+
+
+def _comparable(a, b) -> bool:
+    return isinstance(a, numbers.Integral) == isinstance(b, numbers.Integral)
+
+
+def as_pipeline(config) -> Pipeline:
+    return config if isinstance(config, Pipeline) else Pipeline([config])
