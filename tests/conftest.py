@@ -13,7 +13,12 @@ PRUNER_OPTIONS = {
     "cls": {},
     "divprune": {},
     "fastv": {"layer": 2},
+    "pdrop": {},
+    "transprune": {},
+    "adaptive": {"mass": 0.6},
 }
+VISION = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "vision")
+LLM = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "llm")
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +64,23 @@ def hooks_of(model):
         for kind, hooks in (("pre", m._forward_pre_hooks), ("post", m._forward_hooks), ("back", m._backward_hooks))
         for key in hooks
     }
+
+
+def scheduled_count(model, name, keep, n=576):
+    """Visual tokens of an n-token image that reach the last decoder layer under pruner ``name``
+    (for ``adaptive``, the most it may keep)."""
+    from vtprune.api import make_pruner
+    from vtprune.patches import adapter_for
+
+    pruner = make_pruner(name, **{**PRUNER_OPTIONS[name], "keep": keep})
+    if pruner.stage == "vision":
+        return pruner.budget(n)
+    points = pruner.drop_points(adapter_for(model).info, n)
+    return points[-1].keep if points else n
+
+
+def assert_kept_as_scheduled(model, handle, name, keep, n=576):
+    expected = scheduled_count(model, name, keep, n)
+    for count, layers in zip(handle.last.kept_counts, handle.last.layer_tokens):
+        assert count == layers[-1]
+        assert count <= expected if name == "adaptive" else count == expected

@@ -13,7 +13,12 @@ def test_tiny_demo_prints_every_pruner(capsys):
     out = capsys.readouterr().out
     for name in vtprune.available():
         line = next(row for row in out.splitlines() if row.startswith(name + " "))
-        assert line.split()[1] == "32"
+        if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner):
+            # keep is the mean per decoder layer; the tiny model's 4 layers leave few tokens at the end
+            per_layer = [int(t) for t in line.split()[2].split(",")]
+            assert len(per_layer) == 4 and int(line.split()[1]) == per_layer[-1] < 32
+        else:
+            assert line.split()[1] == "32"
 
 
 @pytest.mark.slow
@@ -28,7 +33,11 @@ def test_default_demo_answers_on_the_real_weights_proxy_and_writes_the_overlay(c
     rows = {row.split()[0]: row.split() for row in out.splitlines() if row.split()}
     assert rows["(none)"][1] == "256" and len(rows["(none)"]) >= 4  # kept, prefill ms, an answer
     for name in vtprune.available():
-        assert rows[name][1] == "16" and len(rows[name]) >= 4, rows.get(name)
+        assert len(rows[name]) >= 4, rows.get(name)
+        if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner):
+            assert 1 <= int(rows[name][1]) < 16, rows[name]  # keep is the mean per layer; fewer reach the end
+        else:
+            assert rows[name][1] == "16", rows[name]
     with Image.open(out_png) as sheet:
         assert sheet.width > (1 + len(vtprune.available())) * 224
 

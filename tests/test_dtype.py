@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PRUNER_OPTIONS
+from conftest import PRUNER_OPTIONS, assert_kept_as_scheduled
 from test_reference import image_features, naive_max_min_diversity
 
 import vtprune
@@ -20,7 +20,7 @@ def test_half_precision_models_prune_and_generate(half_model, name):
     with vtprune.apply(half_model, name, keep=40, **PRUNER_OPTIONS[name]) as handle, torch.no_grad():
         tokens = half_model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert tokens.shape == (1, inputs["input_ids"].shape[1] + 4)
-    assert handle.last.kept_counts == [40]
+    assert_kept_as_scheduled(half_model, handle, name, 40)
 
 
 def test_divprune_on_half_features_ranks_in_fp32(half_model):

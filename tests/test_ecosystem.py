@@ -6,13 +6,12 @@ import threading
 
 import pytest
 import torch
-from conftest import PRUNER_OPTIONS, apply, greedy, hooks_of, logits
+from conftest import PRUNER_OPTIONS, VISION, apply, greedy, hooks_of, logits
 
 import vtprune
 from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt, surviving_positions, tiny_llava
 
 ALL = sorted(PRUNER_OPTIONS)
-VISION = [n for n in ALL if n != "fastv"]
 
 
 def _prompts(model):

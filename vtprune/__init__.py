@@ -9,13 +9,27 @@
 from vtprune.api import apply, handle_of
 from vtprune.handle import PruneHandle
 from vtprune.pipeline import Pipeline
-from vtprune.pruners import CLSPrune, DivPrune, FastV, LLMPruner, Pruner, RandomPrune, UniformPrune, VisionPruner
+from vtprune.pruners import (
+    AdaptivePrune,
+    CLSPrune,
+    DivPrune,
+    FastV,
+    LLMPruner,
+    Pruner,
+    PyramidDrop,
+    RandomPrune,
+    ScheduledPruner,
+    TransPrune,
+    UniformPrune,
+    VisionPruner,
+)
 from vtprune.registry import available
 from vtprune.stats import PruneStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptivePrune",
     "CLSPrune",
     "DivPrune",
     "FastV",
@@ -24,7 +38,10 @@ __all__ = [
     "PruneHandle",
     "PruneStats",
     "Pruner",
+    "PyramidDrop",
     "RandomPrune",
+    "ScheduledPruner",
+    "TransPrune",
     "UniformPrune",
     "VisionPruner",
     "apply",

@@ -154,15 +154,18 @@ class LLMStage:
                         previous_layer, owner = point.layer, pruner
                 present = torch.arange(span.numel(), device=span.device)
                 call.images.append(_Image(sample=b, span=span, points=points, grid=grid, present=present))
+        if call.reuse is not None:
+            return
         drops = {layer: pruner for image in call.images for layer, (_, pruner) in image.points.items()}
-        if call.reuse is None:
-            for layer, pruner in sorted(drops.items()):
-                call.scored_at.setdefault(layer - pruner.score_offset, []).append((layer, pruner.signals))
-        if call.reuse is None:
-            call.transition_layers = frozenset(
-                i for layer, pruner in drops.items() if "transition" in pruner.signals
-                for i in pruner.transition_layers(self.info) if i < layer
-            )
+        for layer, pruner in sorted(drops.items()):
+            call.scored_at.setdefault(layer - pruner.score_offset, []).append((layer, pruner.signals))
+        window = set()
+        for image in call.images:
+            owners = {id(pruner): pruner for _, pruner in image.points.values() if "transition" in pruner.signals}
+            for pruner in owners.values():
+                points = [point for point, owner in image.points.values() if owner is pruner]
+                window.update(i for i in pruner.transition_layers(self.info, points) if i < points[-1].layer)
+        call.transition_layers = frozenset(window)
 
     # -- hooks -------------------------------------------------------------------------------------
     def _before(self, i: int, layer, args, kwargs):
@@ -376,7 +379,12 @@ class LLMStage:
                     count = steps.get(layer, count)
                     totals[layer] += count
             layer_tokens.append(totals)
-        return PruneStats(kept=kept, layer_tokens=layer_tokens)
+        drops = [
+            (layer, call.layout.sample_kept(
+                [[p for p, im in zip(presents, call.images) if im.sample == b] for b in range(len(spans))]))
+            for layer, presents in sorted(call.choices.items())
+        ]
+        return PruneStats(kept=kept, layer_tokens=layer_tokens, drops=drops)
 
 
 _FIELDS = {"last": "attention", "instruction": "instruction_attention", "transition": "transition"}

@@ -10,11 +10,13 @@ from vtprune.ops._backend import BACKENDS, resolve_backend, triton_available
 from vtprune.ops.attention import attention_rows
 from vtprune.ops.diversity import max_min_diversity
 from vtprune.ops.k_center import k_center
+from vtprune.ops.spatial import farthest_points
 from vtprune.ops.transition import transition_variation
 
 __all__ = [
     "BACKENDS",
     "attention_rows",
+    "farthest_points",
     "k_center",
     "max_min_diversity",
     "resolve_backend",

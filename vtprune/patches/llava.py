@@ -299,7 +299,9 @@ class LlavaAdapter:
             out, stats = self._llm_forward(original, a, short_layout, None, tail)
             # The LLM stage indexes the tokens that entered the LLM; report them among the original ones.
             self.last = PruneStats(
-                kept=[v[k] for v, k in zip(sample_kept, stats.kept)], layer_tokens=stats.layer_tokens
+                kept=[v[k] for v, k in zip(sample_kept, stats.kept)],
+                layer_tokens=stats.layer_tokens,
+                drops=[(layer, [v[k] for v, k in zip(sample_kept, kept)]) for layer, kept in stats.drops],
             )
         cache = getattr(out, "past_key_values", None)
         if cache is not None and short is not None:

@@ -1,10 +1,26 @@
 """The pruners: one file each, each a small dataclass with a ``select``."""
 
-from vtprune.pruners.base import LLMPruner, Pruner, VisionPruner
+from vtprune.pruners.adaptive import AdaptivePrune
+from vtprune.pruners.base import LLMPruner, Pruner, ScheduledPruner, VisionPruner
 from vtprune.pruners.cls import CLSPrune
 from vtprune.pruners.divprune import DivPrune
 from vtprune.pruners.fastv import FastV
+from vtprune.pruners.pdrop import PyramidDrop
 from vtprune.pruners.random import RandomPrune
+from vtprune.pruners.transprune import TransPrune
 from vtprune.pruners.uniform import UniformPrune
 
-__all__ = ["CLSPrune", "DivPrune", "FastV", "LLMPruner", "Pruner", "RandomPrune", "UniformPrune", "VisionPruner"]
+__all__ = [
+    "AdaptivePrune",
+    "CLSPrune",
+    "DivPrune",
+    "FastV",
+    "LLMPruner",
+    "Pruner",
+    "PyramidDrop",
+    "RandomPrune",
+    "ScheduledPruner",
+    "TransPrune",
+    "UniformPrune",
+    "VisionPruner",
+]

@@ -136,8 +136,9 @@ class LLMPruner(Pruner):
         """The schedule for one image with ``n_tokens`` visual tokens entering the LLM."""
         raise NotImplementedError
 
-    def transition_layers(self, info: ModelInfo) -> range:
-        """Decoder layers whose sub-layer transition variation accumulates (signal ``"transition"``)."""
+    def transition_layers(self, info: ModelInfo, points: list[DropPoint]) -> range:
+        """Decoder layers whose sub-layer transition variation accumulates (signal ``"transition"``),
+        given this image's drop points; a drop point sees the sum over the window's layers before it."""
         return range(0)
 
     def select(self, tokens: PromptTokens) -> torch.Tensor:
