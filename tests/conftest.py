@@ -41,7 +41,17 @@ def inputs(model, prompt):
     return batch_inputs(model, [prompt])
 
 
+PIPELINE = "divprune+fastv"  # a Pipeline in the test matrix: DivPrune keeps twice FastV's keep
+
+
+def _twice(keep):
+    return min(1.0, 2 * keep) if isinstance(keep, float) else 2 * keep
+
+
 def apply(model, name, **options):
+    if name == PIPELINE:
+        keep = options.pop("keep")
+        return vtprune.apply(model, [vtprune.DivPrune(keep=_twice(keep)), vtprune.FastV(keep=keep, layer=2, **options)])
     return vtprune.apply(model, name, **{**PRUNER_OPTIONS[name], **options})
 
 
@@ -72,6 +82,9 @@ def scheduled_count(model, name, keep, n=576):
     from vtprune.api import make_pruner
     from vtprune.patches import adapter_for
 
+    if name == PIPELINE:
+        entering = vtprune.DivPrune(keep=_twice(keep)).budget(n)
+        return vtprune.FastV(keep=keep).budget(entering)
     pruner = make_pruner(name, **{**PRUNER_OPTIONS[name], "keep": keep})
     if pruner.stage == "vision":
         return pruner.budget(n)

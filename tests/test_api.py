@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PRUNER_OPTIONS, apply, greedy, hooks_of, logits
+from conftest import PIPELINE, PRUNER_OPTIONS, apply, greedy, hooks_of, logits
 
 import vtprune
 
@@ -16,7 +16,7 @@ def test_available_lists_every_pruner():
     assert vtprune.available() == sorted(PRUNER_OPTIONS)
 
 
-@pytest.mark.parametrize("name", sorted(PRUNER_OPTIONS))
+@pytest.mark.parametrize("name", sorted(PRUNER_OPTIONS) + [PIPELINE])
 def test_remove_restores_model_exactly(model, inputs, name):
     before_logits = logits(model, inputs)
     before_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -3,12 +3,12 @@ sdpa == eager, batched == per-sample."""
 
 import pytest
 import torch
-from conftest import PRUNER_OPTIONS, VISION, apply, assert_kept_as_scheduled, greedy, logits
+from conftest import PIPELINE, PRUNER_OPTIONS, VISION, apply, assert_kept_as_scheduled, greedy, logits
 
 import vtprune
 from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt, surviving_positions
 
-ALL = sorted(PRUNER_OPTIONS)
+ALL = sorted(PRUNER_OPTIONS) + [PIPELINE]
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -81,15 +81,15 @@ def test_fastv_matches_eager_attention(model, eager_model, inputs, layer):
         assert handle.last.layer_tokens[0] == [576] * layer + [64] * (4 - layer)
 
 
-def fastv_reference_generate(model, inputs, kept, layer, n):
-    """Greedy decoding with no cache, recomputing everything each step: layers >= ``layer`` see only
-    the kept image tokens (plus all text and generated tokens) at their original positions."""
+def reference_generate(model, inputs, drops, n):
+    """Greedy decoding with no cache, recomputing everything each step: from each drop point's layer
+    on, only that drop's kept image tokens (``drops``: [(layer, kept indices), ...], kept as in
+    ``PruneStats``) plus all text and generated tokens go on, at their original positions."""
     lm = model.model.language_model
     ids = inputs["input_ids"]
     image = (ids[0] == IMAGE_TOKEN_ID).nonzero().flatten()
     features = image_features(model, inputs)
-    dropped = torch.ones(image.numel(), dtype=torch.bool)
-    dropped[kept] = False
+    drops = dict(drops)
     for _ in range(n):
         length = ids.shape[1]
         with torch.no_grad():
@@ -97,10 +97,13 @@ def fastv_reference_generate(model, inputs, kept, layer, n):
             h[0, image] = features
             positions = torch.arange(length)
             cos, sin = lm.rotary_emb(h, positions[None])
-            keep = torch.ones(length, dtype=torch.bool)
             for i, decoder_layer in enumerate(lm.layers):
-                if i == layer:
+                if i in drops:
+                    keep = torch.ones(length, dtype=torch.bool)
+                    dropped = torch.ones(image.numel(), dtype=torch.bool)
+                    dropped[drops[i]] = False
                     keep[image[dropped]] = False
+                    keep = keep[positions]  # of the tokens still here
                     h, cos, sin, positions = h[:, keep], cos[:, keep], sin[:, keep], positions[keep]
                 allowed = positions[None, :] <= positions[:, None]
                 mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
@@ -108,6 +111,10 @@ def fastv_reference_generate(model, inputs, kept, layer, n):
             next_token = model.lm_head(lm.norm(h[:, -1])).argmax(-1)
         ids = torch.cat([ids, next_token[:, None]], dim=1)
     return ids
+
+
+def fastv_reference_generate(model, inputs, kept, layer, n):
+    return reference_generate(model, inputs, [(layer, kept)], n)
 
 
 @pytest.mark.parametrize("layer", [1, 3])
