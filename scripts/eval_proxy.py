@@ -100,6 +100,32 @@ def kind_table(results: dict, pruners, keeps) -> str:
     return "\n".join(lines)
 
 
+def pooled_table(results: dict, pruners, keeps, kinds, title: str) -> str:
+    """Accuracy over ``kinds`` together for every pruner and keep, and as a share of unpruned."""
+    from vtprune.proxy.evaluate import pooled
+
+    runs, counts = results["runs"], results.get("kind_counts")
+    if not counts or "by_kind" not in runs.get(UNPRUNED, {}):
+        return ""
+    base = pooled(runs[UNPRUNED]["by_kind"], counts, kinds)
+
+    def cell(name):
+        run = runs.get(name, {})
+        if "by_kind" not in run:
+            return "-"
+        value = pooled(run["by_kind"], counts, kinds)
+        return f"{100 * value:.1f} ({100 * value / base:.0f}%)"
+
+    n = sum(counts[k] for k in kinds)
+    lines = [
+        f"| {title} ({n} questions) | " + " | ".join(f"keep {k}" for k in keeps) + " |",
+        "|---|" + "---|" * len(keeps),
+        f"| {UNPRUNED} (256) | " + " | ".join(f"{100 * base:.1f}" for _ in keeps) + " |",
+    ]
+    lines += [f"| {p} | " + " | ".join(cell(key(p, k)) for k in keeps) + " |" for p in pruners]
+    return "\n".join(lines)
+
+
 def plot(results: dict, pruners, keeps, path: Path) -> None:
     import matplotlib
 
@@ -130,6 +156,11 @@ def plot(results: dict, pruners, keeps, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = load_results(args.results, args)
+    if "kind_counts" not in results:
+        from vtprune.proxy import data
+        from vtprune.proxy.evaluate import kind_counts
+
+        results["kind_counts"] = kind_counts(data.subset("test", args.n, args.seed))
     if not args.plot_only:
         import torch
 
@@ -159,6 +190,15 @@ def main(argv=None) -> int:
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1) + "\n")
             print(f"{name:<16} accuracy {100 * share:5.1f}%  ({seconds:.0f} s)", flush=True)
+    from vtprune.proxy.evaluate import IMAGE_READING
+
+    headline = pooled_table(results, args.pruners, args.keeps, IMAGE_READING, "shape + colour")
+    if headline:
+        print("questions that need the image (accuracy %, and share of unpruned):")
+        print(headline + "\n")
+        print("yes/no questions (the proxy answers them from a prior):")
+        print(pooled_table(results, args.pruners, args.keeps, ("yes/no present", "yes/no absent"), "yes/no") + "\n")
+        print("all questions:")
     print(markdown_table(results, args.pruners, args.keeps))
     by_kind = kind_table(results, args.pruners, args.keeps)
     if by_kind:

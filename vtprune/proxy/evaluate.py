@@ -90,11 +90,32 @@ def accuracy_by_kind(items, predictions) -> dict[str, float]:
         raise ValueError(f"{len(items)} questions but {len(predictions)} predictions")
     right: dict[str, list[bool]] = {}
     for q, p in zip(items, predictions):
-        present = data.named_present(q)
-        name = data.kind(q) if present is None else ("yes/no present" if present else "yes/no absent")
-        right.setdefault(name, []).append(p == q.answer)
-    order = ("shape", "colour", "yes/no present", "yes/no absent")
-    return {name: sum(right[name]) / len(right[name]) for name in order if name in right}
+        right.setdefault(question_kind(q), []).append(p == q.answer)
+    return {name: sum(right[name]) / len(right[name]) for name in KINDS if name in right}
+
+
+KINDS = ("shape", "colour", "yes/no present", "yes/no absent")
+IMAGE_READING = ("shape", "colour")  # the kinds the proxy answers from the image, not from a prior
+
+
+def question_kind(q) -> str:
+    """One of ``KINDS`` for a ``data.Question``."""
+    present = data.named_present(q)
+    return data.kind(q) if present is None else ("yes/no present" if present else "yes/no absent")
+
+
+def kind_counts(items) -> dict[str, int]:
+    """Questions of each kind in ``items``."""
+    counts: dict[str, int] = {}
+    for q in items:
+        counts[question_kind(q)] = counts.get(question_kind(q), 0) + 1
+    return {name: counts[name] for name in KINDS if name in counts}
+
+
+def pooled(by_kind: dict[str, float], counts: dict[str, int], kinds) -> float:
+    """Accuracy over several kinds together, from per-kind accuracies and question counts."""
+    total = sum(counts[k] for k in kinds)
+    return sum(by_kind[k] * counts[k] for k in kinds) / total
 
 
 def evaluate(
