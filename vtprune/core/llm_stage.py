@@ -133,7 +133,7 @@ class LLMStage:
 
     # -- planning ------------------------------------------------------------------------------------
     def _plan(self, call: _Call, grids: list | None) -> None:
-        """Each image's drop points, the layers that score for them, and the instruction rows."""
+        """Each image's drop points, the layers that score for them, and the transition window."""
         flat = 0
         for b, spans in enumerate(call.layout.spans):
             for span in spans:

@@ -311,7 +311,9 @@ class LlavaAdapter:
 
     def _select(self, features: torch.Tensor) -> torch.Tensor:
         grid, cls_attention = getattr(features, _IMAGE_INFO, (None, None))
-        idx = self._pipeline.vision.select(VisionTokens(features=features, grid=grid, cls_attention=cls_attention))
+        vision = self._pipeline.vision
+        keep = vision.budget(features.shape[0])
+        idx = vision.select(VisionTokens(features=features, keep=keep, grid=grid, cls_attention=cls_attention))
         return idx.to(features.device)
 
     def _pad_token_id(self) -> int:

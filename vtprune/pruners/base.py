@@ -29,12 +29,15 @@ class VisionTokens:
     """One image's visual tokens, as the vision stage scores them.
 
     features: (N, D) tokens after the projector, in the model's dtype.
+    keep: how many of them to keep (the pruner's ``budget(N)``, or this part's share of an image's
+        budget when a model splits one image into parts).
     grid: (rows, cols) of the patch grid when the N tokens are exactly that grid in raster order.
     cls_attention: (N,) fp32 attention from the tower's CLS token, summed over the layers the pruner
         asked for; None unless the pruner asked.
     """
 
     features: torch.Tensor
+    keep: int
     grid: tuple[int, int] | None = None
     cls_attention: torch.Tensor | None = None
 

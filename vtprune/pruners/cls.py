@@ -53,7 +53,7 @@ class CLSPrune(VisionPruner):
 
     def select(self, tokens: VisionTokens) -> torch.Tensor:
         scores = tokens.cls_attention
-        k = self.budget(scores.shape[0])
+        k = tokens.keep
         if self.strategy == "rank":
             return top_k_sorted(scores, k)
         if tokens.grid is None:

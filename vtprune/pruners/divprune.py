@@ -25,5 +25,5 @@ class DivPrune(VisionPruner):
     name = "divprune"
 
     def select(self, tokens: VisionTokens) -> torch.Tensor:
-        k = self.budget(tokens.features.shape[0])
+        k = tokens.keep
         return max_min_diversity(tokens.features, k, backend=self.backend).sort().values

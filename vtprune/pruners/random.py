@@ -26,4 +26,4 @@ class RandomPrune(VisionPruner):
     def select(self, tokens: VisionTokens) -> torch.Tensor:
         n = tokens.features.shape[0]
         generator = torch.Generator().manual_seed(self.seed)
-        return torch.randperm(n, generator=generator)[: self.budget(n)].sort().values.to(tokens.features.device)
+        return torch.randperm(n, generator=generator)[: tokens.keep].sort().values.to(tokens.features.device)

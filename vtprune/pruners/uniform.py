@@ -41,7 +41,7 @@ class UniformPrune(VisionPruner):
 
     def select(self, tokens: VisionTokens) -> torch.Tensor:
         n = tokens.features.shape[0]
-        k = self.budget(n)
+        k = tokens.keep
         if tokens.grid is None:
             kept = _evenly_spaced(n, k)
         else:
