@@ -234,7 +234,7 @@ def test_apply_to_torch_compile_output_prunes_the_wrapped_model(inputs):
 
 
 # -- 7. threads ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["fastv", "divprune"])
+@pytest.mark.parametrize("name", ["fastv", "divprune", PIPELINE])
 def test_one_model_serves_two_threads(model, name):
     a = batch_inputs(model, _prompts(model)[:1], seed=1)
     b = batch_inputs(model, _prompts(model)[1:], seed=2)

@@ -243,6 +243,69 @@ def test_list_is_a_pipeline(model, inputs):
         assert handle.last.layer_tokens[0] == [96, 96, 32, 32] and kept.max() < 576
 
 
+def test_scheduled_pruner_with_explicit_schedule_after_a_vision_pruner(model, inputs):
+    # Its unused default keep (64) is not compared with the vision pruner's 32.
+    with vtprune.apply(model, [vtprune.DivPrune(keep=32), vtprune.PyramidDrop(schedule=[(2, 16), (3, 8)])]) as handle:
+        logits(model, inputs)
+    assert handle.last.layer_tokens[0] == [32, 32, 16, 8]
+
+
+class _FirstTokens(vtprune.PyramidDrop):
+    """Keeps the first tokens: a choice that does not depend on which token scores."""
+
+    def select(self, tokens):
+        return torch.arange(tokens.keep)
+
+
+def test_decoding_after_a_crop_below_the_pruned_length(model, inputs):
+    """Assisted decoding's first forward holds the prompt plus candidates; rejecting candidates crops
+    the cache below that forward's length. Decoding on from there equals never having had them."""
+    pruner = _FirstTokens(schedule=[(1, 100), (3, 20)])
+    ids, n = inputs["input_ids"], inputs["input_ids"].shape[1]
+    candidates = torch.tensor([[40, 41, 42, 43, 44]])
+    step = torch.tensor([[50]])
+    with vtprune.apply(model, pruner), torch.no_grad():
+        out = model(input_ids=torch.cat([ids, candidates], 1), pixel_values=inputs["pixel_values"], use_cache=True)
+        cache = out.past_key_values
+        cache.crop(-5)
+        cropped = model(input_ids=step, past_key_values=cache, attention_mask=torch.ones(1, n + 1, dtype=torch.long)).logits
+        plain_cache = model(**inputs, use_cache=True).past_key_values
+        plain = model(input_ids=step, past_key_values=plain_cache, attention_mask=torch.ones(1, n + 1, dtype=torch.long)).logits
+    torch.testing.assert_close(cropped, plain, atol=1e-5, rtol=0)
+
+
+def test_llm_stage_refuses_right_padding_and_prompts_ending_with_the_image(model):
+    prompt = make_prompt(model, [1, 5], [7, 8])
+    right = batch_inputs(model, [prompt, prompt[:-1]])
+    right["input_ids"][1] = torch.cat([right["input_ids"][1, 1:], torch.tensor([0])])
+    right["attention_mask"][1] = torch.cat([right["attention_mask"][1, 1:], torch.tensor([0])])
+    ends_with_image = batch_inputs(model, [make_prompt(model, [1, 5], [])])
+    expected = logits(model, right)
+    for name in ["fastv", "pdrop"]:
+        with vtprune.apply(model, name, keep=32):
+            with pytest.raises(ValueError, match="padding_side='left'"):
+                logits(model, right)
+            with pytest.raises(ValueError, match="ends with image tokens"):
+                logits(model, ends_with_image)
+    assert torch.equal(logits(model, right), expected)
+
+
+def test_scheduled_pruners_need_two_decoder_layers():
+    shallow = tiny_llava(layers=1)
+    for name in SCHEDULED:
+        with pytest.raises(ValueError, match="this decoder has one layer"):
+            vtprune.apply(shallow, name, keep=8)
+
+
+def test_float_keeps_round_alike_everywhere():
+    from vtprune.core.schedule import budget_count
+
+    for n in (9, 11, 575):
+        expected = budget_count(0.5, n)
+        assert vtprune.FastV(keep=0.5).budget(n) == expected == vtprune.DivPrune(keep=0.5).budget(n)
+        assert explicit([(2, 0.5)], n) == [DropPoint(2, expected)]
+
+
 def test_pipeline_of_llm_pruners_drops_in_order(deep_model):
     inputs = _inputs(deep_model)
     pipeline = [vtprune.FastV(layer=1, keep=200), vtprune.PyramidDrop(schedule=[(4, 100), (6, 30)])]
@@ -258,6 +321,8 @@ def test_pipeline_of_llm_pruners_drops_in_order(deep_model):
         ([vtprune.FastV(keep=32), vtprune.DivPrune(keep=16)], "must come first"),
         ([vtprune.DivPrune(keep=64), vtprune.FastV(keep=128)], "cannot keep more"),
         ([vtprune.FastV(layer=3, keep=64), vtprune.PyramidDrop(keep=32, schedule=[(2, 16)])], "increasing layers"),
+        ([vtprune.FastV(layer=1, keep=64), vtprune.PyramidDrop(schedule=[(2, 128)])], "cannot keep more"),
+        ([vtprune.FastV(layer=1, keep=64), vtprune.PyramidDrop(keep=32)], "explicit schedule"),
         ([], "non-empty list"),
         (["divprune"], "pruner objects"),
     ],

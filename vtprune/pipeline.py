@@ -13,7 +13,8 @@ import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vtprune.pruners.base import LLMPruner, ModelInfo, Pruner, VisionPruner
+from vtprune.core.schedule import check_llm_order
+from vtprune.pruners.base import LLMPruner, ModelInfo, Pruner, ScheduledPruner, VisionPruner
 
 
 @dataclass
@@ -38,10 +39,20 @@ class Pipeline:
                 f"the language model"
             )
         for earlier, later in zip(self.pruners, self.pruners[1:]):
+            # Scheduled pruners' keep is a mean per layer: their drop points are checked in check().
+            if isinstance(later, ScheduledPruner) or isinstance(earlier, ScheduledPruner):
+                continue
             if _comparable(earlier.keep, later.keep) and later.keep > earlier.keep:
                 raise ValueError(
                     f"in a Pipeline a later pruner cannot keep more than an earlier one: {later.name!r} keeps "
                     f"{later.keep} after {earlier.name!r} kept {earlier.keep}"
+                )
+        for earlier, later in zip(self.llm, self.llm[1:]):
+            if isinstance(later, ScheduledPruner) and later.schedule is None:
+                raise ValueError(
+                    f"{later.name!r} after {earlier.name!r}: a multi-drop pruner fits its drop points to a mean "
+                    f"over all decoder layers, which another LLM-stage pruner before it would break; give it "
+                    f"an explicit schedule=[(layer, keep), ...] after {earlier.name!r}'s layers"
                 )
 
     @property
@@ -58,16 +69,7 @@ class Pipeline:
         if info.visual_tokens is None:
             return
         n = info.visual_tokens if self.vision is None else self.vision.budget(info.visual_tokens)
-        previous = None
-        for p in self.llm:
-            points = p.drop_points(info, n)
-            if points and previous is not None and points[0].layer <= previous[1]:
-                raise ValueError(
-                    f"LLM-stage pruners of a Pipeline must drop at increasing layers: {p.name!r} drops before "
-                    f"layer {points[0].layer}, but {previous[0]!r} already dropped before layer {previous[1]}"
-                )
-            if points:
-                previous = (p.name, points[-1].layer)
+        check_llm_order(self.llm, info, n)
 
     def options(self) -> dict:
         return {"pruners": [f"{p.name}({p.options()})" for p in self.pruners]}

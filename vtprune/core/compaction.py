@@ -72,10 +72,15 @@ class Compaction:
     def key_columns(self, kv_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Original key columns of the compacted cache once it holds ``kv_length`` original positions.
 
-        Positions past L (tokens decoded after the prompt) were never dropped. Returns (index, valid),
-        each (B, L' + kv_length - L).
+        Positions past L (tokens decoded after the prompt) were never dropped. A cache shorter than L
+        lost its last tokens to a crop (assisted decoding rejecting candidates that were part of the
+        pruned forward); those are text, kept and right-aligned, so they are cut off the end.
+        Returns (index, valid), each (B, L' + kv_length - L).
         """
         b = self.index.shape[0]
+        if kv_length < self.length:
+            end = self.index.shape[1] - (self.length - kv_length)
+            return self.index[:, :end], self.valid[:, :end]
         tail = torch.arange(self.length, kv_length, device=self.index.device).expand(b, -1)
         index = torch.cat([self.index, tail], dim=1)
         valid = torch.cat([self.valid, torch.ones_like(tail, dtype=torch.bool)], dim=1)

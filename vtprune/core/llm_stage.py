@@ -31,7 +31,7 @@ from vtprune.core.layout import VisualLayout
 from vtprune.core.llm_signals import instruction_attention, last_token_attention
 from vtprune.core.masks import compact_mask
 from vtprune.core.patching import PerThread
-from vtprune.core.schedule import DropPoint
+from vtprune.core.schedule import DropPoint, check_llm_order
 from vtprune.ops import transition_variation
 from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens
 from vtprune.stats import PruneStats
@@ -71,7 +71,8 @@ class _Call:
     layer_compactions: list | None = None  # per decoder layer, stored on the cache for decode steps
     choices: dict = field(default_factory=dict)  # drop layer -> presents per image
     decode_columns: dict = field(default_factory=dict)  # decode steps: layer -> (kv_index, kv_valid, kv_len)
-    converted: dict = field(default_factory=dict)  # (id(original kwarg), id(compaction)) -> (original, converted)
+    converted: dict = field(default_factory=dict)  # (id(kwarg), id(compaction)) -> (kwarg, compaction, converted)
+    stats: PruneStats | None = None  # what this call kept, once it has run
 
 
 class LLMStage:
@@ -129,7 +130,7 @@ class LLMStage:
         with self._calls.set(state) as call:
             yield call
             if call.layout is not None:
-                self.last = self._stats(call)
+                call.stats = self.last = self._stats(call)
 
     # -- planning ------------------------------------------------------------------------------------
     def _plan(self, call: _Call, grids: list | None) -> None:
@@ -139,21 +140,24 @@ class LLMStage:
             for span in spans:
                 grid = grids[flat] if grids is not None else None
                 flat += 1
-                points = {}
-                previous_layer, owner = 0, None
-                for pruner in self.pruners:
-                    mine = pruner.drop_points(self.info, span.numel())
-                    if mine and owner is not None and mine[0].layer <= previous_layer:
-                        raise ValueError(
-                            f"the {pruner.name!r} pruner drops before layer {mine[0].layer}, not after the "
-                            f"{owner.name!r} pruner's last drop (layer {previous_layer}): LLM-stage pruners "
-                            f"of a Pipeline must drop at increasing layers"
-                        )
-                    for point in mine:
-                        points[point.layer] = (point, pruner)
-                        previous_layer, owner = point.layer, pruner
+                check_llm_order(self.pruners, self.info, span.numel())
+                points = {
+                    point.layer: (point, pruner)
+                    for pruner in self.pruners for point in pruner.drop_points(self.info, span.numel())
+                }
                 present = torch.arange(span.numel(), device=span.device)
                 call.images.append(_Image(sample=b, span=span, points=points, grid=grid, present=present))
+        last = call.score_row if call.score_row is not None else call.layout.length - 1
+        if call.key_mask is not None and not bool(call.key_mask[:, last].all()):
+            raise ValueError(
+                "LLM-stage pruners score with each sample's last prompt token, which must be the same position "
+                "in every sample: pad batches on the left (tokenizer/processor padding_side='left')"
+            )
+        if any(int(spans[-1][-1]) >= last for spans in call.layout.spans if spans):
+            raise ValueError(
+                "LLM-stage pruners score visual tokens with the text after the last image; this prompt ends "
+                "with image tokens (add the question or the chat template's assistant prefix after the image)"
+            )
         if call.reuse is not None:
             return
         drops = {layer: pruner for image in call.images for layer, (_, pruner) in image.points.items()}
@@ -363,8 +367,9 @@ class LLMStage:
     def _convert(self, call: _Call, value, comp: Compaction, fn):
         key = (id(value), id(comp))
         if key not in call.converted:
-            call.converted[key] = (value, fn(value))
-        return call.converted[key][1]
+            # Holding both keeps their ids from being reused by new objects during the call.
+            call.converted[key] = (value, comp, fn(value))
+        return call.converted[key][2]
 
     def _stats(self, call: _Call) -> PruneStats:
         n_layers = len(self.layers)

@@ -9,7 +9,6 @@ mean is a given budget, the way PyramidDrop and SparseVLM compare themselves wit
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -33,6 +32,14 @@ def layer_counts(points: list[DropPoint], num_layers: int, n_tokens: int) -> lis
 
 def mean_tokens(points: list[DropPoint], num_layers: int, n_tokens: int) -> float:
     return sum(layer_counts(points, num_layers, n_tokens)) / num_layers
+
+
+def budget_count(keep: int | float, n_tokens: int) -> int:
+    """Tokens kept of ``n_tokens``: an int ``keep`` capped at ``n_tokens``, a float the rounded fraction
+    (at least one)."""
+    if isinstance(keep, numbers.Integral):
+        return min(int(keep), n_tokens)
+    return min(n_tokens, max(1, round(float(keep) * n_tokens)))
 
 
 def budget_tokens(keep: int | float, n_tokens: int) -> float:
@@ -94,7 +101,7 @@ def explicit(schedule: list[tuple[int, int | float]], n_tokens: int) -> list[Dro
     """``[(layer, keep), ...]`` as drop points for an image of ``n_tokens`` (keep as ``budget_tokens``)."""
     points, previous = [], n_tokens
     for layer, keep in schedule:
-        previous = min(previous, max(1, math.floor(budget_tokens(keep, n_tokens) + 0.5)))
+        previous = min(previous, budget_count(keep, n_tokens))
         points.append(DropPoint(layer, previous))
     return points
 
@@ -126,3 +133,25 @@ def check_explicit(schedule, num_layers: int) -> None:
         raise bad("keeps all ints or all floats")
     if any(b > a for a, b in zip(keeps, keeps[1:])):
         raise bad("non-increasing keeps (a later drop cannot keep more)")
+
+
+def check_llm_order(pruners: list, info, n_tokens: int) -> None:
+    """Raise ValueError unless the pruners' drop points for an image of ``n_tokens`` come at
+    increasing layers, each pruner after the one before, and never keep more than before."""
+    previous = None  # (pruner name, its last drop point)
+    for p in pruners:
+        points = p.drop_points(info, n_tokens)
+        if points and previous is not None:
+            name, last = previous
+            if points[0].layer <= last.layer:
+                raise ValueError(
+                    f"LLM-stage pruners of a Pipeline must drop at increasing layers: {p.name!r} drops before "
+                    f"layer {points[0].layer}, but {name!r} already dropped before layer {last.layer}"
+                )
+            if points[0].keep > last.keep:
+                raise ValueError(
+                    f"in a Pipeline a later pruner cannot keep more than an earlier one: {p.name!r} keeps "
+                    f"{points[0].keep} tokens from layer {points[0].layer} after {name!r} kept {last.keep}"
+                )
+        if points:
+            previous = (p.name, points[-1])

@@ -255,7 +255,7 @@ class LlavaAdapter:
             out = original(**a)
         if generating is not None:
             generating.kept = call.choices
-        return out, self._llm.last
+        return out, call.stats
 
     def _forward_without_images(self, original, a: dict):
         translation = self._decode.get(a.get("past_key_values"))

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from vtprune.core.schedule import DropPoint, budget_tokens, check_explicit, explicit, fit_average
+from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_explicit, explicit, fit_average
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,7 @@ class Pruner:
 
     def budget(self, n: int) -> int:
         """Tokens to keep out of ``n``."""
-        if isinstance(self.keep, float):
-            return min(n, max(1, round(self.keep * n)))
-        return min(n, self.keep)
+        return budget_count(self.keep, n)
 
     def check(self, info: ModelInfo) -> None:
         """Raise ValueError if this pruner cannot run on the described model."""
@@ -163,6 +161,8 @@ class ScheduledPruner(LLMPruner):
     ratios: ClassVar[tuple[float, ...]] = ()  # tokens kept from each drop point, fractions of all
 
     def check(self, info: ModelInfo) -> None:
+        if info.num_decoder_layers < 2:
+            raise ValueError(f"the {self.name!r} pruner drops tokens between decoder layers; this decoder has one layer")
         if self.schedule is not None:
             check_explicit(self.schedule, info.num_decoder_layers)
             self.schedule = [tuple(point) for point in self.schedule]
