@@ -69,24 +69,16 @@ def _counts(ratios: list[float], scale: float, n_tokens: int) -> list[int]:
     return counts
 
 
-def fit_average(
-    depths: list[float], ratios: list[float], num_layers: int, n_tokens: int, average: float
-) -> list[DropPoint]:
-    """Counts for the shape (``depths``, ``ratios``) whose mean over the layers is ``average`` tokens.
+# The reference schedules (PyramidDrop, TransPrune at their papers' budgets) keep about a quarter of
+# their mean number of tokens through to the last layers; smaller budgets keep that proportion by
+# dropping earlier, instead of spending the budget on full early layers and keeping almost nothing.
+FINAL_SHARE = 0.25
 
-    The ratios are scaled by one factor (kept ratios never exceed 1). When even one token after the
-    first drop would exceed the budget, all drop depths move earlier by one factor until it fits
-    (down to a first drop before layer 1). The mean matches ``average`` up to the rounding of counts.
-    """
-    if average >= n_tokens:
-        return []
-    for shrink in [1.0] + [i / 20 for i in range(19, 0, -1)] + [0.0]:
-        layers = scaled_layers([d * shrink for d in depths], num_layers)
-        shape = ratios[: len(layers)]
-        if mean_tokens([DropPoint(x, 1) for x in layers], num_layers, n_tokens) <= average or shrink == 0.0:
-            break
+
+def _scaled(layers: list[int], shape: list[float], num_layers: int, n_tokens: int, average: float) -> list[DropPoint]:
+    """Counts ``shape`` scaled by one factor whose mean is closest to ``average`` (bisection)."""
     lo, hi = 0.0, 1.0 / min(shape)
-    for _ in range(50):  # bisection on the scale: the mean grows with it
+    for _ in range(50):  # the mean grows with the scale
         mid = (lo + hi) / 2
         points = [DropPoint(x, c) for x, c in zip(layers, _counts(shape, mid, n_tokens))]
         if mean_tokens(points, num_layers, n_tokens) < average:
@@ -95,6 +87,36 @@ def fit_average(
             hi = mid
     candidates = [[DropPoint(x, c) for x, c in zip(layers, _counts(shape, s, n_tokens))] for s in (lo, hi)]
     return min(candidates, key=lambda p: abs(mean_tokens(p, num_layers, n_tokens) - average))
+
+
+def fit_average(
+    depths: list[float], ratios: list[float], num_layers: int, n_tokens: int, average: float
+) -> list[DropPoint]:
+    """Drop points of the shape (``depths``, ``ratios``) whose mean over the layers is ``average`` tokens.
+
+    The ratios are scaled by one factor (kept ratios never exceed 1), so consecutive stages keep the
+    method's proportions. The drop depths are the method's when that leaves at least ``FINAL_SHARE``
+    of the mean to the last layers; otherwise all of them move earlier by one factor, the least that
+    does (down to drops before layers 1, 2, 3, ...), or the one keeping most if none does. The mean
+    matches ``average`` up to the rounding of counts, unless even one token per image after a drop
+    before layer 1 exceeds it: then that schedule runs.
+    """
+    if average >= n_tokens:
+        return []
+    best = None
+    for shrink in [1.0] + [i / 20 for i in range(19, 0, -1)] + [0.0]:
+        layers = scaled_layers([d * shrink for d in depths], num_layers)
+        shape = ratios[: len(layers)]
+        if mean_tokens([DropPoint(x, 1) for x in layers], num_layers, n_tokens) > average:
+            if shrink == 0.0 and best is None:
+                return [DropPoint(x, 1) for x in layers]
+            continue
+        points = _scaled(layers, shape, num_layers, n_tokens, average)
+        if points[-1].keep >= FINAL_SHARE * average:
+            return points
+        if best is None or points[-1].keep > best[-1].keep:
+            best = points
+    return best
 
 
 def explicit(schedule: list[tuple[int, int | float]], n_tokens: int) -> list[DropPoint]:
