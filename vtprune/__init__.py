@@ -1,4 +1,4 @@
-"""vtprune: training-free visual-token pruning for LLaVA-family models in Hugging Face transformers.
+"""vtprune: training-free visual-token pruning for LLaVA models in Hugging Face transformers.
 
     import vtprune
     handle = vtprune.apply(model, "divprune", keep=64)

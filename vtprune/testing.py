@@ -31,6 +31,7 @@ def tiny_llava(
     vocab: int = 96,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    image_token_id: int = IMAGE_TOKEN_ID,
 ):
     """A random ``LlavaForConditionalGeneration`` in eval mode (image token id ``IMAGE_TOKEN_ID``)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -59,7 +60,7 @@ def tiny_llava(
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=IMAGE_TOKEN_ID,
+        image_token_id=image_token_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         pad_token_id=0,
@@ -114,3 +115,48 @@ def surviving_positions(ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     keep = torch.ones(ids.numel(), dtype=torch.bool)
     keep[image[dropped]] = False
     return keep
+
+
+# A chat template of the llava-1.5-hf shape: "USER: <image>\n{question} ASSISTANT:".
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+_WORDS = (
+    "USER ASSISTANT : ? . , what which is are the a an in on of this that image picture photo shown show "
+    "describe colour color shape red green blue yellow black white gray orange circle square triangle "
+    "rectangle cat dog person man woman yes no there it"
+).split()
+
+
+def save_tiny_llava_hf(directory, *, attn: str = "sdpa"):
+    """Write a random tiny LLaVA in the llava-hf checkpoint layout to ``directory``: config and weights,
+    a word-level tokenizer with ``<image>`` and a chat template, and a CLIP image processor (336 px),
+    so ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` load it
+    like a real checkpoint. Returns the directory."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    vocab = {w: i for i, w in enumerate(specials + _WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=["<image>"], padding_side="left",
+    )
+    images = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+        chat_template=_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1,
+    )
+    model = tiny_llava(attn=attn, vocab=len(vocab), image_token_id=vocab["<image>"])
+    model.config.pad_token_id = model.config.text_config.pad_token_id = vocab["<pad>"]
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
