@@ -62,7 +62,6 @@ def ideal_llm(model, inputs, drops):
     _, encode = unwrapped(model)
     lm = model.model.language_model
     ids = inputs["input_ids"]
-    image = (ids[0] == IMAGE_TOKEN_ID).nonzero().flatten()
     positions = torch.arange(ids.shape[1])
     # Per drop point: which of the tokens still present after the previous one stay.
     keeps, present = {}, torch.ones(ids.shape[1], dtype=torch.bool)
