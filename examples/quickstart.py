@@ -21,7 +21,9 @@ model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.fl
 processor = AutoProcessor.from_pretrained(checkpoint)
 
 # LLaVA answers sensibly only inside its chat template: "USER: <image>\n... ASSISTANT:".
-conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown in this image?"}]}]
+conversation = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown in this image?"}]}
+]
 prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
 inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
 prompt_length = inputs["input_ids"].shape[1]

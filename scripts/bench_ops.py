@@ -105,8 +105,7 @@ def main() -> None:
     model = tiny_llava(vision_hidden=32, vision_layers=1, **LLAVA_SHAPED_LLM).to(device)
     lm, lm_head = model.model.language_model, model.lm_head
 
-    backends = {"naive": naive_max_min_diversity,
-                "torch": lambda x, k: max_min_diversity(x, k, backend="torch")}
+    backends = {"naive": naive_max_min_diversity, "torch": lambda x, k: max_min_diversity(x, k, backend="torch")}
     if device.type == "cuda":
         backends["triton"] = lambda x, k: max_min_diversity(x, k, backend="triton")
     header = " | ".join(f"{name} ms | {name} peak MiB" for name in backends)
@@ -127,9 +126,11 @@ def main() -> None:
         same = all(torch.equal(p.sort().values, picks["torch"].sort().values) for p in picks.values())
         cells = " | ".join(f"{times[m] * 1e3:.1f} | {mib(peaks[m])}" for m in backends)
         memory_ratio = f"{peaks['naive'] / peaks['torch']:.0f}x" if peaks["torch"] >= RESOLUTION else "-"
-        print(f"| {n} | {k} | {cells} | {times['naive'] / times['torch']:.1f}x | "
-              f"{memory_ratio} | {prefill * 1e3:.0f} | "
-              f"{100 * times['torch'] / prefill:.2f}% |" + ("" if same else "  (selections differ: fp32 near-ties)"))
+        print(
+            f"| {n} | {k} | {cells} | {times['naive'] / times['torch']:.1f}x | "
+            f"{memory_ratio} | {prefill * 1e3:.0f} | "
+            f"{100 * times['torch'] / prefill:.2f}% |" + ("" if same else "  (selections differ: fp32 near-ties)")
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ from vtprune.timing import median_seconds, paired_median_seconds
 
 
 def build_model(args):
-    return tiny_llava(vision_hidden=args.vision_hidden, vision_layers=args.vision_layers, vision_heads=8, **LLAVA_SHAPED_LLM)
+    return tiny_llava(
+        vision_hidden=args.vision_hidden, vision_layers=args.vision_layers, vision_heads=8, **LLAVA_SHAPED_LLM
+    )
 
 
 def unwrapped(model):
@@ -112,13 +114,22 @@ def main() -> None:
         return model(**inputs, logits_to_keep=1)
 
     print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}")
-    print(f"model: tower {args.vision_layers}x{args.vision_hidden}, Llama 8x1024, prompt {length} tokens (576 visual)\n")
+    print(
+        f"model: tower {args.vision_layers}x{args.vision_hidden}, Llama 8x1024, prompt {length} tokens (576 visual)\n"
+    )
     base = timed(prefill)
     print(f"unpruned prefill: {base * 1e3:.0f} ms\n")
     text = length - 576
-    layers, hidden, intermediate = LLAVA_SHAPED_LLM["layers"], LLAVA_SHAPED_LLM["hidden"], LLAVA_SHAPED_LLM["intermediate"]
+    layers, hidden, intermediate = (
+        LLAVA_SHAPED_LLM["layers"],
+        LLAVA_SHAPED_LLM["hidden"],
+        LLAVA_SHAPED_LLM["intermediate"],
+    )
     full_flops = decoder_flops([length] * layers, hidden, intermediate)
-    print("| pruner | keep | visual tokens per layer (mean) | decoder FLOPs | prefill ms | ideal ms | pruned / ideal | speed-up vs unpruned |")
+    print(
+        "| pruner | keep | visual tokens per layer (mean) | decoder FLOPs | prefill ms | ideal ms "
+        "| pruned / ideal | speed-up vs unpruned |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in vtprune.available():
         options = {"layer": args.fastv_layer} if name == "fastv" else {}

@@ -97,8 +97,9 @@ def test_second_apply_is_refused(model):
 def test_unsupported_model_names_supported_classes():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, vocab_size=32))
+    lm = LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    )
     with pytest.raises(TypeError, match="supported model classes: LlavaForConditionalGeneration"):
         vtprune.apply(lm, "divprune", keep=4)
     assert not lm._forward_pre_hooks
@@ -113,11 +114,19 @@ def test_cls_needs_a_cls_token():
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
     config = LlavaConfig(
-        vision_config=SiglipVisionConfig(image_size=28, patch_size=14, hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=2, num_attention_heads=2),
-        text_config=LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, vocab_size=40),
-        image_token_id=39, vision_feature_select_strategy="full",
+        vision_config=SiglipVisionConfig(
+            image_size=28,
+            patch_size=14,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=40
+        ),
+        image_token_id=39,
+        vision_feature_select_strategy="full",
     )
     model = LlavaForConditionalGeneration(config)
     with pytest.raises(ValueError, match="SiglipVisionModel has none"):

@@ -64,7 +64,13 @@ def _first_turn(model, inputs, n=3):
         out = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True)
     more = torch.tensor([[40, 41, 42]]).expand(out.sequences.shape[0], -1)
     ids = torch.cat([out.sequences, more], dim=1)
-    mask = torch.cat([inputs["attention_mask"], torch.ones(ids.shape[0], ids.shape[1] - inputs["attention_mask"].shape[1], dtype=torch.long)], 1)
+    mask = torch.cat(
+        [
+            inputs["attention_mask"],
+            torch.ones(ids.shape[0], ids.shape[1] - inputs["attention_mask"].shape[1], dtype=torch.long),
+        ],
+        1,
+    )
     return out.past_key_values, ids, mask
 
 
@@ -99,8 +105,11 @@ def test_new_image_on_a_non_empty_cache_is_refused(model, inputs):
     with apply(model, "divprune", keep=16):
         cache, ids, mask = _first_turn(model, inputs)
         with pytest.raises(NotImplementedError, match="without pixel_values"):
-            generate(model, {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs["pixel_values"]},
-                     past_key_values=cache)
+            generate(
+                model,
+                {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs["pixel_values"]},
+                past_key_values=cache,
+            )
 
 
 # -- 3. generate() modes whose first forward is not exactly the prompt ------------------------------------
@@ -192,9 +201,14 @@ def test_accelerate_offload_equals_plain_pruned_model(inputs, tmp_path, name, ap
         expected, expected_tokens = logits(reference, inputs), greedy(reference, inputs)
     model = tiny_llava()
     layers = model.config.text_config.num_hidden_layers
-    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "lm_head": "cpu",
-                  "model.language_model.embed_tokens": "cpu", "model.language_model.norm": "cpu",
-                  "model.language_model.rotary_emb": "cpu"}
+    device_map = {
+        "model.vision_tower": "cpu",
+        "model.multi_modal_projector": "cpu",
+        "lm_head": "cpu",
+        "model.language_model.embed_tokens": "cpu",
+        "model.language_model.norm": "cpu",
+        "model.language_model.rotary_emb": "cpu",
+    }
     device_map.update({f"model.language_model.layers.{i}": "disk" if i == layers - 1 else "cpu" for i in range(layers)})
     handle = vtprune.apply(model, name, keep=16) if apply_first else None
     dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path), force_hooks=True)
@@ -299,8 +313,14 @@ def test_fastv_attentions_have_the_prompt_length(eager_model):
 
 def test_fastv_generate_with_hidden_states_and_attentions(eager_model, inputs):
     with apply(eager_model, "fastv", keep=16), torch.no_grad():
-        out = eager_model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                                   output_hidden_states=True, output_attentions=True)
+        out = eager_model.generate(
+            **inputs,
+            max_new_tokens=3,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_hidden_states=True,
+            output_attentions=True,
+        )
     length = inputs["input_ids"].shape[1]
     for step, (hidden, attentions) in enumerate(zip(out.hidden_states, out.attentions)):
         assert len({h.shape for h in hidden}) == 1
@@ -343,7 +363,7 @@ def test_sampling_with_several_return_sequences_equals_the_shortened_prompt(mode
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
     encoded = {"image": BaseModelOutputWithPooling(pooler_output=[features[kept[0]]])}
     manual = _sample(model, {"input_ids": ids[keep][None]}, mm_encoder_outputs=encoded)
-    assert torch.equal(pruned[:, ids.numel():], manual[:, int(keep.sum()):])
+    assert torch.equal(pruned[:, ids.numel() :], manual[:, int(keep.sum()) :])
 
 
 def test_sampling_keep_all_fastv_is_unpruned(model, inputs):

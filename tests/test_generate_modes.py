@@ -31,7 +31,7 @@ def test_beam_search_on_shortened_prompt(model, inputs):
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
     encoded = {"image": BaseModelOutputWithPooling(pooler_output=[features[kept]])}
     manual = beams(model, {"input_ids": ids[keep][None]}, mm_encoder_outputs=encoded)
-    assert torch.equal(pruned[:, ids.numel():], manual[:, keep.sum():])
+    assert torch.equal(pruned[:, ids.numel() :], manual[:, keep.sum() :])
 
 
 def test_model_loaded_from_local_directory(model, inputs, tmp_path):

@@ -31,7 +31,9 @@ def _inputs(model, text_after=(8, 9, 10, 11, 12)):
 
 
 # -- schedules and budgets ----------------------------------------------------------------------------
-@pytest.mark.parametrize("layers, n, average", [(32, 576, 64), (32, 576, 192), (30, 256, 16), (8, 576, 100), (30, 256, 64)])
+@pytest.mark.parametrize(
+    "layers, n, average", [(32, 576, 64), (32, 576, 192), (30, 256, 16), (8, 576, 100), (30, 256, 64)]
+)
 def test_fit_average_meets_the_mean_within_rounding(layers, n, average):
     for depths, ratios in [((0.25, 0.5, 0.75), (0.5, 0.25, 0.125)), ((7 / 32, 9 / 32, 12 / 32), (0.875, 0.625, 0.125))]:
         points = fit_average(list(depths), list(ratios), layers, n, average)
@@ -158,7 +160,11 @@ def test_scores_inside_the_llm_match_eager_attention_and_hooks(deep_model, deep_
         first = seen[0]
         assert torch.equal(first.positions, torch.arange(576)) and first.grid == (24, 24)
         reference = _eager_signals(deep_eager_model, inputs, first_drop)
-        for signal, field in [("last", "attention"), ("instruction", "instruction_attention"), ("transition", "transition")]:
+        for signal, field in [
+            ("last", "attention"),
+            ("instruction", "instruction_attention"),
+            ("transition", "transition"),
+        ]:
             value = getattr(first, field)
             if signal in pruner.signals:
                 torch.testing.assert_close(value, reference[signal], atol=2e-6, rtol=1e-4, msg=f"{name} {signal}")
@@ -180,7 +186,11 @@ def _eager_signals(eager_model, inputs, layer):
         pairs.append((x, output[0] if isinstance(output, tuple) else output))
 
     window = range(max(0, layer - 1), layer)  # TransPrune: from the layer before the first drop
-    hooks = [m.register_forward_hook(record, with_kwargs=True) for i in window for m in (lm.layers[i].self_attn, lm.layers[i].mlp)]
+    hooks = [
+        m.register_forward_hook(record, with_kwargs=True)
+        for i in window
+        for m in (lm.layers[i].self_attn, lm.layers[i].mlp)
+    ]
     try:
         with torch.no_grad():
             attentions = eager_model(**inputs, output_attentions=True).attentions
@@ -214,7 +224,10 @@ def test_adaptive_keeps_different_counts_per_sample():
         for tokens, kept in zip(seen[:2], first):
             assert kept.numel() == pruner.count(tokens.instruction_attention, tokens.keep)
         for i, p in enumerate(prompts):
-            single = {"input_ids": batched["input_ids"][i : i + 1, -len(p):], "pixel_values": batched["pixel_values"][i : i + 1]}
+            single = {
+                "input_ids": batched["input_ids"][i : i + 1, -len(p) :],
+                "pixel_values": batched["pixel_values"][i : i + 1],
+            }
             alone = greedy(deep_model, single, n=5)
             assert torch.equal(together[i, -5:], alone[0, -5:])
             assert handle.last.kept_counts == [counts[i]]
@@ -230,7 +243,9 @@ def test_adaptive_spatial_term_spreads_over_the_grid():
     assert kept.numel() == 6
     assert bool(torch.isin(torch.tensor([0, 1, 2]), kept).all())  # the three best by attention
     assert int((kept // 6).max()) == 5  # and the spread picks reach the far side of the grid
-    assert torch.equal(farthest_points(torch.tensor([[0.0], [1.0], [9.0]]), torch.tensor([True, False, False]), 1), torch.tensor([2]))
+    assert torch.equal(
+        farthest_points(torch.tensor([[0.0], [1.0], [9.0]]), torch.tensor([True, False, False]), 1), torch.tensor([2])
+    )
 
 
 # -- composition -----------------------------------------------------------------------------------------
@@ -268,9 +283,13 @@ def test_decoding_after_a_crop_below_the_pruned_length(model, inputs):
         out = model(input_ids=torch.cat([ids, candidates], 1), pixel_values=inputs["pixel_values"], use_cache=True)
         cache = out.past_key_values
         cache.crop(-5)
-        cropped = model(input_ids=step, past_key_values=cache, attention_mask=torch.ones(1, n + 1, dtype=torch.long)).logits
+        cropped = model(
+            input_ids=step, past_key_values=cache, attention_mask=torch.ones(1, n + 1, dtype=torch.long)
+        ).logits
         plain_cache = model(**inputs, use_cache=True).past_key_values
-        plain = model(input_ids=step, past_key_values=plain_cache, attention_mask=torch.ones(1, n + 1, dtype=torch.long)).logits
+        plain = model(
+            input_ids=step, past_key_values=plain_cache, attention_mask=torch.ones(1, n + 1, dtype=torch.long)
+        ).logits
     torch.testing.assert_close(cropped, plain, atol=1e-5, rtol=0)
 
 
@@ -364,3 +383,62 @@ def test_transprune_without_iga_ranks_by_transition_alone(deep_model):
         deep_model(**inputs)
     assert vtprune.TransPrune(use_iga=False).signals == ("transition",)
     assert handle.last.kept_counts[0] < 576 and image_features(deep_model, inputs).shape[0] == 576
+
+
+def _manual_signals_at_drops(model, inputs, drops):
+    """Run the decoder by hand with the recorded drops applied and compute, at the input of each drop
+    layer (before it drops), the last prompt token's and the instruction tokens' head-mean attention
+    to the image tokens still present, with the layer's own projections and rotary embedding."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    lm = model.model.language_model
+    ids = inputs["input_ids"][0]
+    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+    instruction = torch.arange(int(image[-1]) + 1, ids.numel())
+    drops = dict(drops)
+    out = {}
+    with torch.no_grad():
+        h = model.get_input_embeddings()(ids[None]).clone()
+        h[0, image] = image_features(model, inputs)
+        positions = torch.arange(ids.numel())
+        cos, sin = lm.rotary_emb(h, positions[None])
+        present = torch.arange(image.numel())
+        for i, layer in enumerate(lm.layers):
+            if i in drops:
+                attn = layer.self_attn
+                x = layer.input_layernorm(h)
+                q = attn.q_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+                k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+                k = repeat_kv(k, attn.num_key_value_groups)
+                causal = positions[None, :] <= positions[:, None]
+                a = (q @ k.transpose(-1, -2) * attn.scaling).masked_fill(~causal, -float("inf")).softmax(-1).mean(1)[0]
+                columns = torch.isin(positions, image[present]).nonzero().flatten()
+                rows = torch.isin(positions, instruction).nonzero().flatten()
+                out[i] = {"last": a[-1, columns], "instruction": a[rows][:, columns].mean(0)}
+                keep = torch.isin(positions, image[drops[i][0]]) | ~torch.isin(positions, image)
+                h, cos, sin, positions = h[:, keep], cos[:, keep], sin[:, keep], positions[keep]
+                present = drops[i][0]
+            allowed = positions[None, :] <= positions[:, None]
+            mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+            h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions[None])
+    return out
+
+
+@pytest.mark.parametrize("name, field", [("pdrop", "attention"), ("adaptive", "instruction_attention")])
+def test_scores_at_every_drop_match_a_manual_decoder(deep_model, deep_eager_model, name, field):
+    inputs = _inputs(deep_model, text_after=(8, 9, 10, 11, 12, 13))
+    pruner = vtprune.registry.pruner_class(name)(schedule=[(2, 200), (4, 60), (6, 20)])
+    seen = []
+    original_select = type(pruner).select
+    object.__setattr__(pruner, "select", lambda tokens: seen.append(tokens) or original_select(pruner, tokens))
+    for m in (deep_model, deep_eager_model):
+        seen.clear()
+        with vtprune.apply(m, pruner) as handle, torch.no_grad():
+            m(**inputs)
+        drops = handle.last.drops
+        reference = _manual_signals_at_drops(deep_eager_model, inputs, drops)
+        assert [layer for layer, _ in drops] == [2, 4, 6] and len(seen) == 3
+        for tokens, (layer, _) in zip(seen, drops):
+            signal = "last" if field == "attention" else "instruction"
+            torch.testing.assert_close(getattr(tokens, field), reference[layer][signal], atol=2e-6, rtol=1e-4)

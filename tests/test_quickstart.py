@@ -29,8 +29,12 @@ def test_quickstart_runs_on_a_local_llava_hf_checkpoint(tmp_path):
     Image.new("RGB", (500, 375), "blue").save(image)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out = subprocess.run(
-        [sys.executable, str(EXAMPLE), str(checkpoint), str(image)], capture_output=True, text=True, env=env,
-        timeout=600, check=False,
+        [sys.executable, str(EXAMPLE), str(checkpoint), str(image)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     lines = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)

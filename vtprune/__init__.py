@@ -1,9 +1,9 @@
 """vtprune: training-free visual-token pruning for LLaVA models in Hugging Face transformers.
 
-    import vtprune
-    handle = vtprune.apply(model, "divprune", keep=64)
-    model.generate(**inputs)
-    handle.remove()
+import vtprune
+handle = vtprune.apply(model, "divprune", keep=64)
+model.generate(**inputs)
+handle.remove()
 """
 
 from vtprune.api import apply, handle_of

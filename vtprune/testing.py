@@ -145,13 +145,23 @@ def save_tiny_llava_hf(directory, *, attn: str = "sdpa"):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        additional_special_tokens=["<image>"], padding_side="left",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+        padding_side="left",
     )
     images = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     processor = LlavaProcessor(
-        image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-        chat_template=_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1,
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=_CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
     )
     model = tiny_llava(attn=attn, vocab=len(vocab), image_token_id=vocab["<image>"])
     model.config.pad_token_id = model.config.text_config.pad_token_id = vocab["<pad>"]

@@ -103,8 +103,11 @@ class LLMStage:
             # Prepended so that output-capturing hooks (transformers installs them on the first forward,
             # possibly before vtprune) see the restored full-length tensors.
             handles.append(layer.register_forward_hook(functools.partial(self._after, i), prepend=True))
-            handles.append(attention.register_forward_hook(
-                functools.partial(self._after_attention, i), with_kwargs=True, prepend=True))
+            handles.append(
+                attention.register_forward_hook(
+                    functools.partial(self._after_attention, i), with_kwargs=True, prepend=True
+                )
+            )
             handles.append(mlp.register_forward_hook(functools.partial(self._after_mlp, i)))
         return handles
 
@@ -123,8 +126,13 @@ class LLMStage:
         (or None) of each image in layout order. ``reuse`` repeats an earlier call's ``choices``
         instead of scoring again (the full forwards of ``generate(use_cache=False)``)."""
         has_images = layout is not None and layout.has_images
-        state = _Call(layout=layout if has_images else None, key_mask=key_mask, score_row=score_row,
-                      reuse=reuse, restore_outputs=restore_outputs)
+        state = _Call(
+            layout=layout if has_images else None,
+            key_mask=key_mask,
+            score_row=score_row,
+            reuse=reuse,
+            restore_outputs=restore_outputs,
+        )
         if has_images:
             self._plan(state, grids)
         with self._calls.set(state) as call:
@@ -143,7 +151,8 @@ class LLMStage:
                 check_llm_order(self.pruners, self.info, span.numel())
                 points = {
                     point.layer: (point, pruner)
-                    for pruner in self.pruners for point in pruner.drop_points(self.info, span.numel())
+                    for pruner in self.pruners
+                    for point in pruner.drop_points(self.info, span.numel())
                 }
                 present = torch.arange(span.numel(), device=span.device)
                 call.images.append(_Image(sample=b, span=span, points=points, grid=grid, present=present))
@@ -206,10 +215,21 @@ class LLMStage:
         kv_len = mask.shape[-1] if mask is not None else kwargs["past_key_values"].get_seq_length(0)
         kv_index, kv_valid = comp.key_columns(kv_len)
         call.decode_columns[i] = (kv_index, kv_valid, kv_len)
-        kwargs["attention_mask"] = self._convert(call, mask, comp, lambda m: compact_mask(
-            m, q_index=None, q_valid=None, kv_index=kv_index, kv_valid=kv_valid,
-            q_len=q_len, kv_len=kv_len, flash=self.flash,
-        ))
+        kwargs["attention_mask"] = self._convert(
+            call,
+            mask,
+            comp,
+            lambda m: compact_mask(
+                m,
+                q_index=None,
+                q_valid=None,
+                kv_index=kv_index,
+                kv_valid=kv_valid,
+                q_len=q_len,
+                kv_len=kv_len,
+                flash=self.flash,
+            ),
+        )
         return args, kwargs
 
     def _after(self, i: int, layer, args, output):
@@ -247,7 +267,9 @@ class LLMStage:
         comp = call.compaction
         if comp is None:
             return call.key_mask
-        mask = call.key_mask if call.key_mask is not None else torch.ones_like(comp.valid[:, :1]).expand(-1, comp.length)
+        mask = (
+            call.key_mask if call.key_mask is not None else torch.ones_like(comp.valid[:, :1]).expand(-1, comp.length)
+        )
         return comp.gather(mask, fill=False) & comp.valid
 
     def _to_original(self, call: _Call, scores: torch.Tensor) -> torch.Tensor:
@@ -297,8 +319,11 @@ class LLMStage:
         signals = call.signals.pop(i, {})
         if any("transition" in image.points[i][1].signals for image in call.images if i in image.points):
             length = call.layout.length
-            signals["transition"] = call.transition if call.transition is not None else hidden.new_zeros(
-                len(call.layout.spans), length, dtype=torch.float32)
+            signals["transition"] = (
+                call.transition
+                if call.transition is not None
+                else hidden.new_zeros(len(call.layout.spans), length, dtype=torch.float32)
+            )
         chosen = []
         for n, image in enumerate(call.images):
             if i not in image.points:
@@ -312,7 +337,9 @@ class LLMStage:
             image.counts.append((i, int(image.present.numel())))
             chosen.append(image.present)
         call.choices[i] = chosen
-        per_sample = [[image.present for image in call.images if image.sample == b] for b in range(len(call.layout.spans))]
+        per_sample = [
+            [image.present for image in call.images if image.sample == b] for b in range(len(call.layout.spans))
+        ]
         new = Compaction.from_keep(call.layout.keep_mask(per_sample, hidden.device))
         if new.is_identity:
             return hidden
@@ -345,7 +372,11 @@ class LLMStage:
         if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"the {pruner.name!r} pruner's select() must return a 1-D integer tensor, got {idx!r}")
         idx = idx.to(image.present.device, torch.long)
-        if idx.numel() > point.keep or (idx.numel() and (idx.min() < 0 or idx.max() >= n)) or bool((idx[1:] <= idx[:-1]).any()):
+        if (
+            idx.numel() > point.keep
+            or (idx.numel() and (idx.min() < 0 or idx.max() >= n))
+            or bool((idx[1:] <= idx[:-1]).any())
+        ):
             raise ValueError(
                 f"the {pruner.name!r} pruner's select() must return at most {point.keep} ascending, distinct "
                 f"indices in [0, {n}), got {idx.tolist()}"
@@ -354,14 +385,28 @@ class LLMStage:
 
     def _inputs(self, call: _Call, comp: Compaction, original: dict) -> dict:
         """The layer kwargs for the tokens ``comp`` keeps, converted once per call and compaction."""
-        out = {"position_embeddings": self._convert(
-            call, original["position_embeddings"], comp, lambda pe: tuple(comp.gather(t) for t in pe))}
+        out = {
+            "position_embeddings": self._convert(
+                call, original["position_embeddings"], comp, lambda pe: tuple(comp.gather(t) for t in pe)
+            )
+        }
         if original.get("position_ids") is not None:
             out["position_ids"] = self._convert(call, original["position_ids"], comp, comp.gather)
-        out["attention_mask"] = self._convert(call, original.get("attention_mask"), comp, lambda m: compact_mask(
-            m, q_index=comp.index, q_valid=comp.valid, kv_index=comp.index, kv_valid=comp.valid,
-            q_len=comp.length, kv_len=comp.length, flash=self.flash,
-        ))
+        out["attention_mask"] = self._convert(
+            call,
+            original.get("attention_mask"),
+            comp,
+            lambda m: compact_mask(
+                m,
+                q_index=comp.index,
+                q_valid=comp.valid,
+                kv_index=comp.index,
+                kv_valid=comp.valid,
+                q_len=comp.length,
+                kv_len=comp.length,
+                flash=self.flash,
+            ),
+        )
         return out
 
     def _convert(self, call: _Call, value, comp: Compaction, fn):
@@ -374,7 +419,9 @@ class LLMStage:
     def _stats(self, call: _Call) -> PruneStats:
         n_layers = len(self.layers)
         spans = call.layout.spans
-        kept = call.layout.sample_kept([[im.present for im in call.images if im.sample == b] for b in range(len(spans))])
+        kept = call.layout.sample_kept(
+            [[im.present for im in call.images if im.sample == b] for b in range(len(spans))]
+        )
         layer_tokens = []
         for b in range(len(spans)):
             totals = [0] * n_layers
@@ -385,8 +432,12 @@ class LLMStage:
                     totals[layer] += count
             layer_tokens.append(totals)
         drops = [
-            (layer, call.layout.sample_kept(
-                [[p for p, im in zip(presents, call.images) if im.sample == b] for b in range(len(spans))]))
+            (
+                layer,
+                call.layout.sample_kept(
+                    [[p for p, im in zip(presents, call.images) if im.sample == b] for b in range(len(spans))]
+                ),
+            )
             for layer, presents in sorted(call.choices.items())
         ]
         return PruneStats(kept=kept, layer_tokens=layer_tokens, drops=drops)

@@ -32,7 +32,9 @@ class MethodPatch:
         self.original = getattr(obj, name)
         self.replacement = replacement
         # Name, docs and __wrapped__ (which inspect.signature follows); not annotations, which may not pickle.
-        functools.update_wrapper(self, self.original, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
+        functools.update_wrapper(
+            self, self.original, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=()
+        )
         obj.__dict__[name] = self
 
     def __call__(self, *args, **kwargs):

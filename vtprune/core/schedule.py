@@ -131,6 +131,7 @@ def explicit(schedule: list[tuple[int, int | float]], n_tokens: int) -> list[Dro
 def check_explicit(schedule, num_layers: int) -> None:
     """Raise ValueError unless ``schedule`` is ``[(layer, keep), ...]`` with increasing layers in
     ``[1, num_layers - 1]`` and non-increasing keeps of one kind."""
+
     def bad(why: str):
         return ValueError(f"schedule must be [(layer, keep), ...] with {why}; got {schedule!r}")
 
@@ -145,7 +146,12 @@ def check_explicit(schedule, num_layers: int) -> None:
             raise bad(f"layers in [1, {num_layers - 1}] for this {num_layers}-layer decoder")
         if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
             raise bad("int keeps (tokens per image) or float keeps in (0, 1]")
-        if isinstance(keep, numbers.Integral) and keep < 1 or not isinstance(keep, numbers.Integral) and not 0 < keep <= 1:
+        if (
+            isinstance(keep, numbers.Integral)
+            and keep < 1
+            or not isinstance(keep, numbers.Integral)
+            and not 0 < keep <= 1
+        ):
             raise bad("int keeps >= 1 or float keeps in (0, 1]")
         layers.append(layer)
         keeps.append(keep)

@@ -63,7 +63,9 @@ class DecodeTranslation:
                 f"vtprune maps 2-D attention masks onto a cache its pruning shortened; got a {mask.dim()}-D mask"
             )
         if mask is not None:
-            head = self.short_mask if self.short_mask is not None else torch.ones_like(self.comp.valid, dtype=mask.dtype)
+            head = (
+                self.short_mask if self.short_mask is not None else torch.ones_like(self.comp.valid, dtype=mask.dtype)
+            )
             return torch.cat([head.to(mask.dtype), mask[:, self.comp.length :]], dim=1)
         if self.short_mask is None:
             return None

@@ -40,7 +40,8 @@ def attention_rows(
     """
     if q.dim() != 4 or k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
         raise ValueError(
-            f"q must be (B, Hq, R, D) and k (B, Hkv, L, D) with Hq % Hkv == 0; got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            f"q must be (B, Hq, R, D) and k (B, Hkv, L, D) with Hq % Hkv == 0; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
     b, hq, r, d = q.shape
     length = k.shape[2]

@@ -80,9 +80,7 @@ def greedy_farthest(x: torch.Tensor, inv: torch.Tensor, first: torch.Tensor, k: 
     return picks
 
 
-def max_min_diversity(
-    x: torch.Tensor, k: int, *, block: int | None = None, backend: str = "auto"
-) -> torch.Tensor:
+def max_min_diversity(x: torch.Tensor, k: int, *, block: int | None = None, backend: str = "auto") -> torch.Tensor:
     """Greedy Max-Min Diversity subset of the rows of ``x`` under cosine distance (DivPrune's rule).
 
     The first pick is the row whose nearest other row is farthest away; every next pick is the row

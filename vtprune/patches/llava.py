@@ -105,10 +105,15 @@ class LlavaAdapter:
         impl = self.attn_implementation
         for pruner in pipeline.llm:
             if "flex" in impl:
-                raise ValueError(f"the {pruner.name!r} pruner does not support attn_implementation={impl!r}; use sdpa, eager or flash")
+                raise ValueError(
+                    f"the {pruner.name!r} pruner does not support attn_implementation={impl!r}; "
+                    "use sdpa, eager or flash"
+                )
         vision = pipeline.vision
         if vision is not None and vision.tower_attention_layers(self.info) and towers.tower_spec(self.tower) is None:
-            raise ValueError(f"the {vision.name!r} pruner cannot read attention from vision tower {self.info.tower_name}")
+            raise ValueError(
+                f"the {vision.name!r} pruner cannot read attention from vision tower {self.info.tower_name}"
+            )
 
     # -- installation ------------------------------------------------------------------------------
     def install(self, config) -> list:
@@ -119,7 +124,9 @@ class LlavaAdapter:
             undo.append(MethodPatch(self.model.model, "get_image_features", self._image_features).undo)
             if pipeline.llm:
                 flash = "flash" in self.attn_implementation
-                self._llm = LLMStage(pipeline.llm, self.decoder_layers, self.info, llama.query_key, llama.sublayers, flash)
+                self._llm = LLMStage(
+                    pipeline.llm, self.decoder_layers, self.info, llama.query_key, llama.sublayers, flash
+                )
                 undo += [h.remove for h in self._llm.install()]
             undo.append(MethodPatch(self.model, "forward", self._patched_forward).undo)
             undo.append(MethodPatch(self.model, "generate", self._generate).undo)
@@ -202,7 +209,9 @@ class LlavaAdapter:
             return self._forward_without_images(original, a)
         input_ids = a.get("input_ids")
         if input_ids is None:
-            raise ValueError("vtprune locates image tokens by input_ids; pass input_ids instead of inputs_embeds with images")
+            raise ValueError(
+                "vtprune locates image tokens by input_ids; pass input_ids instead of inputs_embeds with images"
+            )
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError(
                 "vtprune cannot prune images in a prompt that continues a non-empty KV cache (a new image in a "
@@ -251,7 +260,9 @@ class LlavaAdapter:
         reuse = generating.kept if generating is not None else None
         restore = _requested(a, self.config, "output_hidden_states") or _requested(a, self.config, "output_attentions")
         key_mask = None if mask is None or mask.dim() != 2 else mask.bool()
-        with self._llm.call(layout, key_mask, grids=grids, score_row=score_row, reuse=reuse, restore_outputs=restore) as call:
+        with self._llm.call(
+            layout, key_mask, grids=grids, score_row=score_row, reuse=reuse, restore_outputs=restore
+        ) as call:
             out = original(**a)
         if generating is not None:
             generating.kept = call.choices

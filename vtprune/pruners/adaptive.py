@@ -45,11 +45,15 @@ class AdaptivePrune(ScheduledPruner):
         if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, numbers.Integral) or self.min_keep < 1:
             raise ValueError(f"min_keep must be an int >= 1, got {self.min_keep!r}")
         if self.max_keep is not None and (
-            isinstance(self.max_keep, bool) or not isinstance(self.max_keep, numbers.Integral) or self.max_keep < self.min_keep
+            isinstance(self.max_keep, bool)
+            or not isinstance(self.max_keep, numbers.Integral)
+            or self.max_keep < self.min_keep
         ):
             raise ValueError(f"max_keep must be None or an int >= min_keep ({self.min_keep}), got {self.max_keep!r}")
         if isinstance(self.spatial, bool) or not isinstance(self.spatial, numbers.Real) or not 0 <= self.spatial < 1:
-            raise ValueError(f"spatial must be in [0, 1) (the share of tokens spread over the grid), got {self.spatial!r}")
+            raise ValueError(
+                f"spatial must be in [0, 1) (the share of tokens spread over the grid), got {self.spatial!r}"
+            )
 
     def count(self, attention: torch.Tensor, cap: int) -> int:
         """The fewest tokens whose attention share reaches ``mass``, within [min_keep, cap]."""

@@ -162,7 +162,9 @@ class ScheduledPruner(LLMPruner):
 
     def check(self, info: ModelInfo) -> None:
         if info.num_decoder_layers < 2:
-            raise ValueError(f"the {self.name!r} pruner drops tokens between decoder layers; this decoder has one layer")
+            raise ValueError(
+                f"the {self.name!r} pruner drops tokens between decoder layers; this decoder has one layer"
+            )
         if self.schedule is not None:
             check_explicit(self.schedule, info.num_decoder_layers)
             self.schedule = [tuple(point) for point in self.schedule]

@@ -32,7 +32,9 @@ class PyramidDrop(ScheduledPruner):
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
-            raise ValueError(f"ratio must be a float in (0, 1) (tokens kept from one stage to the next), got {self.ratio!r}")
+            raise ValueError(
+                f"ratio must be a float in (0, 1) (tokens kept from one stage to the next), got {self.ratio!r}"
+            )
 
     @property
     def ratios(self) -> tuple[float, ...]:

@@ -15,10 +15,28 @@ from vtprune.ops.triton._util import pow2
 
 @triton.jit
 def _attention_rows_kernel(
-    q_ptr, k_ptr, rows_ptr, mask_ptr, out_ptr, scale, hq, group, num_rows, length, d,
-    sq_b, sq_h, sq_r, sk_b, sk_h, sk_l,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, PER_HEAD: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    rows_ptr,
+    mask_ptr,
+    out_ptr,
+    scale,
+    hq,
+    group,
+    num_rows,
+    length,
+    d,
+    sq_b,
+    sq_h,
+    sq_r,
+    sk_b,
+    sk_h,
+    sk_l,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    PER_HEAD: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     r = tl.program_id(0)
     b = tl.program_id(1)
@@ -38,8 +56,9 @@ def _attention_rows_kernel(
             visible = (keys < length) & (keys <= last)
             if MASKED:
                 visible = visible & (tl.load(mask_ptr + b * length + keys, mask=keys < length, other=0) != 0)
-            kt = tl.load(k_bh + keys[:, None] * sk_l + dims[None, :], mask=visible[:, None] & dim_ok[None, :],
-                         other=0.0).to(tl.float32)
+            kt = tl.load(
+                k_bh + keys[:, None] * sk_l + dims[None, :], mask=visible[:, None] & dim_ok[None, :], other=0.0
+            ).to(tl.float32)
             logits = tl.where(visible, tl.sum(kt * q[None, :], axis=1) * scale, float("-inf"))
             new_top = tl.maximum(top, tl.max(logits, axis=0))
             # While every key so far is masked the maximum is -inf; shift by 0 then to avoid inf - inf.
@@ -54,8 +73,9 @@ def _attention_rows_kernel(
             visible = in_range & (keys <= last)
             if MASKED:
                 visible = visible & (tl.load(mask_ptr + b * length + keys, mask=in_range, other=0) != 0)
-            kt = tl.load(k_bh + keys[:, None] * sk_l + dims[None, :], mask=visible[:, None] & dim_ok[None, :],
-                         other=0.0).to(tl.float32)
+            kt = tl.load(
+                k_bh + keys[:, None] * sk_l + dims[None, :], mask=visible[:, None] & dim_ok[None, :], other=0.0
+            ).to(tl.float32)
             logits = tl.sum(kt * q[None, :], axis=1) * scale
             probs = tl.where(visible, tl.exp(logits - shift) / norm, 0.0)
             if PER_HEAD:
@@ -86,9 +106,27 @@ def attention_rows(
     rows_t = rows.contiguous() if rows is not None else out.new_empty(1, dtype=torch.long)
     mask_t = key_mask.to(torch.int8).contiguous() if key_mask is not None else out.new_empty(1, dtype=torch.int8)
     _attention_rows_kernel[(r, b)](
-        q, k, rows_t, mask_t, out, scale, hq, hq // k.shape[1], r, length, d,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        CAUSAL=rows is not None, MASKED=key_mask is not None, PER_HEAD=per_head,
-        BLOCK_L=pow2(length, hi=128), BLOCK_D=pow2(d, hi=None),
+        q,
+        k,
+        rows_t,
+        mask_t,
+        out,
+        scale,
+        hq,
+        hq // k.shape[1],
+        r,
+        length,
+        d,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        CAUSAL=rows is not None,
+        MASKED=key_mask is not None,
+        PER_HEAD=per_head,
+        BLOCK_L=pow2(length, hi=128),
+        BLOCK_D=pow2(d, hi=None),
     )
     return out if per_head else out.div_(hq)

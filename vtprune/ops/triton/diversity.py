@@ -17,8 +17,16 @@ from vtprune.ops.triton._util import pow2
 
 @triton.jit
 def _nearest_similarity_kernel(
-    x_ptr, inv_ptr, out_ptr, n, d, stride_xb, stride_xn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    inv_ptr,
+    out_ptr,
+    n,
+    d,
+    stride_xb,
+    stride_xn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """out[b, i] = max over j != i of cos(x[b, i], x[b, j]); a tiled Gram matrix that is never stored."""
     pid = tl.program_id(0)
@@ -35,10 +43,12 @@ def _nearest_similarity_kernel(
         for d0 in range(0, d, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             dim_ok = dims < d
-            a = tl.load(x_b + rows[:, None] * stride_xn + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                        other=0.0).to(tl.float32)
-            c = tl.load(x_b + cols[:, None] * stride_xn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
-                        other=0.0).to(tl.float32)
+            a = tl.load(
+                x_b + rows[:, None] * stride_xn + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0
+            ).to(tl.float32)
+            c = tl.load(
+                x_b + cols[:, None] * stride_xn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
+            ).to(tl.float32)
             # ieee: TF32 would change which token wins a near tie.
             acc = tl.dot(a, tl.trans(c), acc, input_precision="ieee")
         inv_cols = tl.load(inv_ptr + b * n + cols, mask=col_ok, other=0.0)
@@ -50,9 +60,23 @@ def _nearest_similarity_kernel(
 
 @triton.jit(do_not_specialize=["step"])
 def _greedy_step_kernel(
-    x_ptr, inv_ptr, closest_ptr, cand_val_ptr, cand_idx_ptr, picks_ptr,
-    step, n, d, num_blocks, stride_xb, stride_xn, batch, k,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CANDIDATES: tl.constexpr,
+    x_ptr,
+    inv_ptr,
+    closest_ptr,
+    cand_val_ptr,
+    cand_idx_ptr,
+    picks_ptr,
+    step,
+    n,
+    d,
+    num_blocks,
+    stride_xb,
+    stride_xn,
+    batch,
+    k,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CANDIDATES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -73,8 +97,9 @@ def _greedy_step_kernel(
     for d0 in range(0, d, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         dim_ok = dims < d
-        xr = tl.load(x_b + rows[:, None] * stride_xn + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                     other=0.0).to(tl.float32)
+        xr = tl.load(
+            x_b + rows[:, None] * stride_xn + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0
+        ).to(tl.float32)
         xp = tl.load(x_b + pick * stride_xn + dims, mask=dim_ok, other=0.0).to(tl.float32)
         dot += tl.sum(xr * xp[None, :], axis=1)
     inv_rows = tl.load(inv_ptr + b * n + rows, mask=row_ok, other=0.0)
@@ -110,8 +135,23 @@ def greedy_farthest(x: torch.Tensor, inv: torch.Tensor, first: torch.Tensor, k: 
     inv = inv.float().contiguous()
     for step in range(1, k):
         _greedy_step_kernel[(num_blocks, b)](
-            x, inv, closest, cand_val, cand_idx, picks, step, n, d, num_blocks, x.stride(0), x.stride(1), b, k,
-            BLOCK_N=block_n, BLOCK_D=block_d, CANDIDATES=candidates,
+            x,
+            inv,
+            closest,
+            cand_val,
+            cand_idx,
+            picks,
+            step,
+            n,
+            d,
+            num_blocks,
+            x.stride(0),
+            x.stride(1),
+            b,
+            k,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            CANDIDATES=candidates,
         )
     last = (k - 1) % 2
     winner = cand_val[last].argmin(dim=-1, keepdim=True)
@@ -126,8 +166,16 @@ def nearest_similarity(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     out = torch.empty((b, n), dtype=torch.float32, device=x.device)
     block = 64
     _nearest_similarity_kernel[(triton.cdiv(n, block), b)](
-        x, inv.float().contiguous(), out, n, d, x.stride(0), x.stride(1),
-        BLOCK_M=block, BLOCK_N=block, BLOCK_D=pow2(d, hi=32),
+        x,
+        inv.float().contiguous(),
+        out,
+        n,
+        d,
+        x.stride(0),
+        x.stride(1),
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_D=pow2(d, hi=32),
     )
     return out
 

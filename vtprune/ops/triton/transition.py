@@ -12,8 +12,19 @@ from vtprune.ops.triton._util import pow2
 
 @triton.jit
 def _magnitude_direction_kernel(
-    a_ptr, b_ptr, mag_ptr, dir_ptr, length, d, sa_b, sa_l, sb_b, sb_l,
-    EPS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    mag_ptr,
+    dir_ptr,
+    length,
+    d,
+    sa_b,
+    sa_l,
+    sb_b,
+    sb_l,
+    EPS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     s = tl.program_id(1)
@@ -44,7 +55,18 @@ def magnitude_and_direction(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[to
     direction = torch.empty_like(magnitude)
     block_l = pow2(length, hi=64)
     _magnitude_direction_kernel[(triton.cdiv(length, block_l), b)](
-        h_in, h_out, magnitude, direction, length, d, h_in.stride(0), h_in.stride(1), h_out.stride(0),
-        h_out.stride(1), EPS=EPS, BLOCK_L=block_l, BLOCK_D=pow2(d, hi=128),
+        h_in,
+        h_out,
+        magnitude,
+        direction,
+        length,
+        d,
+        h_in.stride(0),
+        h_in.stride(1),
+        h_out.stride(0),
+        h_out.stride(1),
+        EPS=EPS,
+        BLOCK_L=block_l,
+        BLOCK_D=pow2(d, hi=128),
     )
     return magnitude, direction
