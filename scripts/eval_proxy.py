@@ -127,23 +127,37 @@ def pooled_table(results: dict, pruners, keeps, kinds, title: str) -> str:
 
 
 def plot(results: dict, pruners, keeps, path: Path) -> None:
+    """Accuracy on the questions that need the image (shape + colour) vs. kept tokens, when the runs
+    have it by kind; otherwise accuracy on all questions."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["runs"]
+    from vtprune.proxy.evaluate import IMAGE_READING, pooled
+
+    runs, counts = results["runs"], results.get("kind_counts")
+    by_kind = bool(counts) and "by_kind" in runs.get(UNPRUNED, {})
+
+    def value(run):
+        if by_kind:
+            return None if "by_kind" not in run else pooled(run["by_kind"], counts, IMAGE_READING)
+        return run["accuracy"]
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name in pruners:
-        points = [(k, runs[key(name, k)]["accuracy"]) for k in keeps if key(name, k) in runs]
+        points = [(k, value(runs[key(name, k)])) for k in keeps if key(name, k) in runs]
+        points = [(k, v) for k, v in points if v is not None]
         if points:
-            ax.plot([k for k, _ in points], [100 * a for _, a in points], marker="o", label=name)
+            ax.plot([k for k, _ in points], [100 * v for _, v in points], marker="o", label=name)
     if UNPRUNED in runs:
-        ax.axhline(100 * runs[UNPRUNED]["accuracy"], color="black", linestyle="--", label="unpruned (256)")
+        ax.axhline(100 * value(runs[UNPRUNED]), color="black", linestyle="--", label="unpruned (256)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(keeps, [str(k) for k in keeps])
-    ax.set_xlabel("visual tokens kept (of 256)")
-    ax.set_ylabel(f"accuracy, % ({results['setup']['n']} easy-vqa test questions)")
+    ax.set_xlabel("keep: visual tokens of 256 (multi-drop pruners: mean per decoder layer)")
+    n = sum(counts[k] for k in IMAGE_READING) if by_kind else results["setup"]["n"]
+    what = "shape + colour questions" if by_kind else "easy-vqa test questions"
+    ax.set_ylabel(f"accuracy, % ({n} {what})")
     ax.set_title("Proxy LLaVA (DINOv2-S/14 + SmolLM2-135M)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
