@@ -8,9 +8,9 @@ panel per pruner: the image as the tower sees it (224 px), dropped patches greye
 ``--stats N`` measures on the first N easy-vqa test images, per pruner, where the kept tokens lie:
 the share on the shape (foreground: a patch with at least a quarter of its pixels not near-white)
 against the shape's share of all patches, and the mean norm of the kept tokens' tower features (the
-projector's input) relative to the image's mean. It tests the finding in ``shared/notes/proxy.md``:
-DINOv2 without registers puts high-norm artifact tokens on empty background and its CLS token attends
-to them (Darcet et al., 2023), so CLS-attention pruning would keep background.
+projector's input) relative to the image's mean. It tests a suspicion: DINOv2 without registers puts
+high-norm artifact tokens on empty background and its CLS token attends to them (Darcet et al., 2023),
+so CLS-attention pruning would keep background.
 """
 
 from __future__ import annotations
