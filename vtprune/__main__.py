@@ -15,35 +15,60 @@ from pathlib import Path
 import torch
 
 import vtprune
+from vtprune.pruners.base import _checked_keep
 from vtprune.testing import batch_inputs, make_prompt, tiny_llava
-from vtprune.timing import median_seconds
+from vtprune.timing import paired_median_seconds
 
 PHOTOS = ("astronaut", "cat")
 
 
-def tiny_demo(keep: int) -> None:
+def _per_layer(stats) -> str:
+    """Visual tokens per decoder layer: one number when constant, else the mean and the first/last."""
+    counts = stats.layer_tokens[0]
+    if len(set(counts)) == 1:
+        return str(counts[0])
+    return f"{sum(counts) / len(counts):.1f} ({counts[0]}..{counts[-1]})"
+
+
+def timed_pair(model, name: str, keep, forward, repeats: int):
+    """Median seconds of ``forward()`` unpruned and under ``name``, run alternately after a warm-up,
+    and the pruned forward's stats. Applying and removing the pruner is part of the pruned run."""
+    state = {}
+
+    def pruned():
+        with vtprune.apply(model, name, keep=keep) as handle:
+            forward()
+        state["stats"] = handle.last
+
+    unpruned, seconds = paired_median_seconds(forward, pruned, repeats=repeats)
+    return unpruned, seconds, state["stats"]
+
+
+def tiny_demo(keep, repeats: int) -> None:
     model = tiny_llava(hidden=256, layers=4, heads=4, kv_heads=4, vision_hidden=64)
     inputs = batch_inputs(model, [make_prompt(model, [1, 5, 6, 7], [8, 9, 10, 11])])
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     print(f"tiny random LLaVA: {n_visual} visual tokens per image, prompt of {inputs['input_ids'].shape[1]} tokens")
-    print(f"{'pruner':<10} {'kept':>6} {'tokens per decoder layer':<28} {'prefill ms':>10}")
-    base = median_seconds(lambda: model(**inputs), repeats=3)
-    print(f"{'(none)':<10} {n_visual:>6} {'':<28} {base * 1e3:>10.1f}")
+    print(f"prefill times: medians of {repeats} runs, unpruned and pruned alternately, after a warm-up")
+    print(f"{'pruner':<10} {'kept':>6} {'per decoder layer':<20} {'prefill ms':>10} {'speed-up':>8}")
     for name in vtprune.available():
-        with vtprune.apply(model, name, keep=keep) as handle:
-            seconds = median_seconds(lambda: model(**inputs), repeats=3)
-            per_layer = ",".join(str(t) for t in handle.last.layer_tokens[0])
-            print(f"{name:<10} {handle.last.kept_counts[0]:>6} {per_layer:<28} {seconds * 1e3:>10.1f}")
+        unpruned, seconds, stats = timed_pair(model, name, keep, lambda: model(**inputs), repeats)
+        print(
+            f"{name:<10} {stats.kept_counts[0]:>6} {_per_layer(stats):<20} {seconds * 1e3:>10.1f} "
+            f"{unpruned / seconds:>7.2f}x"
+        )
 
 
-def proxy_demo(keep: int, image_arg: str, question: str, out: Path, max_new_tokens: int = 8) -> None:
+def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max_new_tokens: int = 8) -> None:
     from PIL import Image
 
     from vtprune.proxy import data, default_cache_dir, load_proxy
     from vtprune.proxy import prompt as fmt
     from vtprune.proxy.overlay import kept_panel, model_view, panel_grid, patch_grid
 
-    print(f"real-weights proxy LLaVA (cache: {default_cache_dir()}; the first run builds it in about a minute)")
+    print(f"real-weights proxy LLaVA (cache: {default_cache_dir()})")
+    if not any(default_cache_dir().glob("*/.done")) and not any(default_cache_dir().glob("*/*.safetensors")):
+        print("building it from the installed packages (the first run only; about a minute)")
     model, processor = load_proxy()
     if image_arg in PHOTOS:
         image = data.load_photo(image_arg)
@@ -55,58 +80,114 @@ def proxy_demo(keep: int, image_arg: str, question: str, out: Path, max_new_toke
     grid = patch_grid(processor)
     view = model_view(processor, image)
 
-    def run():
+    def answer() -> str:
         with torch.no_grad():
-            seconds = median_seconds(lambda: model(**inputs, logits_to_keep=1), repeats=3)
             generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answer = processor.tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True).strip()
-        return answer, seconds
+        return processor.tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True).strip()
+
+    def prefill():
+        return model(**inputs, logits_to_keep=1)
 
     print(f"image: {image_arg} ({image.width}x{image.height}), question: {question!r}")
-    print(f"{'pruner':<10} {'kept':>8} {'prefill ms':>10}  answer")
-    answer, seconds = run()
-    print(f"{'(none)':<10} {f'{grid * grid}':>8} {seconds * 1e3:>10.1f}  {answer}")
+    print(f"prefill times: medians of {repeats} runs, unpruned and pruned alternately, after a warm-up")
+    print(f"{'pruner':<10} {'kept':>8} {'per decoder layer':<20} {'prefill ms':>10} {'speed-up':>8}  answer")
+    print(f"{'(none)':<10} {f'{grid * grid}':>8} {'':<20} {'':>10} {'':>8}  {answer()}")
     panels = [("input", view)]
     for name in vtprune.available():
-        with vtprune.apply(model, name, keep=keep) as handle:
-            answer, seconds = run()
-            kept = handle.last.kept[0]
-        print(f"{name:<10} {kept.numel():>8} {seconds * 1e3:>10.1f}  {answer}")
+        unpruned, seconds, stats = timed_pair(model, name, keep, prefill, repeats)
+        with vtprune.apply(model, name, keep=keep):
+            reply = answer()
+        kept = stats.kept[0]
+        print(
+            f"{name:<10} {kept.numel():>8} {_per_layer(stats):<20} {seconds * 1e3:>10.1f} "
+            f"{unpruned / seconds:>7.2f}x  {reply}"
+        )
         panels.append(kept_panel(name, view, kept, grid))
     out.parent.mkdir(parents=True, exist_ok=True)
     panel_grid([panels]).save(out)
     print(f"overlay of the kept patches: {out}")
 
 
+def _parse_keep(text: str):
+    """``--keep``: an int (tokens per image) or a float in (0, 1] (a fraction), as ``vtprune.apply`` takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int or a fraction in (0, 1], got {text!r}") from None
+    try:
+        return _checked_keep(value)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+PROXY_ONLY = ("image", "question", "out")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vtprune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="vtprune",
+        description="Visual-token pruning for LLaVA models. 'vtprune demo' runs every pruner on a LLaVA.",
+    )
     sub = parser.add_subparsers(dest="command")
-    d = sub.add_parser("demo", help="run every pruner on a LLaVA (the real-weights proxy when installed)")
-    d.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default 64)")
+    d = sub.add_parser(
+        "demo",
+        help="run every pruner on a LLaVA (the real-weights proxy when installed)",
+        description=(
+            "Run every pruner on a LLaVA: the real-weights proxy (DINOv2-S/14 + SmolLM2-135M, 256 visual "
+            "tokens) when its packages are installed, answering a question about an image, else a tiny "
+            "random LLaVA (576 visual tokens; token counts and timings only)."
+        ),
+    )
+    d.add_argument(
+        "--keep",
+        type=_parse_keep,
+        default=64,
+        help="visual tokens kept per image: an int (of 256 on the proxy, 576 on the tiny model) or a fraction "
+        "in (0, 1]; for multi-drop pruners the mean per decoder layer (default 64)",
+    )
+    d.add_argument("--repeats", type=int, default=5, help="timed prefills per side (default 5)")
     d.add_argument("--tiny", action="store_true", help="use a tiny random-weight LLaVA even if the proxy is available")
-    d.add_argument("--image", default="astronaut", help=f"proxy demo: {' or '.join(PHOTOS)} (scikit-image) or a file")
-    d.add_argument("--question", default="What shape is in the image?", help="proxy demo: the question asked")
-    d.add_argument("--out", type=Path, default=Path("vtprune-demo.png"), help="proxy demo: overlay PNG to write")
+    d.add_argument("--image", default=None, help=f"proxy: {' or '.join(PHOTOS)} (scikit-image) or a file")
+    d.add_argument("--question", default=None, help="proxy: the question asked (default: What shape is in the image?)")
+    d.add_argument("--out", type=Path, default=None, help="proxy: overlay PNG to write (default vtprune-demo.png)")
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["demo", *(argv or [])])
-    if args.keep < 1:
-        parser.error(f"--keep must be >= 1, got {args.keep}")
-    if args.image not in PHOTOS and not Path(args.image).is_file():
-        parser.error(f"--image must be {' or '.join(PHOTOS)} or an existing image file, got {args.image!r}")
-    if not args.question.strip():
-        parser.error("--question must not be empty")
-    if args.out.suffix.lower() != ".png":
-        parser.error(f"--out must be a .png file, got {args.out}")
-    torch.manual_seed(0)
+        args = d.parse_args(argv or [])
     from vtprune import proxy
 
-    if args.tiny or not proxy.available():
+    tiny = args.tiny or not proxy.available()
+    given = [f"--{name}" for name in PROXY_ONLY if getattr(args, name) is not None]
+    if args.tiny and given:
+        d.error(f"{', '.join(given)} only apply to the proxy demo, not with --tiny")
+    if args.repeats < 1:
+        d.error(f"--repeats must be >= 1, got {args.repeats}")
+    image = args.image if args.image is not None else "astronaut"
+    question = args.question if args.question is not None else "What shape is in the image?"
+    out = args.out if args.out is not None else Path("vtprune-demo.png")
+    if image not in PHOTOS and not Path(image).is_file():
+        d.error(f"--image must be {' or '.join(PHOTOS)} or an existing image file, got {image!r}")
+    if image not in PHOTOS:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(image) as opened:
+                opened.verify()
+        except (UnidentifiedImageError, OSError) as error:
+            d.error(f"--image {image!r} is not an image file PIL can read ({error})")
+    if not question.strip():
+        d.error("--question must not be empty")
+    if out.suffix.lower() != ".png":
+        d.error(f"--out must be a .png file, got {out}")
+    torch.manual_seed(0)
+    if tiny:
         if not args.tiny:
             print(f"(the real-weights proxy needs: {', '.join(proxy.missing())}; showing a tiny random LLaVA)")
-        tiny_demo(args.keep)
+        tiny_demo(args.keep, args.repeats)
     else:
-        proxy_demo(args.keep, args.image, args.question, args.out)
+        proxy_demo(args.keep, image, question, out, args.repeats)
     return 0
 
 
