@@ -108,15 +108,17 @@ def pooled_table(results: dict, pruners, keeps, kinds, title: str) -> str:
     if not counts or "by_kind" not in runs.get(UNPRUNED, {}):
         return ""
     base = pooled(runs[UNPRUNED]["by_kind"], counts, kinds)
+    if not base:
+        return ""  # no question of these kinds in the subset
 
     def cell(name):
         run = runs.get(name, {})
         if "by_kind" not in run:
             return "-"
         value = pooled(run["by_kind"], counts, kinds)
-        return f"{100 * value:.1f} ({100 * value / base:.0f}%)"
+        return "-" if value is None else f"{100 * value:.1f} ({100 * value / base:.0f}%)"
 
-    n = sum(counts[k] for k in kinds)
+    n = sum(counts.get(k, 0) for k in kinds)
     lines = [
         f"| {title} ({n} questions) | " + " | ".join(f"keep {k}" for k in keeps) + " |",
         "|---|" + "---|" * len(keeps),
@@ -138,6 +140,7 @@ def plot(results: dict, pruners, keeps, path: Path) -> None:
 
     runs, counts = results["runs"], results.get("kind_counts")
     by_kind = bool(counts) and "by_kind" in runs.get(UNPRUNED, {})
+    by_kind = by_kind and bool(pooled(runs[UNPRUNED]["by_kind"], counts, IMAGE_READING))
 
     def value(run):
         if by_kind:
@@ -155,7 +158,7 @@ def plot(results: dict, pruners, keeps, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(keeps, [str(k) for k in keeps])
     ax.set_xlabel("keep: visual tokens of 256 (multi-drop pruners: mean per decoder layer)")
-    n = sum(counts[k] for k in IMAGE_READING) if by_kind else results["setup"]["n"]
+    n = sum(counts.get(k, 0) for k in IMAGE_READING) if by_kind else results["setup"]["n"]
     what = "shape + colour questions" if by_kind else "easy-vqa test questions"
     ax.set_ylabel(f"accuracy, % ({n} {what})")
     ax.set_title("Proxy LLaVA (DINOv2-S/14 + SmolLM2-135M)")

@@ -311,7 +311,7 @@ def test_balance_yes_no_evens_present_and_absent_per_image_and_keeps_the_rest():
 
 def test_accuracy_by_kind_splits_yes_no_by_presence():
     from vtprune.proxy import data
-    from vtprune.proxy.evaluate import accuracy_by_kind
+    from vtprune.proxy.evaluate import accuracy_by_kind, kind_counts, pooled
 
     items = [
         data.Question("what shape is this?", "circle", 0, "test"),
@@ -326,6 +326,12 @@ def test_accuracy_by_kind_splits_yes_no_by_presence():
     }
     with pytest.raises(ValueError, match="3 predictions"):
         accuracy_by_kind(items, ["circle", "no", "no"])
+    counts = kind_counts(items)
+    assert counts == {"shape": 1, "yes/no present": 2, "yes/no absent": 1}
+    by_kind = accuracy_by_kind(items, ["circle", "no", "no", "no"])
+    assert pooled(by_kind, counts, ("yes/no present", "yes/no absent")) == 2 / 3
+    assert pooled(by_kind, counts, ("shape", "colour")) == 1.0  # kinds without questions are left out
+    assert pooled(by_kind, counts, ("colour",)) is None
 
 
 def test_ceiling_script_trains_class_prompts_and_scores_every_kind(capsys):

@@ -112,10 +112,12 @@ def kind_counts(items) -> dict[str, int]:
     return {name: counts[name] for name in KINDS if name in counts}
 
 
-def pooled(by_kind: dict[str, float], counts: dict[str, int], kinds) -> float:
-    """Accuracy over several kinds together, from per-kind accuracies and question counts."""
+def pooled(by_kind: dict[str, float], counts: dict[str, int], kinds) -> float | None:
+    """Accuracy over several kinds together, from per-kind accuracies and question counts (the kinds
+    with questions); None when none of them has any."""
+    kinds = [k for k in kinds if counts.get(k) and k in by_kind]
     total = sum(counts[k] for k in kinds)
-    return sum(by_kind[k] * counts[k] for k in kinds) / total
+    return sum(by_kind[k] * counts[k] for k in kinds) / total if total else None
 
 
 def evaluate(
