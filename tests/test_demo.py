@@ -31,25 +31,64 @@ def test_tiny_demo_takes_a_fraction(capsys):
     assert line.split()[1] == "144"
 
 
+needs_proxy = pytest.mark.skipif(
+    not proxy.available(), reason=f"proxy packages not installed ({', '.join(proxy.missing())})"
+)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not proxy.available(), reason=f"proxy packages not installed ({', '.join(proxy.missing())})")
-def test_default_demo_answers_on_the_real_weights_proxy_and_writes_the_overlay(capsys, tmp_path):
+@needs_proxy
+def test_default_demo_asks_an_easy_vqa_question_and_writes_the_overlay(capsys, tmp_path):
     from PIL import Image
 
     out_png = tmp_path / "demo.png"
-    assert main(["demo", "--keep", "16", "--image", "cat", "--out", str(out_png), "--repeats", "1"]) == 0
+    assert main(["demo", "--keep", "16", "--out", str(out_png), "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "real-weights proxy" in out
+    assert "question: 'what is the color of the shape?'" in out and "true answer: red" in out
+    assert "note:" not in out  # the photo warning is for images the proxy was not trained on
     rows = {row.split()[0]: row.split() for row in out.splitlines() if row.split()}
-    assert rows["(none)"][1] == "256" and len(rows["(none)"]) >= 3  # kept, an answer
+    assert rows["(none)"][1:] == ["256", "red", "(right)"]  # the default is a question the unpruned proxy gets
     for name in vtprune.available():
-        assert len(rows[name]) >= 4, rows.get(name)
+        assert rows[name][-1] in ("(right)", "(wrong)"), rows.get(name)
         if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner):
             assert 1 <= int(rows[name][1]) < 16, rows[name]  # keep is the mean per layer; fewer reach the end
         else:
             assert rows[name][1] == "16", rows[name]
     with Image.open(out_png) as sheet:
         assert sheet.width > (1 + len(vtprune.available())) * 224
+        # the question and keep above, two title lines (name and count, answer), the legend below
+        assert sheet.height >= 224 + 5 * 16
+
+
+@pytest.mark.slow
+@needs_proxy
+def test_demo_on_a_photo_says_what_the_proxy_can_answer(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(vtprune, "available", lambda: ("cls",))
+    assert main(["demo", "--image", "cat", "--out", str(tmp_path / "d.png"), "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "note: the proxy was trained on easy-vqa only" in out and "circle" in out
+    assert "question: 'What shape is in the image?'" in out
+    assert "true answer" not in out and "(right)" not in out and "(wrong)" not in out
+
+
+@needs_proxy
+def test_true_answer_comes_from_the_data_set():
+    from vtprune.__main__ import true_answer
+
+    assert true_answer(0, "What is the color of the shape?") == "red"  # case and "?" do not matter
+    assert true_answer(0, "what is the red shape") == "triangle"
+    assert true_answer(0, "what colour is the sky?") is None
+    assert true_answer(None, "what is the red shape?") is None
+
+
+def test_verdict_judges_the_first_word_and_shortens_long_replies():
+    from vtprune.__main__ import _verdict
+
+    assert _verdict("Red.", "red") == "Red. (right)"
+    assert _verdict("The shape is red", "red") == "The shape is red (wrong)"
+    assert _verdict("The shape with the most information", "red", width=15) == "The shape... (wrong)"
+    assert _verdict("circle", None) == "circle"
 
 
 @pytest.mark.parametrize(
@@ -64,6 +103,8 @@ def test_default_demo_answers_on_the_real_weights_proxy_and_writes_the_overlay(c
         (["demo", "--tiny", "--image", "cat"], "only apply to the proxy demo"),
         (["demo", "--repeats", "0"], "--repeats"),
         (["demo", "--image", __file__], "not an image file"),
+        (["demo", "--image", "easy-vqa:1000"], "easy-vqa:0 to easy-vqa:999"),
+        (["demo", "--image", "easy-vqa:first"], "easy-vqa:0 to easy-vqa:999"),
     ],
 )
 def test_demo_rejects_bad_arguments(argv, message, capsys):

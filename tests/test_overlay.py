@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vtprune.proxy.overlay import GREY, GREY_WEIGHT, grey_out, panel_grid
+from vtprune.proxy.overlay import GREY, GREY_WEIGHT, LINE_HEIGHT, grey_out, panel_grid
 
 
 def checkerboard(side=32, grid=4):
@@ -54,3 +54,13 @@ def test_panel_grid_lays_out_rows_with_titles():
         panel_grid([[("a", a), ("small", Image.new("RGB", (5, 5)))]])
     with pytest.raises(ValueError, match="non-empty"):
         panel_grid([])
+
+
+def test_panel_grid_makes_room_for_multi_line_titles_a_header_and_a_footer():
+    a = Image.new("RGB", (20, 10), (255, 0, 0))
+    plain = panel_grid([[("a", a)]], pad=5)
+    sheet = panel_grid([[("a\nanswer", a)]], pad=5, header=("question", "keep"), footer=("legend",))
+    assert sheet.width == plain.width
+    assert sheet.height == plain.height + LINE_HEIGHT * (1 + 2 + 1)  # one more title line, 2 above, 1 below
+    top = 5 + 2 * LINE_HEIGHT + 2 * LINE_HEIGHT + 4  # header, then the two-line title
+    assert sheet.getpixel((6, top + 1)) == (255, 0, 0)

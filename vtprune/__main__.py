@@ -1,8 +1,9 @@
 """``python -m vtprune demo``: every pruner on a LLaVA, what it kept, what it answered, prefill time.
 
 By default the demo runs the real-weights proxy (``vtprune.proxy``: DINOv2-S/14 + SmolLM2-135M, built
-on first use and cached) when its packages are installed: it answers a question about a real photo
-unpruned and under every pruner and writes an overlay PNG of the kept patches. Without those packages,
+on first use and cached) when its packages are installed: it asks a question about an easy-vqa test
+image (the data the proxy was trained on), unpruned and under every pruner, prints the true answer and
+each answer, and writes an overlay PNG of the kept patches with the question and answers. Without those packages,
 or with ``--tiny``, it runs a tiny random-weight LLaVA instead (token counts and timings only).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from vtprune.testing import batch_inputs, make_prompt, tiny_llava
 from vtprune.timing import paired_median_seconds
 
 PHOTOS = ("astronaut", "cat")
+N_TEST_IMAGES = 1000  # easy-vqa's test split
 
 
 def _per_layer(stats) -> str:
@@ -59,6 +62,46 @@ def tiny_demo(keep, repeats: int) -> None:
         )
 
 
+EASY_VQA = "easy-vqa:"
+DEFAULT_IMAGE = EASY_VQA + "0"
+DEFAULT_QUESTIONS = {"easy-vqa": "what is the color of the shape?", "photo": "What shape is in the image?"}
+PANEL_TEXT = 20  # characters of an answer that fit under a 224 px panel beside "(wrong)"
+LEGEND = (
+    "Coloured patches: the visual tokens kept (for LLM-stage pruners, those that reach the last decoder layer); "
+    "grey: dropped."
+)
+
+
+def _easy_vqa_id(image_arg: str) -> int | None:
+    """The test image id of ``easy-vqa:N``, None for any other ``--image``."""
+    if not image_arg.startswith(EASY_VQA):
+        return None
+    text = image_arg[len(EASY_VQA) :]
+    return int(text) if text.isdigit() else -1
+
+
+def true_answer(image_id: int | None, question: str) -> str | None:
+    """easy-vqa's answer to ``question`` about test image ``image_id``, if the data set asks it."""
+    if image_id is None:
+        return None
+    from vtprune.proxy import data
+
+    wanted = question.strip().rstrip("?").strip().lower()
+    return next(
+        (q.answer for q in data.by_image(data.questions("test")).get(image_id, ()) if q.text.rstrip("?") == wanted),
+        None,
+    )
+
+
+def _verdict(reply: str, truth: str | None, width: int | None = None) -> str:
+    """``reply`` (shortened to ``width`` characters) and, when the true answer is known, right or wrong."""
+    words = reply.lower().split()
+    shown = textwrap.shorten(reply, width, placeholder="...") if width else reply
+    if truth is None:
+        return shown
+    return f"{shown} ({'right' if words and words[0].strip('.,!') == truth else 'wrong'})"
+
+
 def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max_new_tokens: int = 8) -> None:
     from PIL import Image
 
@@ -70,11 +113,15 @@ def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max
     if not any(default_cache_dir().glob("*/.done")) and not any(default_cache_dir().glob("*/*.safetensors")):
         print("building it from the installed packages (the first run only; about a minute)")
     model, processor = load_proxy()
-    if image_arg in PHOTOS:
+    image_id = _easy_vqa_id(image_arg)
+    if image_id is not None:
+        image = data.load_image("test", image_id)
+    elif image_arg in PHOTOS:
         image = data.load_photo(image_arg)
     else:
         with Image.open(image_arg) as opened:
             image = opened.convert("RGB")
+    truth = true_answer(image_id, question)
     inputs = processor(images=[image], text=[fmt.prompt(question)], return_tensors="pt")
     prompt_length = inputs["input_ids"].shape[1]
     grid = patch_grid(processor)
@@ -89,10 +136,20 @@ def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max
         return model(**inputs, logits_to_keep=1)
 
     print(f"image: {image_arg} ({image.width}x{image.height}), question: {question!r}")
+    if image_id is None:
+        print(
+            "note: the proxy was trained on easy-vqa only (one coloured shape per image), to answer with one "
+            f"of its 13 words ({', '.join(data.answers())}); about other images its answers are not meaningful"
+        )
+    if truth is not None:
+        print(f"true answer: {truth}")
+    elif image_id is not None:
+        print(f"true answer: unknown (easy-vqa does not ask this question about test image {image_id})")
     print(f"prefill times: medians of {repeats} runs, unpruned and pruned alternately, after a warm-up")
     print(f"{'pruner':<10} {'kept':>8} {'per decoder layer':<20} {'prefill ms':>10} {'speed-up':>8}  answer")
-    print(f"{'(none)':<10} {f'{grid * grid}':>8} {'':<20} {'':>10} {'':>8}  {answer()}")
-    panels = [("input", view)]
+    reply = answer()
+    print(f"{'(none)':<10} {f'{grid * grid}':>8} {'':<20} {'':>10} {'':>8}  {_verdict(reply, truth)}")
+    panels = [(f"input, {grid * grid} tokens\n-> {_verdict(reply, truth, PANEL_TEXT)}", view)]
     for name in vtprune.available():
         unpruned, seconds, stats = timed_pair(model, name, keep, prefill, repeats)
         with vtprune.apply(model, name, keep=keep):
@@ -100,11 +157,16 @@ def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max
         kept = stats.kept[0]
         print(
             f"{name:<10} {kept.numel():>8} {_per_layer(stats):<20} {seconds * 1e3:>10.1f} "
-            f"{unpruned / seconds:>7.2f}x  {reply}"
+            f"{unpruned / seconds:>7.2f}x  {_verdict(reply, truth)}"
         )
-        panels.append(kept_panel(name, view, kept, grid))
+        title, panel = kept_panel(name, view, kept, grid)
+        panels.append((f"{title}\n-> {_verdict(reply, truth, PANEL_TEXT)}", panel))
     out.parent.mkdir(parents=True, exist_ok=True)
-    panel_grid([panels]).save(out)
+    header = (
+        f"Q: {question}" + (f"   true answer: {truth}" if truth is not None else ""),
+        f"keep={keep} visual tokens per image of {grid * grid} (multi-drop pruners: the mean per decoder layer)",
+    )
+    panel_grid([panels], header=header, footer=(LEGEND,)).save(out)
     print(f"overlay of the kept patches: {out}")
 
 
@@ -150,8 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     d.add_argument("--repeats", type=int, default=5, help="timed prefills per side (default 5)")
     d.add_argument("--tiny", action="store_true", help="use a tiny random-weight LLaVA even if the proxy is available")
-    d.add_argument("--image", default=None, help=f"proxy: {' or '.join(PHOTOS)} (scikit-image) or a file")
-    d.add_argument("--question", default=None, help="proxy: the question asked (default: What shape is in the image?)")
+    d.add_argument(
+        "--image",
+        default=None,
+        help=f"proxy: easy-vqa:N (test image N, default {DEFAULT_IMAGE}), {' or '.join(PHOTOS)} (scikit-image "
+        "photos) or an image file; the proxy only answers meaningfully about easy-vqa images",
+    )
+    d.add_argument(
+        "--question",
+        default=None,
+        help=f"proxy: the question asked (default: {DEFAULT_QUESTIONS['easy-vqa']!r} for easy-vqa images, "
+        f"{DEFAULT_QUESTIONS['photo']!r} otherwise)",
+    )
     d.add_argument("--out", type=Path, default=None, help="proxy: overlay PNG to write (default vtprune-demo.png)")
     args = parser.parse_args(argv)
     if args.command is None:
@@ -164,12 +236,18 @@ def main(argv: list[str] | None = None) -> int:
         d.error(f"{', '.join(given)} only apply to the proxy demo, not with --tiny")
     if args.repeats < 1:
         d.error(f"--repeats must be >= 1, got {args.repeats}")
-    image = args.image if args.image is not None else "astronaut"
-    question = args.question if args.question is not None else "What shape is in the image?"
+    image = args.image if args.image is not None else DEFAULT_IMAGE
+    image_id = _easy_vqa_id(image)
+    question = args.question
+    if question is None:
+        question = DEFAULT_QUESTIONS["easy-vqa" if image_id is not None else "photo"]
     out = args.out if args.out is not None else Path("vtprune-demo.png")
-    if image not in PHOTOS and not Path(image).is_file():
-        d.error(f"--image must be {' or '.join(PHOTOS)} or an existing image file, got {image!r}")
-    if image not in PHOTOS:
+    if image_id is not None:
+        if not 0 <= image_id < N_TEST_IMAGES:
+            d.error(f"--image {image!r}: easy-vqa test images are easy-vqa:0 to easy-vqa:{N_TEST_IMAGES - 1}")
+    elif image not in PHOTOS and not Path(image).is_file():
+        d.error(f"--image must be easy-vqa:N, {' or '.join(PHOTOS)} or an existing image file, got {image!r}")
+    elif image not in PHOTOS:
         from PIL import Image, UnidentifiedImageError
 
         try:

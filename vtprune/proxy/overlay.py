@@ -69,27 +69,48 @@ def grey_out(view: Image.Image, kept: torch.Tensor, grid: int) -> Image.Image:
     return Image.composite(grey, view.convert("RGB"), mask)
 
 
-def panel_grid(rows: list[list[tuple[str, Image.Image]]], pad: int = 6, title_height: int = 20) -> Image.Image:
-    """One image from rows of (title, panel) pairs; all panels the same size."""
+LINE_HEIGHT = 16
+
+
+def panel_grid(
+    rows: list[list[tuple[str, Image.Image]]],
+    pad: int = 6,
+    title_height: int | None = None,
+    header: tuple[str, ...] = (),
+    footer: tuple[str, ...] = (),
+) -> Image.Image:
+    """One image from rows of (title, panel) pairs; all panels the same size.
+
+    Titles may span several lines (``"\\n"``); ``title_height`` defaults to the tallest title's lines.
+    ``header`` and ``footer`` are lines of text above and below the panels (a question, a legend).
+    """
     if not rows or not all(rows):
         raise ValueError("rows must be a non-empty list of non-empty lists of (title, image)")
     width, height = rows[0][0][1].size
+    if title_height is None:
+        title_height = LINE_HEIGHT * max(title.count("\n") + 1 for row in rows for title, _ in row) + 4
     columns = max(len(r) for r in rows)
+    top_text, bottom_text = LINE_HEIGHT * len(header), LINE_HEIGHT * len(footer)
     sheet = Image.new(
         "RGB",
-        (pad + columns * (width + pad), pad + len(rows) * (height + title_height + pad)),
+        (pad + columns * (width + pad), pad + top_text + len(rows) * (height + title_height + pad) + bottom_text),
         (255, 255, 255),
     )
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=13)
+    for i, line in enumerate(header):
+        draw.text((pad, pad + i * LINE_HEIGHT), line, fill=(0, 0, 0), font=font)
     for r, row in enumerate(rows):
-        top = pad + r * (height + title_height + pad)
+        top = pad + top_text + r * (height + title_height + pad)
         for c, (title, panel) in enumerate(row):
             if panel.size != (width, height):
                 raise ValueError(f"panel {title!r} is {panel.size}, expected {(width, height)}")
             left = pad + c * (width + pad)
-            draw.text((left, top + 2), title, fill=(0, 0, 0), font=font)
+            draw.multiline_text((left, top + 2), title, fill=(0, 0, 0), font=font, spacing=3)
             sheet.paste(panel, (left, top + title_height))
+    bottom = sheet.height - bottom_text
+    for i, line in enumerate(footer):
+        draw.text((pad, bottom + i * LINE_HEIGHT - 2), line, fill=(80, 80, 80), font=font)
     return sheet
 
 
