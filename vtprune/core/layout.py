@@ -9,17 +9,21 @@ import torch
 
 @dataclass
 class VisualLayout:
-    """spans[b][i]: (N_i,) ascending positions of image i's tokens in sample b."""
+    """spans[b][i]: (N_i,) ascending positions of image i's prunable tokens in sample b (tokens a
+    model never lets go, such as LLaVA-NeXT's row newlines, are not in any span)."""
 
     spans: list[list[torch.Tensor]]
     length: int
 
     @classmethod
-    def from_placeholders(cls, input_ids: torch.Tensor, token_id: int, tokens_per_image: list[int]) -> VisualLayout:
+    def from_placeholders(
+        cls, input_ids: torch.Tensor, token_id: int, tokens_per_image: list[int], prunable: list | None = None
+    ) -> VisualLayout:
         """Assign the placeholder tokens, in reading order over the batch, to consecutive images.
 
         input_ids: (B, L); tokens_per_image: visual tokens of each image, in the order the features
-        are scattered into the placeholders (row-major over the batch).
+        are scattered into the placeholders (row-major over the batch); prunable: per image, the
+        ascending (n,) positions among its tokens that may be pruned (None: all of them).
         """
         is_visual = input_ids == token_id
         found, expected = int(is_visual.sum()), sum(tokens_per_image)
@@ -31,11 +35,14 @@ class VisualLayout:
         spans: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
         rows, cols = is_visual.nonzero(as_tuple=True)
         start = 0
-        for n in tokens_per_image:
+        for i, n in enumerate(tokens_per_image):
             row = int(rows[start])
             if n and int(rows[start + n - 1]) != row:
                 raise ValueError("an image's placeholder tokens are split across two samples of the batch")
-            spans[row].append(cols[start : start + n])
+            span = cols[start : start + n]
+            if prunable is not None and prunable[i].numel() != n:
+                span = span[prunable[i].to(span.device)]
+            spans[row].append(span)
             start += n
         return cls(spans=spans, length=input_ids.shape[1])
 

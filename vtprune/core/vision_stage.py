@@ -13,8 +13,34 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.core.compaction import Compaction
+from vtprune.core.image_parts import ImageParts, split_budget
+from vtprune.pruners.base import VisionPruner, VisionTokens
 
 IGNORE_INDEX = -100
+
+
+def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImageParts) -> torch.Tensor:
+    """Ascending prunable indices of one image's tokens that ``pruner`` keeps.
+
+    features: (n_tokens, D), the image's tokens after the projector. The image's budget (counted on
+    its prunable tokens) is shared across its parts in proportion to their sizes; each part is
+    scored on its own, with its own grid and CLS attention.
+    """
+    prunable = parts.prunable
+    budgets = split_budget(pruner.budget(prunable.numel()), [p.index.numel() for p in parts.parts])
+    chosen = []
+    for part, keep in zip(parts.parts, budgets):
+        if keep == 0:
+            continue
+        cls = None if parts.cls_attention is None else parts.cls_attention[part.index]
+        tokens = VisionTokens(
+            features=features[part.index.to(features.device)], keep=keep, grid=part.grid, cls_attention=cls
+        )
+        chosen.append(part.index[pruner.select(tokens).cpu()])
+    if len(parts.parts) == 1 and prunable.numel() == parts.n_tokens:
+        return chosen[0].to(features.device)
+    positions = torch.cat(chosen).sort().values
+    return torch.searchsorted(prunable, positions).to(features.device)
 
 
 def shorten_prompt(

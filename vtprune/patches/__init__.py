@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from vtprune.patches import llava
+from vtprune.patches.llava import LlavaAdapter
 
-_FAMILIES = (llava,)
+ADAPTERS = (LlavaAdapter,)
 
 
 def supported_classes() -> list[str]:
-    return [name for family in _FAMILIES for name in family.SUPPORTED]
+    return [name for adapter in ADAPTERS for name in adapter.supported]
 
 
 def adapter_for(model):
-    for family in _FAMILIES:
-        if family.supports(model):
-            return family.LlavaAdapter(model)
+    for adapter in ADAPTERS:
+        if adapter.supports(model):
+            return adapter(model)
     raise TypeError(
         f"vtprune does not support {type(model).__name__}; supported model classes: {', '.join(supported_classes())}"
     )

@@ -1,339 +1,36 @@
-"""LLaVA (``LlavaForConditionalGeneration`` and subclasses, llava-hf checkpoints): where the stages attach.
+"""LLaVA-1.5 (``LlavaForConditionalGeneration`` and subclasses, llava-hf checkpoints).
 
-Instance-level patches (``MethodPatch``), all undone by ``remove()`` and copied by ``copy.deepcopy``:
-- ``model.model.get_image_features`` also records, on each image's feature tensor, the patch grid and
-  (when the pruner asks) the tower's CLS attention. ``generate()`` calls it before prefill and looks
-  up its signature, which the patch keeps.
-- ``model.forward`` locates each image's placeholder tokens from ``config.image_token_id`` and runs
-  the vision stage (shortens the prompt) or scopes the LLM stage's decoder hooks; decode steps after
-  a shortened prefill get their mask and positions mapped onto the shorter cache.
-- ``model.generate`` records where the prompt ends (the LLM stage scores with the last prompt token
-  even when the first forward holds more, as in assisted decoding or ``use_cache=False``).
-- ``model.prepare_inputs_for_generation`` maps lengths between ``input_ids`` and a shortened cache
-  when a ``generate()`` continues one, and keeps 2-D masks for static caches (mapped in ``forward``).
+One fixed-size image per ``<image>``: its tokens are the tower's patch grid in raster order (the
+CLS token dropped with ``vision_feature_select_strategy="default"``), every one of them prunable.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vtprune.core.cache_state import CacheState
-from vtprune.core.compaction import Compaction
-from vtprune.core.generation import GenerateCall, continuation_length, prompt_length
-from vtprune.core.layout import VisualLayout
-from vtprune.core.llm_stage import LLMStage
-from vtprune.core.patching import MethodPatch, PerThread
-from vtprune.core.vision_stage import DecodeTranslation, shorten_prompt
-from vtprune.patches import llama, towers
-from vtprune.pipeline import Pipeline, as_pipeline
-from vtprune.pruners.base import ModelInfo, VisionTokens
-from vtprune.registry import available, pruner_class
-from vtprune.stats import PruneStats
-
-SUPPORTED = ("LlavaForConditionalGeneration",)
-_IMAGE_INFO = "_vtprune_image"  # attribute set on each image's feature tensor
+from vtprune.core.image_parts import ImageParts
+from vtprune.patches.adapter import Adapter
 
 
-def supports(model) -> bool:
-    import transformers
+class LlavaAdapter(Adapter):
+    supported = ("LlavaForConditionalGeneration",)
 
-    return isinstance(model, tuple(getattr(transformers, name) for name in SUPPORTED))
+    def visual_tokens(self) -> int | None:
+        vision = self.config.vision_config
+        size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+        if not isinstance(size, int) or not isinstance(patch, int):
+            return None
+        return (size // patch) ** 2 + (1 if self.config.vision_feature_select_strategy == "full" else 0)
 
-
-def _is_static(cache) -> bool:
-    """Caches with fixed slots (``cache_implementation="static"``, ``StaticCache``)."""
-    return bool(getattr(cache, "is_compileable", False))
-
-
-def _requested(a: dict, config, name: str) -> bool:
-    """Whether a forward asks for ``output_hidden_states``/``output_attentions`` (argument, else config)."""
-    value = a.get(name)
-    value = getattr(config, name, None) if value is None else value
-    return value is not None and value is not False
-
-
-def _tokens_per_image(config) -> int | None:
-    """Visual tokens of one image (LLaVA-1.5: one fixed-size image, a square patch grid)."""
-    vision = config.vision_config
-    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
-    if not isinstance(size, int) or not isinstance(patch, int):
-        return None
-    return (size // patch) ** 2 + (1 if config.vision_feature_select_strategy == "full" else 0)
-
-
-def _feature_layers(config, n_layers: int) -> tuple[int, ...]:
-    """Encoder layers (0-based) whose outputs are the selected hidden states."""
-    selected = config.vision_feature_layer
-    selected = [selected] if isinstance(selected, int) else list(selected)
-    # hidden_states[j] is the output of encoder layer j-1; hidden_states[0] is the embeddings.
-    layers = [(j % (n_layers + 1)) - 1 for j in selected]
-    return tuple(sorted({max(i, 0) for i in layers}))
-
-
-class LlavaAdapter:
-    def __init__(self, model):
-        self.model = model
-        self.config = model.config
-        self.tower = model.model.vision_tower
-        self.language_model = model.model.language_model
-        self.decoder_layers = self.language_model.layers
-        n_tower = towers.num_tower_layers(self.tower)
-        self.info = ModelInfo(
-            num_decoder_layers=len(self.decoder_layers),
-            num_tower_layers=n_tower,
-            tower_has_cls=towers.has_cls_token(self.tower),
-            tower_name=type(self.tower).__name__,
-            feature_layers=_feature_layers(self.config, n_tower),
-            visual_tokens=_tokens_per_image(self.config),
-        )
-        self.last: PruneStats | None = None
-        self._pipeline: Pipeline | None = None
-        self._llm: LLMStage | None = None
-        self._decode = CacheState("decode")
-        self._generation = PerThread()  # GenerateCall of the generate() running in this thread
-
-    @property
-    def attn_implementation(self) -> str:
-        return self.language_model.config._attn_implementation or "eager"
-
-    def check(self, config) -> None:
-        pipeline = as_pipeline(config)
-        pipeline.check(self.info)
-        impl = self.attn_implementation
-        for pruner in pipeline.llm:
-            if "flex" in impl:
-                raise ValueError(
-                    f"the {pruner.name!r} pruner does not support attn_implementation={impl!r}; "
-                    "use sdpa, eager or flash"
-                )
-        vision = pipeline.vision
-        if vision is not None and vision.tower_attention_layers(self.info) and towers.tower_spec(self.tower) is None:
-            raise ValueError(
-                f"the {vision.name!r} pruner cannot read attention from vision tower {self.info.tower_name}"
-            )
-
-    # -- installation ------------------------------------------------------------------------------
-    def install(self, config) -> list:
-        """Patch the model; returns the undo steps (bound methods, so a deep copy undoes its own)."""
-        self._pipeline = pipeline = as_pipeline(config)
-        undo = []
-        try:
-            undo.append(MethodPatch(self.model.model, "get_image_features", self._image_features).undo)
-            if pipeline.llm:
-                flash = "flash" in self.attn_implementation
-                self._llm = LLMStage(
-                    pipeline.llm, self.decoder_layers, self.info, llama.query_key, llama.sublayers, flash
-                )
-                undo += [h.remove for h in self._llm.install()]
-            undo.append(MethodPatch(self.model, "forward", self._patched_forward).undo)
-            undo.append(MethodPatch(self.model, "generate", self._generate).undo)
-            undo.append(MethodPatch(self.model, "prepare_inputs_for_generation", self._prepare_inputs).undo)
-        except Exception:
-            for u in reversed(undo):
-                u()
-            raise
-        return undo
-
-    def _image_features(self, original, *args, **kwargs):
-        bound = inspect.signature(original).bind(*args, **kwargs)
-        pixel_values = bound.arguments["pixel_values"]
-        vision = self._pipeline.vision
-        layers = vision.tower_attention_layers(self.info) if vision is not None else []
-        if layers:
-            with towers.capture_cls_attention(self.tower, layers) as rows:
-                out = original(*args, **kwargs)
-            cls = torch.stack(rows).sum(0) if rows else None
-        else:
-            out = original(*args, **kwargs)
-            cls = None
-        self._annotate(out, pixel_values, cls, bound.arguments.get("vision_feature_select_strategy"))
-        return out
-
-    def _annotate(self, out, pixel_values, cls, strategy) -> None:
-        features = out.pooler_output if not isinstance(out, tuple) else out[1]
+    def image_parts(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[ImageParts]:
+        pixel_values = arguments["pixel_values"]
         patch = self.tower.config.patch_size
-        strategy = strategy if strategy is not None else self.config.vision_feature_select_strategy
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        out = []
         for i, f in enumerate(features):
-            grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
             n = f.shape[0]
             row = None
-            if cls is not None and i < cls.shape[0]:
-                row = cls[i, 1:] if strategy == "default" else cls[i]
-                row = row if row.shape[0] == n else None
-            # A plain tuple, not VisionTokens: holding ``f`` itself would make a reference cycle.
-            setattr(f, _IMAGE_INFO, (grid if grid[0] * grid[1] == n else None, row))
-
-    def _patched_forward(self, original, *args, **kwargs):
-        a = dict(inspect.signature(original).bind(*args, **kwargs).arguments)
-        a.update(a.pop("kwargs", {}))
-        return self._forward(original, a)
-
-    # -- generate() ----------------------------------------------------------------------------------
-    def _generate(self, original, *args, **kwargs):
-        length = prompt_length(inspect.signature(original).bind_partial(*args, **kwargs).arguments)
-        if length is None:
-            return original(*args, **kwargs)
-        with self._generation.set(GenerateCall(prompt_length=length)):
-            return original(*args, **kwargs)
-
-    def _prepare_inputs(self, original, input_ids, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
-        translation = self._decode.get(cache)
-        if translation is not None:
-            kwargs["next_sequence_length"] = continuation_length(
-                kwargs.get("next_sequence_length"), input_ids, cache, translation.shrink
-            )
-        inputs = original(input_ids, *args, **kwargs)
-        mask = kwargs.get("attention_mask")
-        if _is_static(cache) and (mask is None or mask.dim() == 2):
-            # generate() builds 4-D masks for static caches in the prompt's original layout; the
-            # forward maps the 2-D one onto the shortened prompt and the model builds its own.
-            inputs["attention_mask"] = mask
-        return inputs
-
-    # -- the forward -------------------------------------------------------------------------------
-    def _forward(self, original, a: dict):
-        cache = a.get("past_key_values")
-        if self._llm is not None and _is_static(cache):
-            raise ValueError(
-                f"the {self._llm.pruners[0].name!r} pruner drops tokens inside the decoder, so its pruned layers hold "
-                f"fewer tokens than a static cache's fixed slots: cache_implementation='static' (or a "
-                f"{type(cache).__name__}) is not supported with it; use the default dynamic cache, or a "
-                f"vision-stage pruner ({', '.join(_vision_pruner_names())})"
-            )
-        encoded = (a.get("mm_encoder_outputs") or {}).get("image")
-        if a.get("pixel_values") is None and encoded is None:
-            return self._forward_without_images(original, a)
-        input_ids = a.get("input_ids")
-        if input_ids is None:
-            raise ValueError(
-                "vtprune locates image tokens by input_ids; pass input_ids instead of inputs_embeds with images"
-            )
-        if cache is not None and cache.get_seq_length() > 0:
-            raise NotImplementedError(
-                "vtprune cannot prune images in a prompt that continues a non-empty KV cache (a new image in a "
-                "later turn, or prefill_chunk_size); to continue a pruned generate() with more text, pass its "
-                "past_key_values and the full token ids without pixel_values"
-            )
-        if encoded is None:
-            encoded = self.model.model.get_image_features(
-                pixel_values=a["pixel_values"],
-                vision_feature_layer=a.get("vision_feature_layer"),
-                vision_feature_select_strategy=a.get("vision_feature_select_strategy"),
-                image_sizes=a.get("image_sizes"),
-                return_dict=True,
-            )
-            a["pixel_values"] = None
-            a["mm_encoder_outputs"] = {**(a.get("mm_encoder_outputs") or {}), "image": encoded}
-        features = list(encoded.pooler_output)
-        layout = VisualLayout.from_placeholders(input_ids, self.config.image_token_id, [f.shape[0] for f in features])
-        tail = self._tail_after_prompt(input_ids.shape[1])
-        if self._pipeline.vision is None:
-            grids = [getattr(f, _IMAGE_INFO, (None, None))[0] for f in features]
-            out, stats = self._llm_forward(original, a, layout, grids, tail)
-            self.last = stats
-            return out
-        return self._vision_forward(original, a, encoded, features, layout, tail)
-
-    def _tail_after_prompt(self, length: int) -> int | None:
-        """Tokens after the last prompt token in this forward (assisted decoding's candidates, the
-        tokens of ``use_cache=False``), when a ``generate()`` says where its prompt ends."""
-        generating = self._generation.get()
-        if generating is None or self._llm is None:
-            return None
-        if generating.prompt_length > length:
-            raise NotImplementedError(
-                f"the {self._llm.pruners[0].name!r} pruner scores with the prompt's last token, which this "
-                f"forward ({length} of the prompt's {generating.prompt_length} tokens) does not hold: "
-                f"chunked prefill (prefill_chunk_size) is not supported with it"
-            )
-        return length - generating.prompt_length
-
-    def _llm_forward(self, original, a: dict, layout: VisualLayout, grids: list, tail: int | None) -> tuple:
-        """Run the forward with the LLM stage's drops; returns the output and the stage's stats."""
-        mask = a.get("attention_mask")
-        generating = self._generation.get()
-        score_row = None if tail is None else a["input_ids"].shape[1] - 1 - tail
-        reuse = generating.kept if generating is not None else None
-        restore = _requested(a, self.config, "output_hidden_states") or _requested(a, self.config, "output_attentions")
-        key_mask = None if mask is None or mask.dim() != 2 else mask.bool()
-        with self._llm.call(
-            layout, key_mask, grids=grids, score_row=score_row, reuse=reuse, restore_outputs=restore
-        ) as call:
-            out = original(**a)
-        if generating is not None:
-            generating.kept = call.choices
-        return out, call.stats
-
-    def _forward_without_images(self, original, a: dict):
-        translation = self._decode.get(a.get("past_key_values"))
-        if translation is not None:
-            cache = a["past_key_values"]
-            q_len = a["input_ids"].shape[1] if a.get("input_ids") is not None else a["inputs_embeds"].shape[1]
-            a["attention_mask"] = translation.attention_mask(a.get("attention_mask"), cache.get_seq_length() + q_len)
-            a["position_ids"] = translation.position_ids(a.get("position_ids"))
-        if self._llm is not None:
-            restore = _requested(a, self.config, "output_attentions")
-            with self._llm.call(None, None, restore_outputs=restore):
-                return original(**a)
-        return original(**a)
-
-    def _vision_forward(self, original, a: dict, encoded, features: list, layout: VisualLayout, tail: int | None):
-        per_image = [self._select(f) for f in features]
-        kept, i = [], 0
-        for images in layout.spans:
-            kept.append(per_image[i : i + len(images)])
-            i += len(images)
-        input_ids = a["input_ids"]
-        comp = Compaction.from_keep(layout.keep_mask(kept, input_ids.device))
-        sample_kept = layout.sample_kept(kept)
-        self.last = PruneStats(
-            kept=sample_kept, layer_tokens=[[int(k.numel())] * self.info.num_decoder_layers for k in sample_kept]
-        )
-        short = None
-        if not comp.is_identity:
-            short = shorten_prompt(
-                comp, input_ids, a.get("attention_mask"), a.get("position_ids"), a.get("labels"), self._pad_token_id()
-            )
-            a.update({k: v for k, v in short.items() if k != "labels" or "labels" in a})
-            pruned = BaseModelOutputWithPooling(pooler_output=[f[k] for f, k in zip(features, per_image)])
-            a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], "image": pruned}
-        if self._llm is None:
-            out = original(**a)
-        else:
-            short_layout = VisualLayout.from_placeholders(
-                a["input_ids"], self.config.image_token_id, [int(k.numel()) for k in per_image]
-            )
-            out, stats = self._llm_forward(original, a, short_layout, None, tail)
-            # The LLM stage indexes the tokens that entered the LLM; report them among the original ones.
-            self.last = PruneStats(
-                kept=[v[k] for v, k in zip(sample_kept, stats.kept)],
-                layer_tokens=stats.layer_tokens,
-                drops=[(layer, [v[k] for v, k in zip(sample_kept, kept)]) for layer, kept in stats.drops],
-            )
-        cache = getattr(out, "past_key_values", None)
-        if cache is not None and short is not None:
-            mask = short["attention_mask"]
-            self._decode[cache] = DecodeTranslation(comp, None if mask is None or bool(mask.all()) else mask)
+            if cls_rows is not None and i < cls_rows.shape[0]:
+                row = cls_rows[i, cls_rows.shape[1] - n :]  # the CLS column itself goes with "default"
+            out.append(ImageParts.single(n, grid, row))
         return out
-
-    def _select(self, features: torch.Tensor) -> torch.Tensor:
-        grid, cls_attention = getattr(features, _IMAGE_INFO, (None, None))
-        vision = self._pipeline.vision
-        keep = vision.budget(features.shape[0])
-        idx = vision.select(VisionTokens(features=features, keep=keep, grid=grid, cls_attention=cls_attention))
-        return idx.to(features.device)
-
-    def _pad_token_id(self) -> int:
-        for cfg in (self.config, self.config.text_config):
-            pad = getattr(cfg, "pad_token_id", None)
-            if pad is not None and pad != self.config.image_token_id:
-                return int(pad)
-        return 0 if self.config.image_token_id != 0 else 1
-
-
-def _vision_pruner_names() -> list[str]:
-    return [name for name in available() if pruner_class(name).stage == "vision"]
