@@ -77,6 +77,71 @@ def tiny_llava(
     return model
 
 
+def tiny_llava_next(
+    *,
+    attn: str = "sdpa",
+    image_size: int = 112,
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    hidden: int = 64,
+    layers: int = 4,
+    vocab: int = 96,
+    seed: int = 0,
+):
+    """A random ``LlavaNextForConditionalGeneration`` (anyres) in eval mode: 8 x 8 patches per tower
+    input, crops at 1x2, 2x1 or 2x2 tower inputs, image token id ``IMAGE_TOKEN_ID``. Feed it
+    ``pixel_values`` (images, 5, 3, 112, 112) and ``image_sizes`` (images, 2), as its processor does."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    s = image_size
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        pad_token_id=0,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@torch.no_grad()
+def image_token_counts(model, **image_inputs) -> list[int]:
+    """Placeholder tokens of each image, from the model's own feature packing (any family)."""
+    features = model.model.get_image_features(**image_inputs, return_dict=True).pooler_output
+    return [int(f.shape[0]) for f in features]
+
+
 def tokens_per_image(model) -> int:
     vision = model.config.vision_config
     n = (vision.image_size // vision.patch_size) ** 2

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from vtprune.patches.llava import LlavaAdapter
+from vtprune.patches.llava_next import LlavaNextAdapter
 
-ADAPTERS = (LlavaAdapter,)
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter)
 
 
 def supported_classes() -> list[str]:
