@@ -10,10 +10,13 @@ multi-drop pruners read ``keep`` as the mean number of visual tokens per layer.
 
     python scripts/bench_prefill.py                 # LLaVA-shaped CPU model, keep 64/128/192
     python scripts/bench_prefill.py --repeats 3 --keeps 64
+    python scripts/bench_prefill.py --family llava_next   # a 672x672 image: 2,880 visual tokens
 
-Model (random weights): CLIP-like tower (336 px, patch 14 -> 576 patches), Llama decoder with hidden
-1024, 8 layers, 16 heads, vocabulary 32,000; fp32. Prefill = one forward computing the last token's
-logits (``logits_to_keep=1``, as ``generate()`` does).
+Model (random weights): CLIP-like tower (336 px, patch 14 -> 576 patches per tower input), Llama
+decoder with hidden 1024, 8 layers, 16 heads, vocabulary 32,000; fp32. ``--family llava_next``: the
+same in LLaVA-NeXT's anyres layout with LLaVA-1.6's crop shapes; a 672x672 image is a base image and
+2x2 crops: 576 + 2,304 visual tokens and 48 newline tokens (never pruned). Prefill = one forward
+computing the last token's logits (``logits_to_keep=1``, as ``generate()`` does).
 """
 
 from __future__ import annotations
@@ -25,14 +28,59 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
-from vtprune.testing import IMAGE_TOKEN_ID, LLAVA_SHAPED_LLM, batch_inputs, make_prompt, surviving_positions, tiny_llava
+from vtprune.testing import (
+    IMAGE_TOKEN_ID,
+    LLAVA_SHAPED_LLM,
+    batch_inputs,
+    image_token_counts,
+    make_prompt,
+    tiny_llava,
+    tiny_llava_next,
+)
 from vtprune.timing import median_seconds, paired_median_seconds
 
+FAMILIES = ("llava", "llava_next")
+DEFAULT_KEEPS = {"llava": [64, 128, 192], "llava_next": [160, 320, 640]}
 
-def build_model(args):
-    return tiny_llava(
-        vision_hidden=args.vision_hidden, vision_layers=args.vision_layers, vision_heads=8, **LLAVA_SHAPED_LLM
-    )
+
+def build(args) -> tuple:
+    """The model and a one-image prompt (35 text tokens before the image, 40 after)."""
+    tower = {"vision_hidden": args.vision_hidden, "vision_layers": args.vision_layers, "vision_heads": 8}
+    before, after = [1] + list(range(40, 74)), list(range(100, 140))
+    if args.family == "llava":
+        model = tiny_llava(**tower, **LLAVA_SHAPED_LLM)
+        return model, batch_inputs(model, [make_prompt(model, before, after)])
+    model = tiny_llava_next(image_size=336, **tower, **LLAVA_SHAPED_LLM)
+    images = {"pixel_values": torch.randn(1, 5, 3, 336, 336), "image_sizes": torch.tensor([[672, 672]])}
+    ids = torch.tensor([before + [IMAGE_TOKEN_ID] * image_token_counts(model, **images)[0] + after])
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), **images}
+
+
+def image_inputs(inputs) -> dict:
+    return {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+
+
+def fixed_positions(model, inputs) -> torch.Tensor:
+    """Positions among the image's tokens that are never pruned (LLaVA-NeXT's newline tokens)."""
+    newline = getattr(model.model, "image_newline", None)
+    if newline is None:
+        return torch.zeros(0, dtype=torch.long)
+    _, encode = unwrapped(model)
+    with torch.no_grad():
+        features = encode(**image_inputs(inputs)).pooler_output[0]
+    return (features == newline).all(-1).nonzero().flatten()
+
+
+def surviving_positions(ids: torch.Tensor, kept: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """(L,) bool: text tokens, fixed image tokens, and the prunable image tokens in ``kept``."""
+    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+    prunable = torch.ones(image.numel(), dtype=torch.bool)
+    prunable[fixed] = False
+    stays = torch.ones(ids.numel(), dtype=torch.bool)
+    stays[image] = False
+    stays[image[fixed]] = True
+    stays[image[prunable.nonzero().flatten()[kept]]] = True
+    return stays
 
 
 def unwrapped(model):
@@ -43,21 +91,23 @@ def unwrapped(model):
     return forward, encode
 
 
-def ideal_vision(model, inputs, kept):
-    """Tower + projector, then the LLM on the prompt holding only the kept image tokens."""
+def ideal_vision(model, inputs, kept, fixed):
+    """Tower + projector, then the LLM on the prompt holding only the kept (and fixed) image tokens."""
     forward, encode = unwrapped(model)
     ids = inputs["input_ids"][0]
-    short_ids = ids[surviving_positions(ids, kept)][None]
+    stays = surviving_positions(ids, kept, fixed)
+    short_ids = ids[stays][None]
+    in_image = stays[ids == IMAGE_TOKEN_ID]
 
     def run():
-        features = encode(pixel_values=inputs["pixel_values"]).pooler_output[0]
-        encoded = BaseModelOutputWithPooling(pooler_output=[features[kept]])
+        features = encode(**image_inputs(inputs)).pooler_output[0]
+        encoded = BaseModelOutputWithPooling(pooler_output=[features[in_image]])
         return forward(input_ids=short_ids, mm_encoder_outputs={"image": encoded}, logits_to_keep=1)
 
     return run
 
 
-def ideal_llm(model, inputs, drops):
+def ideal_llm(model, inputs, drops, fixed):
     """Tower, then the decoder layers with the visual tokens of each drop point removed from that layer
     on (``drops``: [(layer, kept indices)] as in ``PruneStats.drops``), original positions, no scoring.
     (vtprune's decoder hooks stay registered but are inert outside a pruned forward.)"""
@@ -68,12 +118,12 @@ def ideal_llm(model, inputs, drops):
     # Per drop point: which of the tokens still present after the previous one stay.
     keeps, present = {}, torch.ones(ids.shape[1], dtype=torch.bool)
     for layer, kept in drops:
-        keep = surviving_positions(ids[0], kept[0])
+        keep = surviving_positions(ids[0], kept[0], fixed)
         keeps[layer] = keep[present]
         present = keep
 
     def run():
-        features = encode(pixel_values=inputs["pixel_values"]).pooler_output[0]
+        features = encode(**image_inputs(inputs)).pooler_output[0]
         h = model.get_input_embeddings()(ids)
         h = h.masked_scatter((ids == IMAGE_TOKEN_ID)[..., None], features)
         cos, sin = lm.rotary_emb(h, positions[None])
@@ -94,7 +144,8 @@ def decoder_flops(tokens_per_layer: list[int], hidden: int, intermediate: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keeps", type=int, nargs="+", default=[64, 128, 192])
+    parser.add_argument("--family", choices=FAMILIES, default="llava")
+    parser.add_argument("--keeps", type=int, nargs="+", default=None, help="default: 64 128 192 (llava), 160 320 640")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--vision-hidden", type=int, default=512)
@@ -103,9 +154,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = build_model(args)
-    inputs = batch_inputs(model, [make_prompt(model, [1] + list(range(40, 74)), list(range(100, 140)))])
+    keeps = args.keeps or DEFAULT_KEEPS[args.family]
+    model, inputs = build(args)
     length = inputs["input_ids"].shape[1]
+    n_image = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    fixed = fixed_positions(model, inputs)
 
     def timed(fn):
         return median_seconds(fn, repeats=args.repeats)
@@ -115,11 +168,12 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}")
     print(
-        f"model: tower {args.vision_layers}x{args.vision_hidden}, Llama 8x1024, prompt {length} tokens (576 visual)\n"
+        f"model: {args.family}, tower {args.vision_layers}x{args.vision_hidden}, Llama 8x1024, prompt {length} "
+        f"tokens ({n_image - fixed.numel()} visual, {fixed.numel()} newline)\n"
     )
     base = timed(prefill)
     print(f"unpruned prefill: {base * 1e3:.0f} ms\n")
-    text = length - 576
+    text = length - n_image + fixed.numel()
     layers, hidden, intermediate = (
         LLAVA_SHAPED_LLM["layers"],
         LLAVA_SHAPED_LLM["hidden"],
@@ -133,15 +187,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in vtprune.available():
         options = {"layer": args.fastv_layer} if name == "fastv" else {}
-        for keep in args.keeps:
+        for keep in keeps:
             with vtprune.apply(model, name, keep=keep, **options) as handle:
                 with torch.no_grad():
                     prefill()
                 stats = handle.last
                 if stats.drops:
-                    ideal_fn = ideal_llm(model, inputs, stats.drops)
+                    ideal_fn = ideal_llm(model, inputs, stats.drops, fixed)
                 else:
-                    ideal_fn = ideal_vision(model, inputs, stats.kept[0])
+                    ideal_fn = ideal_vision(model, inputs, stats.kept[0], fixed)
                 # Interleaved runs, so drift in machine speed hits both sides alike.
                 pruned, ideal = paired_median_seconds(prefill, ideal_fn, repeats=args.repeats)
             per_layer = stats.layer_tokens[0]

@@ -94,13 +94,19 @@ def test_second_apply_is_refused(model):
         pass
 
 
+def test_supported_classes_lists_every_family():
+    assert vtprune.supported_classes() == ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"]
+
+
 def test_unsupported_model_names_supported_classes():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     lm = LlamaForCausalLM(
         LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
     )
-    with pytest.raises(TypeError, match="supported model classes: LlavaForConditionalGeneration"):
+    with pytest.raises(
+        TypeError, match="supported model classes: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration"
+    ):
         vtprune.apply(lm, "divprune", keep=4)
     assert not lm._forward_pre_hooks
 

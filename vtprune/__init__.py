@@ -8,6 +8,7 @@ handle.remove()
 
 from vtprune.api import apply, handle_of
 from vtprune.handle import PruneHandle
+from vtprune.patches import supported_classes
 from vtprune.pipeline import Pipeline
 from vtprune.pruners import (
     AdaptivePrune,
@@ -47,4 +48,5 @@ __all__ = [
     "apply",
     "available",
     "handle_of",
+    "supported_classes",
 ]

@@ -42,7 +42,9 @@ def apply(model, pruner, **options) -> PruneHandle:
     """Prune visual tokens of ``model`` until the returned handle's ``remove()``.
 
     Args:
-        model: a ``LlavaForConditionalGeneration`` (unmodified; any attention implementation).
+        model: a supported model (``vtprune.supported_classes()``: LLaVA-1.5's
+            ``LlavaForConditionalGeneration``, LLaVA-NeXT's ``LlavaNextForConditionalGeneration``, or
+            subclasses), unmodified, any attention implementation.
         pruner: a name from ``vtprune.available()``, a pruner object such as ``vtprune.DivPrune(keep=64)``,
             or a ``vtprune.Pipeline`` (or a list) of pruner objects: one vision-stage pruner, then
             LLM-stage pruners.

@@ -34,18 +34,37 @@ def tiny_llava(
     image_token_id: int = IMAGE_TOKEN_ID,
 ):
     """A random ``LlavaForConditionalGeneration`` in eval mode (image token id ``IMAGE_TOKEN_ID``)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(
+    config = LlavaConfig(
+        vision_config=_clip_config(image_size, patch_size, vision_hidden, vision_layers, vision_heads),
+        text_config=_llama_config(hidden, layers, heads, kv_heads, intermediate, vocab),
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=0,
+    )
+    return _finish(LlavaForConditionalGeneration, config, attn, dtype, seed)
+
+
+def _clip_config(image_size: int, patch_size: int, hidden: int, layers: int, heads: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
         image_size=image_size,
         patch_size=patch_size,
-        hidden_size=vision_hidden,
-        intermediate_size=4 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads,
-        projection_dim=vision_hidden,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        projection_dim=hidden,
     )
-    text = LlamaConfig(
+
+
+def _llama_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int | None, vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         hidden_size=hidden,
         intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
@@ -57,17 +76,12 @@ def tiny_llava(
         bos_token_id=1,
         eos_token_id=2,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=0,
-    )
+
+
+def _finish(model_class, config, attn: str, dtype: torch.dtype, seed: int):
     config._attn_implementation = attn
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model = model_class(config).to(dtype).eval()
     # Random init leaves logits nearly flat; a larger output scale makes greedy decoding decisive,
     # so equality tests compare real choices instead of near-ties.
     with torch.no_grad():
@@ -84,55 +98,33 @@ def tiny_llava_next(
     patch_size: int = 14,
     vision_hidden: int = 32,
     vision_layers: int = 3,
+    vision_heads: int = 2,
     hidden: int = 64,
     layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
     vocab: int = 96,
     seed: int = 0,
 ):
-    """A random ``LlavaNextForConditionalGeneration`` (anyres) in eval mode: 8 x 8 patches per tower
-    input, crops at 1x2, 2x1 or 2x2 tower inputs, image token id ``IMAGE_TOKEN_ID``. Feed it
-    ``pixel_values`` (images, 5, 3, 112, 112) and ``image_sizes`` (images, 2), as its processor does."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    """A random ``LlavaNextForConditionalGeneration`` (anyres) in eval mode, image token id
+    ``IMAGE_TOKEN_ID``, crops of 1x2, 2x1 or 2x2 tower inputs (LLaVA-1.6's pinpoints at
+    ``image_size=336``: 576 base tokens, up to 2,304 crop tokens). By default 8 x 8 patches per tower
+    input: feed it ``pixel_values`` (images, 5, 3, 112, 112) and ``image_sizes`` (images, 2), as its
+    processor does."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        image_size=image_size,
-        patch_size=patch_size,
-        hidden_size=vision_hidden,
-        intermediate_size=4 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=2,
-        projection_dim=vision_hidden,
-    )
-    text = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
     s = image_size
     config = LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=_clip_config(image_size, patch_size, vision_hidden, vision_layers, vision_heads),
+        text_config=_llama_config(hidden, layers, heads, kv_heads, intermediate, vocab),
         image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
         pad_token_id=0,
     )
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _finish(LlavaNextForConditionalGeneration, config, attn, torch.float32, seed)
 
 
 @torch.no_grad()
