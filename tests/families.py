@@ -10,7 +10,7 @@ from functools import cache
 
 import torch
 
-from vtprune.testing import IMAGE_TOKEN_ID, image_token_counts, tiny_llava, tiny_llava_next
+from vtprune.testing import IMAGE_TOKEN_ID, image_token_counts, tiny_llava, tiny_llava_next, tiny_llava_onevision
 
 
 @dataclass(frozen=True)
@@ -72,4 +72,27 @@ FAMILIES = (
     Family("llava", tiny_llava, (3, 336, 336)),
     # 60x200 is unpadded (rows removed), 150x100 uses 2x1 crops, 200x200 2x2
     Family("llava_next", tiny_llava_next, (5, 3, 112, 112), sizes=((60, 200), (150, 100), (200, 200))),
+    # SigLIP (no CLS token); 200x200's 2x2 crops grid is resampled down (anyres_max_2)
+    Family("llava_onevision", tiny_llava_onevision, (5, 3, 112, 112), sizes=((200, 200), (60, 200), (150, 100))),
 )
+
+
+def packed_sources(model, inputs, n_inputs: int) -> list:
+    """For each packed token of image 0: (tower input, patch position) it came from, or None for a
+    newline; found by matching the packed features against each tower input's projected patches
+    (images whose crops are not resampled; ``n_inputs``: the image's tower inputs)."""
+    with torch.no_grad():
+        packed = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+        ).pooler_output[0]
+        hidden = model.model.vision_tower(inputs["pixel_values"][0, :n_inputs], output_hidden_states=True)
+        selected = hidden.hidden_states[model.config.vision_feature_layer]
+        if model.config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]
+        projected = model.model.multi_modal_projector(selected)  # (inputs, patches, D)
+    flat = projected.reshape(-1, projected.shape[-1])
+    sources = []
+    for token in packed:
+        match = (flat == token).all(-1).nonzero().flatten()
+        sources.append(None if match.numel() == 0 else divmod(int(match[0]), projected.shape[1]))
+    return sources

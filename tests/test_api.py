@@ -1,5 +1,7 @@
 """The public surface: names, validation before anything is touched, exact removal."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import PIPELINE, PRUNER_OPTIONS, apply, greedy, hooks_of, logits
@@ -95,7 +97,11 @@ def test_second_apply_is_refused(model):
 
 
 def test_supported_classes_lists_every_family():
-    assert vtprune.supported_classes() == ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"]
+    assert vtprune.supported_classes() == [
+        "LlavaForConditionalGeneration",
+        "LlavaNextForConditionalGeneration",
+        "LlavaOnevisionForConditionalGeneration",
+    ]
 
 
 def test_unsupported_model_names_supported_classes():
@@ -105,7 +111,9 @@ def test_unsupported_model_names_supported_classes():
         LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
     )
     with pytest.raises(
-        TypeError, match="supported model classes: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration"
+        TypeError,
+        match="supported model classes: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
+        "LlavaOnevisionForConditionalGeneration",
     ):
         vtprune.apply(lm, "divprune", keep=4)
     assert not lm._forward_pre_hooks
@@ -116,12 +124,14 @@ def test_options_with_config_object_are_refused(model):
         vtprune.apply(model, vtprune.DivPrune(keep=4), keep=8)
 
 
-def test_cls_needs_a_cls_token():
+def test_cls_on_a_tower_without_cls_scores_the_attention_each_patch_receives():
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    import vtprune.pruners.cls as cls_module
 
     config = LlavaConfig(
         vision_config=SiglipVisionConfig(
-            image_size=28,
+            image_size=56,
             patch_size=14,
             hidden_size=16,
             intermediate_size=32,
@@ -132,10 +142,23 @@ def test_cls_needs_a_cls_token():
             hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=40
         ),
         image_token_id=39,
+        vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )
-    model = LlavaForConditionalGeneration(config)
-    with pytest.raises(ValueError, match="SiglipVisionModel has none"):
-        vtprune.apply(model, "cls", keep=2)
-    with vtprune.apply(model, "divprune", keep=2):  # other pruners work on SigLIP towers
-        pass
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    inputs = {"input_ids": torch.tensor([[1, 2] + [39] * 16 + [3]]), "pixel_values": torch.randn(1, 3, 56, 56)}
+    cls_module._WARNED.discard("SiglipVisionModel")
+    with pytest.warns(UserWarning, match="SiglipVisionModel has no CLS token") as warned:
+        handle = vtprune.apply(model, "cls", keep=5)
+    assert warned[0].filename == __file__  # points at the user's apply() call
+    with handle, torch.no_grad():
+        model(**inputs)
+    with torch.no_grad():
+        attentions = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    received = attentions[1][0].mean(0).mean(0)  # last encoder layer: head mean, then query mean
+    assert torch.equal(handle.last.kept[0], received.topk(5).indices.sort().values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per tower class
+        vtprune.apply(model, "cls", keep=5).remove()

@@ -2,38 +2,22 @@
 
 import pytest
 import torch
-from families import FAMILIES
+from families import FAMILIES, packed_sources
 
 import vtprune
 from vtprune.core.image_parts import split_budget
+from vtprune.pruners.uniform import grid_subsample
+from vtprune.testing import IMAGE_TOKEN_ID, image_token_counts
 
 NEXT = next(f for f in FAMILIES if f.name == "llava_next")
 ONE_IMAGE = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 1)]
-
-
-def packed_sources(model, inputs):
-    """For each packed token of image 0: (tower input, patch position) it came from, or None for a
-    newline; found by matching the packed features against each tower input's projected patches."""
-    with torch.no_grad():
-        packed = model.model.get_image_features(
-            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
-        ).pooler_output[0]
-        n_inputs = 1 + 2  # 60x200 -> base + 1x2 crops
-        hidden = model.model.vision_tower(inputs["pixel_values"][0, :n_inputs], output_hidden_states=True)
-        projected = model.model.multi_modal_projector(hidden.hidden_states[-2][:, 1:])  # (inputs, 64, D)
-    flat = projected.reshape(-1, projected.shape[-1])
-    sources = []
-    for token in packed:
-        match = (flat == token).all(-1).nonzero().flatten()
-        sources.append(None if match.numel() == 0 else divmod(int(match[0]), projected.shape[1]))
-    return sources
 
 
 def test_cls_scores_each_part_with_its_own_tower_input():
     model = NEXT.model("eager")
     inputs, _ = NEXT.batch(model, ONE_IMAGE)
     assert inputs["image_sizes"][0].tolist() == [60, 200]
-    sources = packed_sources(model, inputs)
+    sources = packed_sources(model, inputs, n_inputs=3)  # 60x200 -> base + 1x2 crops
     with torch.no_grad():
         attentions = model.model.vision_tower(inputs["pixel_values"][0, :3], output_attentions=True).attentions
     scores = attentions[1][:, :, 0, 1:].mean(1)  # (inputs, 64): vision_feature_layer=-2 is encoder layer 1
@@ -73,3 +57,58 @@ def test_uniform_spreads_over_each_grid():
     assert base.tolist() == [r * 8 + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]  # 4 x 4 of 8 x 8
     # the 4 x 16 crops grid (after unpadding), subsampled 2 x 8 with its aspect ratio
     assert crops.tolist() == [r * 16 + c for r in (1, 3) for c in range(1, 16, 2)]
+
+
+def test_global_crop_budget_splits_the_crops_share_by_the_base_images_attention():
+    model = NEXT.model("eager")
+    images = NEXT.images(1, first=2)
+    assert images["image_sizes"][0].tolist() == [200, 200]  # 2 x 2 crops, nothing unpadded
+    ids = [1, 5] + [IMAGE_TOKEN_ID] * image_token_counts(model, **images)[0] + [6, 7]
+    inputs = {"input_ids": torch.tensor([ids]), **images}
+    sources = [s for s in packed_sources(model, inputs, n_inputs=5) if s is not None]
+    crop_of = torch.tensor([s[0] - 1 for s in sources])  # -1 for base tokens
+    with torch.no_grad():
+        attentions = model.model.vision_tower(images["pixel_values"][0, :5], output_attentions=True).attentions
+    base_scores = attentions[1][0, :, 0, 1:].mean(0)  # (64,) the base image's CLS row
+    # GlobalCom²: sum over each crop's region of the 8 x 8 base grid, softmax at temperature 10
+    region = torch.tensor([(i // 4) * 2 + (j // 4) for i in range(8) for j in range(8)])
+    sums = torch.zeros(4, dtype=torch.float64).index_add_(0, region, base_scores.double())
+    p = torch.softmax((sums - sums.max()) / 10.0, dim=0)
+    sizes = [int((crop_of == c).sum()) for c in range(4)]
+    weights = [float(1 + p[c] - p.mean()) * sizes[c] for c in range(4)]
+    keep = 40
+    k_base, k_crops = split_budget(keep, [64, sum(sizes)])
+    expected = split_budget(k_crops, sizes, weights)
+    for name in ("divprune", "cls", "uniform"):
+        with vtprune.apply(model, name, keep=keep, crop_budget="global") as handle, torch.no_grad():
+            model(**inputs)
+        kept = handle.last.kept[0]
+        assert int((crop_of[kept] == -1).sum()) == k_base
+        assert [int((crop_of[kept] == c).sum()) for c in range(4)] == expected, name
+    # uniform (the last run) scores each crop on its own 8 x 8 grid
+    position = torch.tensor([s[1] for s in sources])
+    for c in range(4):
+        mine = kept[crop_of[kept] == c]
+        assert sorted(position[mine].tolist()) == sorted(grid_subsample(8, 8, expected[c]).tolist())
+
+
+def test_split_budget_caps_parts_and_follows_weights():
+    assert split_budget(10, [4, 100]) == [0, 10]
+    assert split_budget(10, [50, 50]) == [5, 5]
+    assert split_budget(10, [50, 50], weights=[3.0, 1.0]) == [8, 2]  # 7.5 / 2.5: ties to the earlier
+    assert split_budget(10, [2, 50], weights=[10.0, 1.0]) == [2, 8]  # a full part passes the rest on
+    assert split_budget(500, [2, 3]) == [2, 3]
+
+
+def test_crop_budget_is_validated_and_has_no_effect_without_crops():
+    with pytest.raises(ValueError, match="crop_budget must be one of"):
+        vtprune.DivPrune(keep=8, crop_budget="per_crop")
+    llava = next(f for f in FAMILIES if f.name == "llava")
+    model = llava.model()
+    inputs, _ = llava.batch(model, [([1], [2], 1)])
+    kept = []
+    for budget in ("proportional", "global"):
+        with vtprune.apply(model, "divprune", keep=20, crop_budget=budget) as handle, torch.no_grad():
+            model(**inputs)
+        kept.append(handle.last.kept[0])
+    assert torch.equal(kept[0], kept[1])

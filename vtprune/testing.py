@@ -127,6 +127,68 @@ def tiny_llava_next(
     return _finish(LlavaNextForConditionalGeneration, config, attn, torch.float32, seed)
 
 
+VIDEO_TOKEN_ID = 30
+
+
+def tiny_llava_onevision(
+    *,
+    attn: str = "sdpa",
+    image_size: int = 112,
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    hidden: int = 64,
+    layers: int = 4,
+    vocab: int = 96,
+    vision_aspect_ratio: str = "anyres_max_2",
+    seed: int = 0,
+):
+    """A random ``LlavaOnevisionForConditionalGeneration`` in eval mode: SigLIP tower (no CLS token,
+    8 x 8 patches per tower input), Qwen2 decoder, crops of 1x2, 2x1 or 2x2 tower inputs; with
+    ``anyres_max_2`` a 2x2 crops grid is resampled down (OneVision's default, ``anyres_max_9``, only
+    does so past nine tower inputs). Image token id ``IMAGE_TOKEN_ID``, video ``VIDEO_TOKEN_ID``."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    vision = SiglipVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+    )
+    text = Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    s = image_size
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        pad_token_id=0,
+    )
+    return _finish(LlavaOnevisionForConditionalGeneration, config, attn, torch.float32, seed)
+
+
 @torch.no_grad()
 def image_token_counts(model, **image_inputs) -> list[int]:
     """Placeholder tokens of each image, from the model's own feature packing (any family)."""

@@ -31,11 +31,18 @@ class ImagePart:
 @dataclass(frozen=True)
 class ImageParts:
     """One image: ``n_tokens`` placeholder tokens, ``parts`` (disjoint, covering every prunable token)
-    and per-token CLS attention of the tower ((n_tokens,) fp32, 0 at fixed tokens) when asked for."""
+    and per-token CLS attention of the tower ((n_tokens,) fp32, 0 at fixed tokens) when asked for.
+
+    Anyres images also say where their crops are: ``crops`` splits the last part (all crop tokens)
+    into one part per crop, and ``base_regions`` ((n_base,) long) names, for each token of the first
+    part (the base image), the crop covering the same region of the picture.
+    """
 
     n_tokens: int
     parts: tuple[ImagePart, ...]
     cls_attention: torch.Tensor | None = None
+    crops: tuple[ImagePart, ...] = ()
+    base_regions: torch.Tensor | None = None
 
     @classmethod
     def single(cls, n_tokens: int, grid: tuple[int, int] | None, cls_attention=None) -> ImageParts:
@@ -79,16 +86,44 @@ class ImageParts:
         return ImageParts(positions.numel(), (ImagePart(remaining, None),))
 
 
-def split_budget(keep: int, sizes: list[int]) -> list[int]:
-    """``keep`` tokens shared across parts of ``sizes`` in proportion to their sizes (largest
-    remainder; ties to the earlier part), each at most its size."""
-    total = sum(sizes)
-    if total == 0:
-        return [0] * len(sizes)
-    keep = min(keep, total)
-    shares = [keep * s / total for s in sizes]
-    out = [int(s) for s in shares]
-    order = sorted(range(len(sizes)), key=lambda i: (-(shares[i] - out[i]), i))
-    for i in order[: keep - sum(out)]:
-        out[i] += 1
+def split_budget(keep: int, sizes: list[int], weights: list[float] | None = None) -> list[int]:
+    """``keep`` tokens shared across parts of ``sizes`` in proportion to ``weights`` (default: the
+    sizes), each at most its size (what a full part cannot take goes to the others); integer shares
+    by largest remainder, ties to the earlier part."""
+    keep = min(keep, sum(sizes))
+    weights = [float(s) for s in sizes] if weights is None else [float(w) for w in weights]
+    out = [0] * len(sizes)
+    open_parts = [i for i, s in enumerate(sizes) if s > 0]
+    while open_parts:
+        left = keep - sum(out)
+        total = sum(weights[i] for i in open_parts)
+        shares = {i: left * weights[i] / total if total > 0 else left / len(open_parts) for i in open_parts}
+        full = [i for i in open_parts if shares[i] >= sizes[i]]
+        if not full:
+            floors = {i: int(shares[i]) for i in open_parts}
+            order = sorted(open_parts, key=lambda i: (-(shares[i] - floors[i]), i))
+            for i in order[: left - sum(floors.values())]:
+                floors[i] += 1
+            for i in open_parts:
+                out[i] = floors[i]
+            break
+        for i in full:
+            out[i] = sizes[i]
+        open_parts = [i for i in open_parts if i not in full]
     return out
+
+
+GLOBAL_TEMPERATURE = 10.0  # GlobalCom²'s softmax temperature over the crops' summed base attention
+
+
+def crop_weights(base_scores: torch.Tensor, base_regions: torch.Tensor, crop_sizes: list[int]) -> list[float]:
+    """GlobalCom²'s crop shares: each crop's token count times ``1 + p_c - mean(p)``, where ``p`` is a
+    softmax (temperature ``GLOBAL_TEMPERATURE``) over the base image's attention summed per crop region.
+
+    base_scores: (n_base,) fp32 CLS attention of the base image's tokens; base_regions: (n_base,) the
+    crop covering each; crop_sizes: tokens of each crop.
+    """
+    sums = torch.zeros(len(crop_sizes), dtype=torch.float64).index_add_(0, base_regions, base_scores.double().cpu())
+    p = torch.softmax((sums - sums.max()) / GLOBAL_TEMPERATURE, dim=0)
+    scale = 1 + p - p.mean()
+    return [float(scale[c]) * n for c, n in enumerate(crop_sizes)]

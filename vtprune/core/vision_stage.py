@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.core.compaction import Compaction
-from vtprune.core.image_parts import ImageParts, split_budget
+from vtprune.core.image_parts import ImagePart, ImageParts, crop_weights, split_budget
 from vtprune.pruners.base import VisionPruner, VisionTokens
 
 IGNORE_INDEX = -100
@@ -27,20 +27,32 @@ def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImagePa
     scored on its own, with its own grid and CLS attention.
     """
     prunable = parts.prunable
-    budgets = split_budget(pruner.budget(prunable.numel()), [p.index.numel() for p in parts.parts])
+    keep = pruner.budget(prunable.numel())
+    budgets = split_budget(keep, [p.index.numel() for p in parts.parts])
+    scored = list(zip(parts.parts, budgets))
+    if pruner.crop_budget == "global" and parts.crops and parts.cls_attention is not None:
+        scored = scored[:-1] + _global_crop_budgets(parts, budgets[-1])
     chosen = []
-    for part, keep in zip(parts.parts, budgets):
-        if keep == 0:
+    for part, part_keep in scored:
+        if part_keep == 0:
             continue
         cls = None if parts.cls_attention is None else parts.cls_attention[part.index]
         tokens = VisionTokens(
-            features=features[part.index.to(features.device)], keep=keep, grid=part.grid, cls_attention=cls
+            features=features[part.index.to(features.device)], keep=part_keep, grid=part.grid, cls_attention=cls
         )
         chosen.append(part.index[pruner.select(tokens).cpu()])
     if len(parts.parts) == 1 and prunable.numel() == parts.n_tokens:
         return chosen[0].to(features.device)
     positions = torch.cat(chosen).sort().values
     return torch.searchsorted(prunable, positions).to(features.device)
+
+
+def _global_crop_budgets(parts: ImageParts, keep: int) -> list[tuple[ImagePart, int]]:
+    """The crops' share of the budget split across crops by the base image's attention (GlobalCom²)."""
+    base = parts.parts[0].index
+    sizes = [c.index.numel() for c in parts.crops]
+    weights = crop_weights(parts.cls_attention[base], parts.base_regions, sizes)
+    return list(zip(parts.crops, split_budget(keep, sizes, weights)))
 
 
 def shorten_prompt(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from vtprune.patches.llava import LlavaAdapter
 from vtprune.patches.llava_next import LlavaNextAdapter
+from vtprune.patches.llava_onevision import LlavaOnevisionAdapter
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter)
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter)
 
 
 def supported_classes() -> list[str]:

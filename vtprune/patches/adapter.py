@@ -227,13 +227,11 @@ class Adapter:
                 "past_key_values and the full token ids without pixel_values"
             )
         if encoded is None:
-            encoded = self.model.model.get_image_features(
-                pixel_values=a["pixel_values"],
-                vision_feature_layer=a.get("vision_feature_layer"),
-                vision_feature_select_strategy=a.get("vision_feature_select_strategy"),
-                image_sizes=a.get("image_sizes"),
-                return_dict=True,
-            )
+            encode = self.model.model.get_image_features
+            # What the model's own forward passes on (image_sizes, batch_num_images, ...): every
+            # argument of this forward that get_image_features names.
+            named = {n: a[n] for n in inspect.signature(encode).parameters if n in a and n != "pixel_values"}
+            encoded = encode(pixel_values=a["pixel_values"], **named, return_dict=True)
             a["pixel_values"] = None
             a["mm_encoder_outputs"] = {**(a.get("mm_encoder_outputs") or {}), "image": encoded}
         features = list(encoded.pooler_output)

@@ -24,57 +24,97 @@ _IS_TOKEN, _PATCH, _CLS = 0, 1, 2
 class LlavaNextAdapter(Adapter):
     supported = ("LlavaNextForConditionalGeneration",)
 
-    def _pack(self, markers: torch.Tensor, image_size: torch.Tensor, strategy: str, newline: torch.Tensor):
+    def _pack(self, markers: torch.Tensor, image_size: torch.Tensor, arguments: dict, newline: torch.Tensor):
         """The model's packing of one image's (n_patches, tokens, C) markers: (n_tokens, C)."""
+        strategy = arguments.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
         packed, _ = self.model.model.pack_image_features(
             [markers], image_size[None], vision_feature_select_strategy=strategy, image_newline=newline
         )
         return packed[0]
 
-    def _tower_inputs(self, image_sizes) -> list[int]:
+    def _tower_inputs(self, arguments: dict) -> list[int]:
         """Tower inputs (base + crops) of each image, as ``get_image_features`` splits them."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         return [
             image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-            for size in image_sizes
+            for size in arguments["image_sizes"]
         ]
 
     def image_parts(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[ImageParts]:
         image_sizes = arguments["image_sizes"]
         strategy = arguments.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        per_patch = side * side + (1 if strategy == "full" else 0)
+        # Tokens per tower input after feature selection ("default" drops the first, the CLS token).
+        per_patch = side * side + int(self.info.tower_has_cls) - int(strategy == "default")
         newline = torch.zeros(3, dtype=torch.float64)
         newline[_PATCH] = -1
         out, start = [], 0
-        for i, (f, n_inputs) in enumerate(zip(features, self._tower_inputs(image_sizes))):
+        for i, (f, n_inputs) in enumerate(zip(features, self._tower_inputs(arguments))):
             markers = torch.zeros(n_inputs, per_patch, 3, dtype=torch.float64)
             markers[..., _IS_TOKEN] = 1
             markers[..., _PATCH] = torch.arange(n_inputs, dtype=torch.float64)[:, None]
             if cls_rows is not None:
                 markers[..., _CLS] = cls_rows[start : start + n_inputs, -per_patch:].double().cpu()
             start += n_inputs
-            packed = self._pack(markers, torch.as_tensor(image_sizes[i]).cpu(), strategy, newline)
+            packed = self._pack(markers, torch.as_tensor(image_sizes[i]).cpu(), arguments, newline)
             if packed.shape[0] != f.shape[0]:
                 raise RuntimeError(
-                    f"vtprune could not follow LLaVA-NeXT's packing of image {i}: {packed.shape[0]} tokens "
-                    f"expected, the model gave {f.shape[0]}"
+                    f"vtprune could not follow {type(self.model).__name__}'s packing of image {i}: "
+                    f"{packed.shape[0]} tokens expected, the model gave {f.shape[0]}"
                 )
-            out.append(self._parts(packed, side, per_patch, cls_rows is not None))
+            layout = self._crop_layout(image_sizes[i]) if n_inputs > 1 else None
+            out.append(self._parts(packed, side, per_patch, cls_rows is not None, layout))
         return out
 
+    def _crop_layout(self, image_size) -> tuple[int, int]:
+        """(rows, cols) of the crops the image is cut into, as ``pack_image_features`` computes it."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        return get_anyres_image_grid_shape(
+            image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        )
+
     @staticmethod
-    def _parts(packed: torch.Tensor, side: int, per_patch: int, with_cls: bool) -> ImageParts:
+    def _parts(packed: torch.Tensor, side: int, per_patch: int, with_cls: bool, layout) -> ImageParts:
         is_token = packed[:, _IS_TOKEN] > 0.5
         from_base = is_token & (packed[:, _PATCH] < 0.5)
         from_crops = is_token & ~from_base
         base = from_base.nonzero().flatten()
         parts = [ImagePart(base, (side, side) if base.numel() == side * side == per_patch else None)]
         crops = from_crops.nonzero().flatten()
+        per_crop, regions = (), None
         if crops.numel():
             rows = int((~is_token[crops[0] :]).sum())  # one newline closes every row of the crops grid
             grid = (rows, crops.numel() // rows) if rows and crops.numel() % rows == 0 else None
             parts.append(ImagePart(crops, grid))
+            if layout is not None and grid is not None:
+                per_crop = _split_by_crop(crops, packed[crops, _PATCH], grid, layout)
+                regions = _base_regions(side, layout)
         cls = packed[:, _CLS].float() * is_token if with_cls else None
-        return ImageParts(packed.shape[0], tuple(parts), cls)
+        return ImageParts(packed.shape[0], tuple(parts), cls, per_crop, regions)
+
+
+def _split_by_crop(crops: torch.Tensor, source: torch.Tensor, grid, layout) -> tuple[ImagePart, ...]:
+    """One part per crop (row-major over the crops), each with its own grid.
+
+    crops: token positions of the crops grid's tokens; source: their tower input (1 + crop index;
+    fractional where the model resampled the grid, rounded to the nearest crop)."""
+    crop = (source.round().long() - 1).clamp(0, layout[0] * layout[1] - 1)
+    cols = grid[1]
+    out = []
+    for c in range(layout[0] * layout[1]):
+        mine = (crop == c).nonzero().flatten()
+        rows = (mine // cols).unique().numel()
+        part_grid = (rows, mine.numel() // rows) if rows and mine.numel() % rows == 0 else None
+        out.append(ImagePart(crops[mine], part_grid))
+    return tuple(out)
+
+
+def _base_regions(side: int, layout) -> torch.Tensor:
+    """(side * side,) the crop covering each base-image token's region, as GlobalCom² maps them."""
+    n_rows, n_cols = layout
+    i, j = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)
+    row = (i // max(side // n_rows, 1)).clamp(max=n_rows - 1)
+    col = (j // max(side // n_cols, 1)).clamp(max=n_cols - 1)
+    return row * n_cols + col

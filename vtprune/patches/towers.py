@@ -1,6 +1,8 @@
 """Vision towers: where their encoder layers are and how to recompute their CLS attention row.
 
-Knowledge of specific vision-encoder classes lives here and nowhere else.
+Knowledge of specific vision-encoder classes lives here and nowhere else. Towers without a CLS token
+(SigLIP) get a substitute score instead of the CLS row: the attention each token receives, averaged
+over heads and over all query tokens.
 """
 
 from __future__ import annotations
@@ -65,9 +67,23 @@ def _cls_row(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor) -> torch.T
     return attention_rows(q, k, scale=scale)[:, 0]
 
 
+def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """(B, T) attention each token receives in an encoder layer, averaged over heads and queries."""
+    attn = getattr(layer, spec.attention)
+    x = getattr(layer, spec.norm)(hidden)
+    b, t, _ = x.shape
+    head_dim = attn.head_dim
+    q = getattr(attn, spec.query)(x).view(b, t, -1, head_dim).transpose(1, 2)
+    k = getattr(attn, spec.key)(x).view(b, t, -1, head_dim).transpose(1, 2)
+    scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None)
+    # One tower input at a time: the whole (T, T) map of every head is needed.
+    return torch.cat([attention_rows(q[i : i + 1], k[i : i + 1], scale=scale).mean(1) for i in range(b)])
+
+
 @contextmanager
 def capture_cls_attention(tower: nn.Module, layers: list[int]):
-    """Record, while active, the CLS attention row of the given encoder layers on every tower call.
+    """Record, while active, the CLS attention row of the given encoder layers on every tower call
+    (on towers without a CLS token, the mean attention each token receives).
 
     Yields a list that receives one (B, T) fp32 tensor per layer call, summed over ``layers`` per
     tower call by the caller. Hooks are removed on exit, even when the tower raises.
@@ -75,11 +91,12 @@ def capture_cls_attention(tower: nn.Module, layers: list[int]):
     spec = tower_spec(tower)
     modules = spec.layers(tower)
     rows: list[torch.Tensor] = []
+    score = _cls_row if spec.has_cls else _received
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         with torch.no_grad():
-            rows.append(_cls_row(module, spec, hidden))
+            rows.append(score(module, spec, hidden))
 
     handles = [modules[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -102,15 +102,33 @@ class Pruner:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+CROP_BUDGETS = ("proportional", "global")
+
+
 @dataclass
 class VisionPruner(Pruner):
-    """Selects visual tokens from the image features, before the language model."""
+    """Selects visual tokens from the image features, before the language model.
+
+    crop_budget: how an anyres image's budget (LLaVA-NeXT, OneVision) is shared: ``"proportional"``
+        gives the base image and the crops shares in proportion to their token counts and scores all
+        crops as one grid; ``"global"`` (GlobalCom²) gives the base image its proportional share and
+        splits the rest across the crops by the base image's CLS attention over each crop's region,
+        scoring each crop on its own. No effect on images without crops.
+    """
+
+    crop_budget: str = field(default="proportional", kw_only=True)
 
     stage: ClassVar[str] = "vision"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.crop_budget not in CROP_BUDGETS:
+            raise ValueError(f"crop_budget must be one of {CROP_BUDGETS}, got {self.crop_budget!r}")
+
     def tower_attention_layers(self, info: ModelInfo) -> list[int]:
-        """Vision-encoder layers whose CLS attention this pruner scores with (none by default)."""
-        return []
+        """Vision-encoder layers whose CLS attention this pruner scores with (none by default; the
+        selected feature's layer when ``crop_budget="global"`` needs it)."""
+        return list(info.feature_layers) if self.crop_budget == "global" else []
 
     def select(self, tokens: VisionTokens) -> torch.Tensor:
         """Ascending (k,) long indices into ``tokens.features`` of the tokens to keep."""

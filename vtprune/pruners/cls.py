@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -10,12 +11,15 @@ from vtprune.pruners.base import ModelInfo, VisionPruner, VisionTokens, top_k_so
 from vtprune.registry import register
 
 STRATEGIES = ("rank", "row")
+_WARNED: set[str] = set()  # towers already warned about (once per process)
 
 
 @register
 @dataclass
 class CLSPrune(VisionPruner):
-    """Keeps the tokens the vision tower's CLS token attends to most (head mean).
+    """Keeps the tokens the vision tower's CLS token attends to most (head mean). On towers without a
+    CLS token (SigLIP), the tokens that receive the most attention (mean over heads and queries),
+    with a warning.
 
     layers: vision-encoder layers (0-based; negative counts from the end) whose CLS attention is
         summed. ``None`` uses the layer that produces the selected feature (``vision_feature_layer``;
@@ -40,8 +44,13 @@ class CLSPrune(VisionPruner):
                 raise ValueError(f"layers must be a non-empty list of ints or None, got {self.layers!r}")
 
     def check(self, info: ModelInfo) -> None:
-        if not info.tower_has_cls:
-            raise ValueError(f"the 'cls' pruner needs a vision tower with a CLS token; {info.tower_name} has none")
+        if not info.tower_has_cls and info.tower_name not in _WARNED:
+            _WARNED.add(info.tower_name)
+            warnings.warn(
+                f"the 'cls' pruner: {info.tower_name} has no CLS token; each patch is scored by the mean "
+                "attention it receives instead (over heads and all tokens of the tower input)",
+                stacklevel=5,  # the caller of vtprune.apply
+            )
         n = info.num_tower_layers
         bad = [i for i in self.layers or [] if not -n <= i < n]
         if bad:

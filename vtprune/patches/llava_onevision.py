@@ -1,0 +1,33 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``, llava-hf ``llava-onevision-*``): images.
+
+LLaVA-NeXT's layout (base grid, crops grid with a newline after each row) with three differences,
+all followed by running the model's own packing on markers (see ``llava_next.py``): a SigLIP tower
+without a CLS token (``cls`` scores the attention each patch receives instead, and warns), crops
+grids resampled down when they exceed ``vision_aspect_ratio`` (``anyres_max_9``: nine tower inputs'
+worth of tokens), and images of multi-image samples (``batch_num_images`` > 1) sent without crops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.patches.llava_next import LlavaNextAdapter
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    supported = ("LlavaOnevisionForConditionalGeneration",)
+
+    def _pack(self, markers: torch.Tensor, image_size: torch.Tensor, arguments: dict, newline: torch.Tensor):
+        ratio = arguments.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+        packed, _ = self.model.model.pack_image_features(
+            [markers], image_size[None], image_newline=newline, vision_aspect_ratio=ratio
+        )
+        return packed[0]
+
+    def _tower_inputs(self, arguments: dict) -> list[int]:
+        crops = super()._tower_inputs(arguments)
+        per_sample = arguments.get("batch_num_images")
+        if per_sample is None:
+            return crops
+        alone = [int(n) == 1 for n in per_sample for _ in range(int(n))]
+        return [n if single else 1 for n, single in zip(crops, alone)]
