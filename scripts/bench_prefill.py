@@ -11,11 +11,14 @@ multi-drop pruners read ``keep`` as the mean number of visual tokens per layer.
     python scripts/bench_prefill.py                 # LLaVA-shaped CPU model, keep 64/128/192
     python scripts/bench_prefill.py --repeats 3 --keeps 64
     python scripts/bench_prefill.py --family llava_next   # a 672x672 image: 2,880 visual tokens
+    python scripts/bench_prefill.py --family qwen2_vl     # a 728x1176 image: 1,092 visual tokens
 
 Model (random weights): CLIP-like tower (336 px, patch 14 -> 576 patches per tower input), Llama
 decoder with hidden 1024, 8 layers, 16 heads, vocabulary 32,000; fp32. ``--family llava_next``: the
 same in LLaVA-NeXT's anyres layout with LLaVA-1.6's crop shapes; a 672x672 image is a base image and
-2x2 crops: 576 + 2,304 visual tokens and 48 newline tokens (never pruned). Prefill = one forward
+2x2 crops: 576 + 2,304 visual tokens and 48 newline tokens (never pruned). ``--family qwen2_vl``: a
+Qwen2-VL tower of the same width and depth (14 px patches, merged 2x2) and the same decoder with M-RoPE;
+a 728x1176 image is 52 x 84 patches, 1,092 visual tokens. Prefill = one forward
 computing the last token's logits (``logits_to_keep=1``, as ``generate()`` does).
 """
 
@@ -36,11 +39,12 @@ from vtprune.testing import (
     make_prompt,
     tiny_llava,
     tiny_llava_next,
+    tiny_qwen2_vl,
 )
 from vtprune.timing import median_seconds, paired_median_seconds
 
-FAMILIES = ("llava", "llava_next")
-DEFAULT_KEEPS = {"llava": [64, 128, 192], "llava_next": [160, 320, 640]}
+FAMILIES = ("llava", "llava_next", "qwen2_vl")
+DEFAULT_KEEPS = {"llava": [64, 128, 192], "llava_next": [160, 320, 640], "qwen2_vl": [128, 256, 512]}
 
 
 def build(args) -> tuple:
@@ -50,14 +54,22 @@ def build(args) -> tuple:
     if args.family == "llava":
         model = tiny_llava(**tower, **LLAVA_SHAPED_LLM)
         return model, batch_inputs(model, [make_prompt(model, before, after)])
-    model = tiny_llava_next(image_size=336, **tower, **LLAVA_SHAPED_LLM)
-    images = {"pixel_values": torch.randn(1, 5, 3, 336, 336), "image_sizes": torch.tensor([[672, 672]])}
+    if args.family == "llava_next":
+        model = tiny_llava_next(image_size=336, **tower, **LLAVA_SHAPED_LLM)
+        images = {"pixel_values": torch.randn(1, 5, 3, 336, 336), "image_sizes": torch.tensor([[672, 672]])}
+    else:
+        model = tiny_qwen2_vl(**tower, **LLAVA_SHAPED_LLM)
+        h, w = 52, 84  # patches of a 728 x 1176 px image: 26 x 42 = 1,092 visual tokens
+        images = {"pixel_values": torch.randn(h * w, 1176), "image_grid_thw": torch.tensor([[1, h, w]])}
     ids = torch.tensor([before + [IMAGE_TOKEN_ID] * image_token_counts(model, **images)[0] + after])
-    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), **images}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **images}
+    if args.family == "qwen2_vl":
+        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN_ID).int()
+    return model, inputs
 
 
 def image_inputs(inputs) -> dict:
-    return {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+    return {k: inputs[k] for k in ("pixel_values", "image_sizes", "image_grid_thw") if k in inputs}
 
 
 def fixed_positions(model, inputs) -> torch.Tensor:

@@ -6,11 +6,18 @@ Adding a family to the matrix is adding a ``Family`` here (and to ``FAMILIES``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 import torch
 
-from vtprune.testing import IMAGE_TOKEN_ID, image_token_counts, tiny_llava, tiny_llava_next, tiny_llava_onevision
+from vtprune.testing import (
+    IMAGE_TOKEN_ID,
+    image_token_counts,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_llava_onevision,
+    tiny_qwen2_vl,
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,8 @@ class Family:
         for before, after, n in samples:
             images = self.images(n, first) if n else {}
             counts = image_token_counts(model, **images) if n else []
-            ids = before + [t for c in counts for t in [IMAGE_TOKEN_ID] * c] + after
+            # a text token between images, as chat templates put (Qwen2-VL's M-RoPE needs it)
+            ids = before + [t for c in counts for t in [IMAGE_TOKEN_ID] * c + [3]][:-1] + after
             per_sample.append(
                 {
                     "input_ids": torch.tensor([ids]),
@@ -60,7 +68,29 @@ class Family:
         batch = {"input_ids": ids, "attention_mask": mask}
         if first:
             batch.update(self.images(first))
+        for inputs in [batch, *per_sample]:
+            inputs.update(self.token_types(inputs["input_ids"]))
         return batch, per_sample
+
+    def token_types(self, ids: torch.Tensor) -> dict:
+        """Per-token inputs a family's prompts need besides input_ids (none by default)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class Qwen2VLFamily(Family):
+    """Images of h x w patches: pixel_values concatenated over images, one image_grid_thw row each."""
+
+    def images(self, n: int, first: int = 0) -> dict:
+        grids = [self.sizes[i % len(self.sizes)] for i in range(first, first + n)]
+        pixels = [
+            torch.randn(h * w, self.image_shape[0], generator=torch.Generator().manual_seed(100 + i))
+            for i, (h, w) in zip(range(first, first + n), grids)
+        ]
+        return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids])}
+
+    def token_types(self, ids: torch.Tensor) -> dict:
+        return {"mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int()}
 
 
 @cache
@@ -74,6 +104,9 @@ FAMILIES = (
     Family("llava_next", tiny_llava_next, (5, 3, 112, 112), sizes=((60, 200), (150, 100), (200, 200))),
     # SigLIP (no CLS token); 200x200's 2x2 crops grid is resampled down (anyres_max_2)
     Family("llava_onevision", tiny_llava_onevision, (5, 3, 112, 112), sizes=((200, 200), (60, 200), (150, 100))),
+    # image sizes in patches (h, w): 16 x 20 patches -> 8 x 10 = 80 visual tokens
+    Qwen2VLFamily("qwen2_vl", tiny_qwen2_vl, (1176,), sizes=((16, 20), (12, 12), (20, 8))),
+    Qwen2VLFamily("qwen2_5_vl", partial(tiny_qwen2_vl, version="2.5"), (1176,), sizes=((16, 20), (12, 12), (20, 8))),
 )
 
 

@@ -17,13 +17,18 @@ def family(request):
     return request.param
 
 
+IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw")
+
+
+def image_inputs(inputs) -> dict:
+    return {k: v for k, v in inputs.items() if k in IMAGE_INPUTS}
+
+
 def fixed_tokens(model, inputs) -> list[torch.Tensor]:
     """Per image, the positions among its tokens that are not image patches (LLaVA-NeXT's newline
     tokens), found by comparing the model's own features with its newline embedding."""
     with torch.no_grad():
-        features = model.model.get_image_features(
-            **{k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}, return_dict=True
-        ).pooler_output
+        features = model.model.get_image_features(**image_inputs(inputs), return_dict=True).pooler_output
     newline = getattr(model.model, "image_newline", None)
     if newline is None:
         return [torch.zeros(0, dtype=torch.long) for _ in features]
@@ -113,9 +118,7 @@ def test_vision_stage_equals_the_prompt_written_with_the_kept_tokens(family, nam
     # The reference: the unwrapped model fed only the kept patch tokens and every fixed token.
     fixed = fixed_tokens(model, inputs)[0]
     with torch.no_grad():
-        features = model.model.get_image_features(
-            **{k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}, return_dict=True
-        ).pooler_output[0]
+        features = model.model.get_image_features(**image_inputs(inputs), return_dict=True).pooler_output[0]
     is_patch = torch.ones(features.shape[0], dtype=torch.bool)
     is_patch[fixed] = False
     stays = torch.cat([is_patch.nonzero().flatten()[kept], fixed]).sort().values
@@ -125,8 +128,14 @@ def test_vision_stage_equals_the_prompt_written_with_the_kept_tokens(family, nam
     keep_pos[image] = False
     keep_pos[image[stays]] = True
     short_ids = ids[keep_pos][None]
+    positions = {}
+    if "mm_token_type_ids" in inputs:  # M-RoPE: kept tokens and the text keep their original positions
+        full, _ = model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
+        )
+        positions = {"position_ids": full[:, :, keep_pos]}
     with torch.no_grad():
         embeds = model.get_input_embeddings()(short_ids)
         embeds[short_ids == IMAGE_TOKEN_ID] = features[stays]
-        expected = model(inputs_embeds=embeds).logits
+        expected = model(inputs_embeds=embeds, **positions).logits
     torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)

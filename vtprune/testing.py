@@ -189,6 +189,69 @@ def tiny_llava_onevision(
     return _finish(LlavaOnevisionForConditionalGeneration, config, attn, torch.float32, seed)
 
 
+def tiny_qwen2_vl(
+    *,
+    attn: str = "sdpa",
+    version: str = "2",
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    vocab: int = 96,
+    seed: int = 0,
+):
+    """A random ``Qwen2VLForConditionalGeneration`` (``version="2.5"``: ``Qwen2_5_VLForConditionalGeneration``,
+    with windowed attention in all tower blocks but the last) in eval mode: 14 px patches merged 2x2,
+    a decoder with M-RoPE, image token id ``IMAGE_TOKEN_ID``. An image of h x w patches (both even) is
+    ``pixel_values`` (h * w, 1176) and an ``image_grid_thw`` row (1, h, w), and gives h * w / 4 visual
+    tokens; prompts need ``mm_token_type_ids`` (1 at image tokens)."""
+    import transformers
+
+    if version == "2":
+        vision = {"embed_dim": vision_hidden, "hidden_size": hidden, "mlp_ratio": 2}
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        vision = {"hidden_size": vision_hidden, "out_hidden_size": hidden, "intermediate_size": 2 * vision_hidden}
+        vision.update({"window_size": 56, "fullatt_block_indexes": [vision_layers - 1]})
+        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    vision.update({"depth": vision_layers, "num_heads": vision_heads, "patch_size": 14})
+    vision.update({"spatial_merge_size": 2, "temporal_patch_size": 2})
+    half = hidden // heads // 2  # rotary frequencies per head, shared by time, height and width
+    spatial = (half - half // 4) // 2
+    text = {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate or 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [half - 2 * spatial, spatial, spatial],
+        },
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    config = config_class(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_start_token_id=29,
+        pad_token_id=0,
+    )
+    return _finish(model_class, config, attn, torch.float32, seed)
+
+
 @torch.no_grad()
 def image_token_counts(model, **image_inputs) -> list[int]:
     """Placeholder tokens of each image, from the model's own feature packing (any family)."""

@@ -88,6 +88,7 @@ class DecodeTranslation:
 
     comp: Compaction
     short_mask: torch.Tensor | None  # (B, L') mask of the shortened prompt, None if all ones
+    shift_positions: bool = True  # False where kept tokens kept their original positions (M-RoPE)
 
     @property
     def shrink(self) -> int:
@@ -111,6 +112,6 @@ class DecodeTranslation:
         return torch.cat([self.short_mask, tail], dim=1)
 
     def position_ids(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
-        if position_ids is None:
-            return None
+        if position_ids is None or not self.shift_positions:
+            return position_ids
         return position_ids - self.comp.dropped[:, None].to(position_ids.device)

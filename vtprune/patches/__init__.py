@@ -5,8 +5,9 @@ from __future__ import annotations
 from vtprune.patches.llava import LlavaAdapter
 from vtprune.patches.llava_next import LlavaNextAdapter
 from vtprune.patches.llava_onevision import LlavaOnevisionAdapter
+from vtprune.patches.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter)
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
 
 
 def supported_classes() -> list[str]:

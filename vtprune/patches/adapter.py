@@ -67,6 +67,11 @@ class Adapter:
     ``visual_tokens`` and ``image_parts``."""
 
     supported: tuple[str, ...] = ()
+    # Vision stage: whether kept tokens keep their original positions (M-RoPE families) instead of
+    # closing up as in a prompt written with fewer image tokens; and per-token inputs that are
+    # shortened together with input_ids.
+    keeps_positions: bool = False
+    token_aligned: tuple[str, ...] = ()
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -87,10 +92,24 @@ class Adapter:
         """
         raise NotImplementedError
 
+    def vision_tower(self):
+        return self.model.model.vision_tower
+
+    def feature_layers(self, n_tower: int) -> tuple[int, ...]:
+        """Encoder layers (0-based) whose outputs are the selected image features."""
+        return _feature_layers(self.config, n_tower)
+
+    def original_positions(self, a: dict) -> torch.Tensor | None:
+        """(R, B, L) position ids of the full prompt, for families that keep them (``keeps_positions``)."""
+        return None
+
+    def shortened(self, comp: Compaction, positions: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Called when the vision stage shortened a prompt whose tokens keep ``positions`` (R, B, L)."""
+
     def __init__(self, model):
         self.model = model
         self.config = model.config
-        self.tower = model.model.vision_tower
+        self.tower = self.vision_tower()
         self.language_model = model.model.language_model
         self.decoder_layers = self.language_model.layers
         n_tower = towers.num_tower_layers(self.tower)
@@ -99,7 +118,7 @@ class Adapter:
             num_tower_layers=n_tower,
             tower_has_cls=towers.has_cls_token(self.tower),
             tower_name=type(self.tower).__name__,
-            feature_layers=_feature_layers(self.config, n_tower),
+            feature_layers=self.feature_layers(n_tower),
             visual_tokens=self.visual_tokens(),
         )
         self.last: PruneStats | None = None
@@ -304,9 +323,21 @@ class Adapter:
         )
         short = None
         if not comp.is_identity:
+            positions = self.original_positions(a) if self.keeps_positions else a.get("position_ids")
             short = shorten_prompt(
-                comp, input_ids, a.get("attention_mask"), a.get("position_ids"), a.get("labels"), self._pad_token_id()
+                comp,
+                input_ids,
+                a.get("attention_mask"),
+                None if self.keeps_positions else positions,
+                a.get("labels"),
+                self._pad_token_id(),
             )
+            if self.keeps_positions:
+                short["position_ids"] = torch.stack([comp.gather(row, fill=0) for row in positions])
+                self.shortened(comp, positions, a.get("attention_mask"))
+            for name in self.token_aligned:
+                if a.get(name) is not None:
+                    short[name] = comp.gather(a[name], fill=0)
             a.update({k: v for k, v in short.items() if k != "labels" or "labels" in a})
             pruned = BaseModelOutputWithPooling(
                 pooler_output=[f[p.token_positions(k).to(f.device)] for f, p, k in zip(features, parts, per_image)]
@@ -332,7 +363,9 @@ class Adapter:
         cache = getattr(out, "past_key_values", None)
         if cache is not None and short is not None:
             mask = short["attention_mask"]
-            self._decode[cache] = DecodeTranslation(comp, None if mask is None or bool(mask.all()) else mask)
+            self._decode[cache] = DecodeTranslation(
+                comp, None if mask is None or bool(mask.all()) else mask, shift_positions=not self.keeps_positions
+            )
         return out
 
     def _pad_token_id(self) -> int:

@@ -7,6 +7,7 @@ over heads and over all query tokens.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,13 +20,14 @@ from vtprune.ops import attention_rows
 
 @dataclass(frozen=True)
 class TowerSpec:
-    """How to reach the pre-attention norm and the q/k projections of one tower family's layers."""
+    """How to reach the pre-attention norm and the q/k projections of one tower family's layers
+    (``query``/``key`` None: one fused ``qkv`` projection, as in Qwen2-VL's towers)."""
 
     layers: Callable[[nn.Module], nn.ModuleList]
     norm: str  # attribute of an encoder layer: the norm applied before self-attention
     attention: str  # attribute of an encoder layer: the self-attention module
-    query: str
-    key: str
+    query: str | None
+    key: str | None
     has_cls: bool
 
 
@@ -39,6 +41,10 @@ _SPECS = {
     "CLIPVisionModel": TowerSpec(_clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", True),
     "Dinov2Model": TowerSpec(lambda t: t.encoder.layer, "norm1", "attention", "q_proj", "k_proj", True),
     "SiglipVisionModel": TowerSpec(_clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", False),
+    # Qwen2-VL / Qwen2.5-VL: every image's patches in one sequence, attention within segments
+    # (cu_seqlens), 2-D rotary embeddings; no CLS token.
+    "Qwen2VisionTransformerPretrainedModel": TowerSpec(lambda t: t.blocks, "norm1", "attn", None, None, False),
+    "Qwen2_5_VisionTransformerPretrainedModel": TowerSpec(lambda t: t.blocks, "norm1", "attn", None, None, False),
 }
 
 
@@ -47,7 +53,8 @@ def tower_spec(tower: nn.Module) -> TowerSpec | None:
 
 
 def num_tower_layers(tower: nn.Module) -> int:
-    return tower.config.num_hidden_layers
+    config = tower.config
+    return config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.depth
 
 
 def has_cls_token(tower: nn.Module) -> bool:
@@ -55,7 +62,7 @@ def has_cls_token(tower: nn.Module) -> bool:
     return spec is not None and spec.has_cls
 
 
-def _cls_row(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor) -> torch.Tensor:
+def _cls_row(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """(B, T) head-mean attention of token 0 (CLS) over all T tokens of an encoder layer's input."""
     attn = getattr(layer, spec.attention)
     x = getattr(layer, spec.norm)(hidden)
@@ -67,17 +74,40 @@ def _cls_row(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor) -> torch.T
     return attention_rows(q, k, scale=scale)[:, 0]
 
 
-def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor) -> torch.Tensor:
-    """(B, T) attention each token receives in an encoder layer, averaged over heads and queries."""
+_QUERY_CHUNK = 512  # query rows per step when averaging a whole attention map
+
+
+def _received_by(q: torch.Tensor, k: torch.Tensor, scale) -> torch.Tensor:
+    """(B, T) head- and query-mean attention probabilities each key receives; q, k: (B, H, T, D)."""
+    total = sum(
+        attention_rows(q[:, :, i : i + _QUERY_CHUNK], k, scale=scale).sum(1) for i in range(0, q.shape[2], _QUERY_CHUNK)
+    )
+    return total / q.shape[2]
+
+
+def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Attention each token receives in an encoder layer, averaged over heads and queries: (B, T),
+    or (S,) for a fused-qkv tower whose one sequence holds every image (each its own segment)."""
     attn = getattr(layer, spec.attention)
     x = getattr(layer, spec.norm)(hidden)
-    b, t, _ = x.shape
-    head_dim = attn.head_dim
-    q = getattr(attn, spec.query)(x).view(b, t, -1, head_dim).transpose(1, 2)
-    k = getattr(attn, spec.key)(x).view(b, t, -1, head_dim).transpose(1, 2)
     scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None)
-    # One tower input at a time: the whole (T, T) map of every head is needed.
-    return torch.cat([attention_rows(q[i : i + 1], k[i : i + 1], scale=scale).mean(1) for i in range(b)])
+    if spec.query is None:
+        n = x.shape[0]
+        q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = kwargs["position_embeddings"]
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+        bounds = kwargs["cu_seqlens"].tolist()
+        return torch.cat(
+            [
+                _received_by(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], scale)[0]
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ]
+        )
+    b, t, _ = x.shape
+    q = getattr(attn, spec.query)(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    k = getattr(attn, spec.key)(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    # One tower input at a time: each needs its whole (T, T) map.
+    return torch.cat([_received_by(q[i : i + 1], k[i : i + 1], scale) for i in range(b)])
 
 
 @contextmanager
@@ -85,8 +115,9 @@ def capture_cls_attention(tower: nn.Module, layers: list[int]):
     """Record, while active, the CLS attention row of the given encoder layers on every tower call
     (on towers without a CLS token, the mean attention each token receives).
 
-    Yields a list that receives one (B, T) fp32 tensor per layer call, summed over ``layers`` per
-    tower call by the caller. Hooks are removed on exit, even when the tower raises.
+    Yields a list that receives one (B, T) fp32 tensor per layer call ((S,) for Qwen2-VL towers),
+    summed over ``layers`` per tower call by the caller. Hooks are removed on exit, even when the
+    tower raises.
     """
     spec = tower_spec(tower)
     modules = spec.layers(tower)
@@ -96,7 +127,7 @@ def capture_cls_attention(tower: nn.Module, layers: list[int]):
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         with torch.no_grad():
-            rows.append(score(module, spec, hidden))
+            rows.append(score(module, spec, hidden, kwargs))
 
     handles = [modules[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
     try:

@@ -1,0 +1,100 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+
+An image's visual tokens are its 2x2-merged patches, in raster order over the merged grid
+(``image_grid_thw`` rows (t, h, w) in patches: h/2 x w/2 tokens per frame). Positions are 3-D
+(M-RoPE: temporal, height, width; ``get_rope_index``). The vision stage keeps every kept token at its
+original 3-D position and the text after the image at its original positions, so layers see exactly
+the positions the unpruned prompt gives those tokens; ``model.model.rope_deltas`` (what the model adds
+to the cache length for later positions) is set to match the shortened cache, and restored when a
+pruned forward raises. ``mm_token_type_ids`` is shortened with the prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.core.image_parts import ImageParts
+from vtprune.core.patching import PerThread
+from vtprune.patches.adapter import Adapter
+
+
+class Qwen2VLAdapter(Adapter):
+    supported = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    keeps_positions = True
+    token_aligned = ("mm_token_type_ids",)
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._deltas = PerThread()  # per forward in flight: the rope_deltas its shortened prompt needs
+
+    def vision_tower(self):
+        return self.model.model.visual
+
+    def feature_layers(self, n_tower: int) -> tuple[int, ...]:
+        return (n_tower - 1,)  # the merger reads the last block's output
+
+    def image_parts(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[ImageParts]:
+        merge = self.config.vision_config.spatial_merge_size
+        grids = arguments["image_grid_thw"]
+        scores = None if cls_rows is None else self._token_scores(cls_rows, grids).split([f.shape[0] for f in features])
+        out = []
+        for i, (f, (t, h, w)) in enumerate(zip(features, grids.tolist())):
+            grid = (h // merge, w // merge) if t == 1 else None
+            out.append(ImageParts.single(f.shape[0], grid, None if scores is None else scores[i]))
+        return out
+
+    def _token_scores(self, patch_scores: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """(tokens,) per visual token, in the order of the features: the mean over the patches it
+        merges of ``patch_scores`` ((patches,) in the tower's block order)."""
+        unit = self.config.vision_config.spatial_merge_size**2
+        merged = patch_scores.reshape(-1, unit).mean(1)
+        if hasattr(self.tower, "window_size"):
+            # Qwen2.5-VL runs its blocks on merge groups reordered into attention windows.
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(
+                grids,
+                spatial_merge_size=self.tower.spatial_merge_size,
+                window_size=self.tower.window_size,
+                patch_size=self.tower.patch_size,
+            )
+            merged = merged[torch.argsort(window_index.to(merged.device))]
+        return merged.float()
+
+    def original_positions(self, a: dict) -> torch.Tensor:
+        """(3, B, L) M-RoPE positions of the full prompt: the ones ``generate()`` passes (their first
+        row, text positions, dropped), else the model's own ``get_rope_index``."""
+        given = a.get("position_ids")
+        if given is not None and given.dim() == 3:
+            return given[-3:]
+        if a.get("mm_token_type_ids") is None:
+            raise ValueError(
+                f"{type(self.model).__name__} needs mm_token_type_ids with images (the processor returns it)"
+            )
+        positions, _ = self.model.model.get_rope_index(
+            a["input_ids"],
+            mm_token_type_ids=a["mm_token_type_ids"],
+            image_grid_thw=a.get("image_grid_thw"),
+            video_grid_thw=a.get("video_grid_thw"),
+            attention_mask=a.get("attention_mask"),
+        )
+        return positions
+
+    def shortened(self, comp, positions: torch.Tensor, mask: torch.Tensor | None) -> None:
+        # The model continues positions at (tokens in the cache) + rope_deltas: with fewer tokens in
+        # the cache, each sample's delta grows by what it lost, so later tokens keep their positions.
+        valid = torch.ones_like(positions[0], dtype=torch.bool) if mask is None else mask.bool()
+        top = positions.amax(0).masked_fill(~valid, -1).amax(1)  # (B,) highest position of each sample
+        self._deltas.get()["after"] = (top + 1 - valid.sum(1) + comp.dropped.to(top.device))[:, None]
+
+    def _forward(self, original, a: dict):
+        saved = self.model.model.rope_deltas
+        with self._deltas.set({}) as deltas:
+            try:
+                out = super()._forward(original, a)
+            except BaseException:
+                self.model.model.rope_deltas = saved
+                raise
+        if "after" in deltas:
+            self.model.model.rope_deltas = deltas["after"]
+        return out
