@@ -61,21 +61,25 @@ def _clip_config(image_size: int, patch_size: int, hidden: int, layers: int, hea
     )
 
 
+def _text_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int | None, vocab: int) -> dict:
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate or 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
 def _llama_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int | None, vocab: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    return LlamaConfig(**_text_config(hidden, layers, heads, kv_heads, intermediate, vocab))
 
 
 def _finish(model_class, config, attn: str, dtype: torch.dtype, seed: int):
@@ -162,18 +166,7 @@ def tiny_llava_onevision(
         num_hidden_layers=vision_layers,
         num_attention_heads=2,
     )
-    text = Qwen2Config(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    text = Qwen2Config(**_text_config(hidden, layers, 4, 2, None, vocab))
     s = image_size
     config = LlavaOnevisionConfig(
         vision_config=vision,
@@ -224,22 +217,11 @@ def tiny_qwen2_vl(
     vision.update({"spatial_merge_size": 2, "temporal_patch_size": 2})
     half = hidden // heads // 2  # rotary frequencies per head, shared by time, height and width
     spatial = (half - half // 4) // 2
-    text = {
-        "hidden_size": hidden,
-        "intermediate_size": intermediate or 2 * hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "vocab_size": vocab,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [half - 2 * spatial, spatial, spatial],
-        },
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+    text = _text_config(hidden, layers, heads, kv_heads, intermediate, vocab)
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [half - 2 * spatial, spatial, spatial],
     }
     config = config_class(
         vision_config=vision,

@@ -2,7 +2,8 @@
 
 Dropped placeholders leave ``input_ids`` together with their mask, label and position entries, and
 the positions after them close up, so the language model sees exactly the prompt a user would have
-written with fewer image tokens. Decode steps that follow a shortened prefill arrive with masks and
+written with fewer image tokens (families with M-RoPE keep every token's original position instead;
+the adapter passes those). Decode steps that follow a shortened prefill arrive with masks and
 positions of the original length; ``DecodeTranslation`` maps them onto the shortened cache.
 """
 
