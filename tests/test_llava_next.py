@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import greedy
 from families import FAMILIES, packed_sources
 
 import vtprune
@@ -112,3 +113,47 @@ def test_crop_budget_is_validated_and_has_no_effect_without_crops():
             model(**inputs)
         kept.append(handle.last.kept[0])
     assert torch.equal(kept[0], kept[1])
+
+
+def test_the_processors_batches_prune_like_single_prompts():
+    """LLaVA-NeXT's own processor (anyres crops, padded pixel_values, image_sizes) end to end."""
+    from PIL import Image
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from vtprune.testing import tiny_llava_next, word_tokenizer
+
+    tokenizer, vocab = word_tokenizer(["<image>"])
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": 112},
+        crop_size={"height": 112, "width": 112},
+        image_grid_pinpoints=[[112, 224], [224, 112], [224, 224]],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    model = tiny_llava_next(vocab=len(vocab))
+    model.config.image_token_id = vocab["<image>"]
+    texts = ["<image> what is in the image ?", "a red <image> what is the circle ?"]
+    pictures = [Image.new("RGB", (200, 60), (200, 30, 30)), Image.new("RGB", (100, 150), (20, 30, 200))]
+    batch = processor(images=pictures, text=texts, return_tensors="pt", padding=True)
+    unpruned = greedy(model, batch)
+    with vtprune.apply(model, "divprune", keep=1.0):
+        assert torch.equal(greedy(model, batch), unpruned)
+    for name in ("divprune", "fastv"):
+        with vtprune.apply(model, name, keep=0.25) as handle:
+            together = greedy(model, batch)
+            kept = handle.last.kept_counts
+            for i in range(2):
+                alone = greedy(model, processor(images=[pictures[i]], text=[texts[i]], return_tensors="pt"))
+                assert torch.equal(together[i, -8:], alone[0, -8:]), (name, i)
+    with torch.no_grad():
+        packed = model.model.get_image_features(
+            pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], return_dict=True
+        ).pooler_output
+    patches = [int((~(f == model.model.image_newline).all(-1)).sum()) for f in packed]
+    assert kept == [round(0.25 * n) for n in patches]  # newline tokens are not counted

@@ -208,3 +208,45 @@ def test_cls_scores_each_token_by_the_attention_its_patches_receive(qwen):
     with handle, torch.no_grad():
         model(**inputs)
     assert torch.equal(handle.last.kept[0], scores.topk(15).indices.sort().values)
+
+
+def real_processor():
+    """Qwen2-VL's own processor (image processor, video processor, a word-level tokenizer with its
+    special tokens): prompts with <|vision_start|> ... <|vision_end|> and mm_token_type_ids."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from vtprune.testing import word_tokenizer
+
+    tokenizer, vocab = word_tokenizer(["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"])
+    tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
+    images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
+    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor()), vocab
+
+
+def test_the_processors_batches_prune_like_single_prompts():
+    from PIL import Image
+
+    from vtprune.testing import tiny_qwen2_vl
+
+    processor, vocab = real_processor()
+    model = tiny_qwen2_vl(vocab=len(vocab))
+    model.config.image_token_id = vocab["<|image_pad|>"]
+    model.config.video_token_id = vocab["<|video_pad|>"]
+    model.config.vision_start_token_id = vocab["<|vision_start|>"]
+    picture = "<|vision_start|><|image_pad|><|vision_end|>"
+    texts = [f"{picture} what is in the image ?", f"a red {picture} what is the circle ?"]
+    pictures = [Image.new("RGB", (200, 120), (200, 30, 30)), Image.new("RGB", (90, 150), (20, 30, 200))]
+    batch = processor(images=pictures, text=texts, return_tensors="pt", padding=True)
+    assert set(batch) >= {"mm_token_type_ids", "image_grid_thw"}
+    unpruned = greedy(model, batch)
+    with vtprune.apply(model, "divprune", keep=1.0):
+        assert torch.equal(greedy(model, batch), unpruned)
+    for name in ("divprune", "fastv"):
+        with vtprune.apply(model, name, keep=0.25) as handle:
+            together = greedy(model, batch)
+            kept = handle.last.kept_counts
+            for i in range(2):
+                alone = greedy(model, processor(images=[pictures[i]], text=[texts[i]], return_tensors="pt"))
+                assert torch.equal(together[i, -8:], alone[0, -8:]), (name, i)
+        n_tokens = [int(g.prod()) // 4 for g in batch["image_grid_thw"]]
+        assert kept == [max(1, round(0.25 * n)) for n in n_tokens]

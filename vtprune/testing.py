@@ -294,18 +294,13 @@ _WORDS = (
 ).split()
 
 
-def save_tiny_llava_hf(directory, *, attn: str = "sdpa"):
-    """Write a random tiny LLaVA in the llava-hf checkpoint layout to ``directory``: config and weights,
-    a word-level tokenizer with ``<image>`` and a chat template, and a CLIP image processor (336 px),
-    so ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` load it
-    like a real checkpoint. Returns the directory."""
-    from pathlib import Path
-
+def word_tokenizer(specials: list[str], words=_WORDS):
+    """A word-level fast tokenizer (left padding) over ``words`` with ``<s>``, ``</s>``, ``<unk>``,
+    ``<pad>`` and the model's own special tokens; returns it and its vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    vocab = {w: i for i, w in enumerate(specials + _WORDS)}
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *specials, *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
@@ -314,9 +309,22 @@ def save_tiny_llava_hf(directory, *, attn: str = "sdpa"):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        additional_special_tokens=["<image>"],
+        additional_special_tokens=specials,
         padding_side="left",
     )
+    return tokenizer, vocab
+
+
+def save_tiny_llava_hf(directory, *, attn: str = "sdpa"):
+    """Write a random tiny LLaVA in the llava-hf checkpoint layout to ``directory``: config and weights,
+    a word-level tokenizer with ``<image>`` and a chat template, and a CLIP image processor (336 px),
+    so ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` load it
+    like a real checkpoint. Returns the directory."""
+    from pathlib import Path
+
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer, vocab = word_tokenizer(["<image>"])
     images = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     processor = LlavaProcessor(
         image_processor=images,
