@@ -250,3 +250,52 @@ def test_the_processors_batches_prune_like_single_prompts():
                 assert torch.equal(together[i, -8:], alone[0, -8:]), (name, i)
         n_tokens = [int(g.prod()) // 4 for g in batch["image_grid_thw"]]
         assert kept == [max(1, round(0.25 * n)) for n in n_tokens]
+
+
+def video_inputs(model, before, after, with_image: bool):
+    """A prompt with a 4-frame 8 x 8-patch video (2 x 4 x 4 = 32 tokens), optionally an image first."""
+    from vtprune.testing import VIDEO_TOKEN_ID
+
+    g = torch.Generator().manual_seed(7)
+    inputs = {
+        "pixel_values_videos": torch.randn(4 // 2 * 8 * 8, 1176, generator=g),
+        "video_grid_thw": torch.tensor([[2, 8, 8]]),
+    }
+    ids = list(before)
+    if with_image:
+        inputs.update(
+            {"pixel_values": torch.randn(16 * 20, 1176, generator=g), "image_grid_thw": torch.tensor([[1, 16, 20]])}
+        )
+        ids += [IMAGE_TOKEN_ID] * 80 + [3]
+    ids += [VIDEO_TOKEN_ID] * 32 + list(after)
+    ids = torch.tensor([ids])
+    types = (ids == IMAGE_TOKEN_ID).int() + 2 * (ids == VIDEO_TOKEN_ID).int()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types, **inputs}
+
+
+def test_video_tokens_pass_through_unpruned(qwen):
+    from vtprune.testing import VIDEO_TOKEN_ID
+
+    model = qwen.model()
+    video_only = video_inputs(model, [1, 5], [8, 9], with_image=False)
+    base = greedy(model, video_only)
+    for name in ("divprune", "fastv"):
+        with vtprune.apply(model, name, keep=8) as handle:
+            assert torch.equal(greedy(model, video_only), base)
+            assert handle.last is None  # no image, nothing pruned
+    both = video_inputs(model, [1, 5], [8, 9], with_image=True)
+    seen = {}
+
+    def count(module, args, kwargs):
+        seen["length"] = kwargs["hidden_states"].shape[1] if "hidden_states" in kwargs else args[0].shape[1]
+
+    with vtprune.apply(model, "divprune", keep=8) as handle:
+        hook = model.model.language_model.layers[0].register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(**both)
+        finally:
+            hook.remove()
+        assert handle.last.kept_counts == [8]  # of the image's 80 tokens
+    assert seen["length"] == both["input_ids"].shape[1] - 72  # the 32 video tokens all stay
+    assert int((both["input_ids"] == VIDEO_TOKEN_ID).sum()) == 32

@@ -246,13 +246,10 @@ class Adapter:
                 "past_key_values and the full token ids without pixel_values"
             )
         if encoded is None:
-            encode = self.model.model.get_image_features
-            # What the model's own forward passes on (image_sizes, batch_num_images, ...): every
-            # argument of this forward that get_image_features names.
-            named = {n: a[n] for n in inspect.signature(encode).parameters if n in a and n != "pixel_values"}
-            encoded = encode(pixel_values=a["pixel_values"], **named, return_dict=True)
-            a["pixel_values"] = None
-            a["mm_encoder_outputs"] = {**(a.get("mm_encoder_outputs") or {}), "image": encoded}
+            encoded = self._encode(a, "image", "pixel_values")
+        if a.get("pixel_values_videos") is not None:
+            # The model refuses raw videos next to encoded images; videos pass through unpruned.
+            self._encode(a, "video", "pixel_values_videos")
         features = list(encoded.pooler_output)
         parts = [self._parts_of(f) for f in features]
         layout = VisualLayout.from_placeholders(
@@ -264,6 +261,18 @@ class Adapter:
             self.last = stats
             return out
         return self._vision_forward(original, a, features, parts, layout, tail)
+
+    def _encode(self, a: dict, modality: str, pixels: str):
+        """Run the model's own ``get_{modality}_features`` as its forward would, and hand the result
+        to the forward as ``mm_encoder_outputs[modality]`` instead of the pixels."""
+        encode = getattr(self.model.model, f"get_{modality}_features")
+        # What the model's own forward passes on (image_sizes, batch_num_images, video_grid_thw, ...):
+        # every argument of this forward that the encoder names.
+        named = {n: a[n] for n in inspect.signature(encode).parameters if n in a and n != pixels}
+        encoded = encode(**{pixels: a[pixels]}, **named, return_dict=True)
+        a[pixels] = None
+        a["mm_encoder_outputs"] = {**(a.get("mm_encoder_outputs") or {}), modality: encoded}
+        return encoded
 
     def _tail_after_prompt(self, length: int) -> int | None:
         """Tokens after the last prompt token in this forward (assisted decoding's candidates, the
