@@ -11,6 +11,7 @@ multi-drop pruners read ``keep`` as the mean number of visual tokens per layer.
     python scripts/bench_prefill.py                 # LLaVA-shaped CPU model, keep 64/128/192
     python scripts/bench_prefill.py --repeats 3 --keeps 64
     python scripts/bench_prefill.py --family llava_next   # a 672x672 image: 2,880 visual tokens
+    python scripts/bench_prefill.py --family llava_onevision  # a 756x756 image: 3,645 visual tokens
     python scripts/bench_prefill.py --family qwen2_vl     # a 728x1176 image: 1,092 visual tokens
 
 Model (random weights): CLIP-like tower (336 px, patch 14 -> 576 patches per tower input), Llama
@@ -19,7 +20,9 @@ same in LLaVA-NeXT's anyres layout with LLaVA-1.6's crop shapes; a 672x672 image
 2x2 crops: 576 + 2,304 visual tokens and 48 newline tokens (never pruned). ``--family qwen2_vl``: a
 Qwen2-VL tower of the same width and depth (14 px patches, merged 2x2) and the same decoder with M-RoPE;
 a 728x1176 image is 52 x 84 patches, 1,092 visual tokens. Prefill = one forward
-computing the last token's logits (``logits_to_keep=1``, as ``generate()`` does).
+computing the last token's logits (``logits_to_keep=1``, as ``generate()`` does). ``--family
+llava_onevision``: a SigLIP-like tower (378 px, 27 x 27 patches, no CLS token) in OneVision's layout; a
+756x756 image is a base image and 2x2 crops: 729 + 2,916 visual tokens and 54 newline tokens.
 """
 
 from __future__ import annotations
@@ -39,12 +42,18 @@ from vtprune.testing import (
     make_prompt,
     tiny_llava,
     tiny_llava_next,
+    tiny_llava_onevision,
     tiny_qwen2_vl,
 )
 from vtprune.timing import median_seconds, paired_median_seconds
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl")
-DEFAULT_KEEPS = {"llava": [64, 128, 192], "llava_next": [160, 320, 640], "qwen2_vl": [128, 256, 512]}
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl")
+DEFAULT_KEEPS = {
+    "llava": [64, 128, 192],
+    "llava_next": [160, 320, 640],
+    "llava_onevision": [196, 392, 784],
+    "qwen2_vl": [128, 256, 512],
+}
 
 
 def build(args) -> tuple:
@@ -57,6 +66,9 @@ def build(args) -> tuple:
     if args.family == "llava_next":
         model = tiny_llava_next(image_size=336, **tower, **LLAVA_SHAPED_LLM)
         images = {"pixel_values": torch.randn(1, 5, 3, 336, 336), "image_sizes": torch.tensor([[672, 672]])}
+    elif args.family == "llava_onevision":
+        model = tiny_llava_onevision(image_size=378, vision_aspect_ratio="anyres_max_9", **tower, **LLAVA_SHAPED_LLM)
+        images = {"pixel_values": torch.randn(1, 5, 3, 378, 378), "image_sizes": torch.tensor([[756, 756]])}
     else:
         model = tiny_qwen2_vl(**tower, **LLAVA_SHAPED_LLM)
         h, w = 52, 84  # patches of a 728 x 1176 px image: 26 x 42 = 1,092 visual tokens

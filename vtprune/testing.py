@@ -141,8 +141,12 @@ def tiny_llava_onevision(
     patch_size: int = 14,
     vision_hidden: int = 32,
     vision_layers: int = 3,
+    vision_heads: int = 2,
     hidden: int = 64,
     layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
     vocab: int = 96,
     vision_aspect_ratio: str = "anyres_max_2",
     seed: int = 0,
@@ -164,9 +168,9 @@ def tiny_llava_onevision(
         hidden_size=vision_hidden,
         intermediate_size=4 * vision_hidden,
         num_hidden_layers=vision_layers,
-        num_attention_heads=2,
+        num_attention_heads=vision_heads,
     )
-    text = Qwen2Config(**_text_config(hidden, layers, 4, 2, None, vocab))
+    text = Qwen2Config(**_text_config(hidden, layers, heads, kv_heads, intermediate, vocab))
     s = image_size
     config = LlavaOnevisionConfig(
         vision_config=vision,
