@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import greedy
-from families import FAMILIES, packed_sources
+from families import FAMILIES, assert_processor_batches_prune_like_single_prompts, packed_sources
 
 import vtprune
 from vtprune.core.image_parts import split_budget
@@ -140,20 +140,30 @@ def test_the_processors_batches_prune_like_single_prompts():
     model.config.image_token_id = vocab["<image>"]
     texts = ["<image> what is in the image ?", "a red <image> what is the circle ?"]
     pictures = [Image.new("RGB", (200, 60), (200, 30, 30)), Image.new("RGB", (100, 150), (20, 30, 200))]
-    batch = processor(images=pictures, text=texts, return_tensors="pt", padding=True)
-    unpruned = greedy(model, batch)
-    with vtprune.apply(model, "divprune", keep=1.0):
-        assert torch.equal(greedy(model, batch), unpruned)
-    for name in ("divprune", "fastv"):
-        with vtprune.apply(model, name, keep=0.25) as handle:
-            together = greedy(model, batch)
-            kept = handle.last.kept_counts
-            for i in range(2):
-                alone = greedy(model, processor(images=[pictures[i]], text=[texts[i]], return_tensors="pt"))
-                assert torch.equal(together[i, -8:], alone[0, -8:]), (name, i)
+    batch, kept = assert_processor_batches_prune_like_single_prompts(model, processor, texts, pictures)
     with torch.no_grad():
         packed = model.model.get_image_features(
             pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], return_dict=True
         ).pooler_output
     patches = [int((~(f == model.model.image_newline).all(-1)).sum()) for f in packed]
-    assert kept == [round(0.25 * n) for n in patches]  # newline tokens are not counted
+    for counts in kept.values():
+        assert counts == [round(0.25 * n) for n in patches]  # newline tokens are not counted
+
+
+@pytest.mark.parametrize(
+    "family", [NEXT, next(f for f in FAMILIES if f.name == "llava_onevision")], ids=lambda f: f.name
+)
+def test_global_crop_budget_keeps_all_and_batches_like_single_prompts(family):
+    model = family.model()
+    samples = [([1, 5, 6], [], 0), ([1, 5], [7, 8], 2), ([1, 4, 4, 6], [9, 10, 11], 1)]
+    batch, singles = family.batch(model, samples)
+    base = greedy(model, batch)
+    with vtprune.apply(model, "divprune", keep=1.0, crop_budget="global"):
+        assert torch.equal(greedy(model, batch), base)
+    with vtprune.apply(model, "divprune", keep=0.2, crop_budget="global") as handle:
+        together = greedy(model, batch)
+        kept_together = handle.last.kept
+        for i, single in enumerate(singles):
+            assert torch.equal(together[i, -8:], greedy(model, single)[0, -8:]), f"sample {i} differs"
+            if i:
+                assert torch.equal(kept_together[i], handle.last.kept[0])

@@ -62,15 +62,24 @@ def has_cls_token(tower: nn.Module) -> bool:
     return spec is not None and spec.has_cls
 
 
+def _attention_input(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor) -> tuple:
+    """An encoder layer's self-attention module, its normed input and its softmax scale."""
+    attn = getattr(layer, spec.attention)
+    scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None)
+    return attn, getattr(layer, spec.norm)(hidden), scale
+
+
+def _heads(projection: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, T, D) -> (B, H, T, head_dim) through one of the q/k projections."""
+    b, t, _ = x.shape
+    return projection(x).view(b, t, -1, head_dim).transpose(1, 2)
+
+
 def _cls_row(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """(B, T) head-mean attention of token 0 (CLS) over all T tokens of an encoder layer's input."""
-    attn = getattr(layer, spec.attention)
-    x = getattr(layer, spec.norm)(hidden)
-    b, t, _ = x.shape
-    head_dim = attn.head_dim
-    q = getattr(attn, spec.query)(x[:, :1]).view(b, 1, -1, head_dim).transpose(1, 2)
-    k = getattr(attn, spec.key)(x).view(b, t, -1, head_dim).transpose(1, 2)
-    scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None)
+    attn, x, scale = _attention_input(layer, spec, hidden)
+    q = _heads(getattr(attn, spec.query), x[:, :1], attn.head_dim)
+    k = _heads(getattr(attn, spec.key), x, attn.head_dim)
     return attention_rows(q, k, scale=scale)[:, 0]
 
 
@@ -88,9 +97,7 @@ def _received_by(q: torch.Tensor, k: torch.Tensor, scale) -> torch.Tensor:
 def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Attention each token receives in an encoder layer, averaged over heads and queries: (B, T),
     or (S,) for a fused-qkv tower whose one sequence holds every image (each its own segment)."""
-    attn = getattr(layer, spec.attention)
-    x = getattr(layer, spec.norm)(hidden)
-    scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None)
+    attn, x, scale = _attention_input(layer, spec, hidden)
     if spec.query is None:
         n = x.shape[0]
         q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -103,11 +110,10 @@ def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: d
                 for a, b in zip(bounds[:-1], bounds[1:])
             ]
         )
-    b, t, _ = x.shape
-    q = getattr(attn, spec.query)(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    k = getattr(attn, spec.key)(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    q = _heads(getattr(attn, spec.query), x, attn.head_dim)
+    k = _heads(getattr(attn, spec.key), x, attn.head_dim)
     # One tower input at a time: each needs its whole (T, T) map.
-    return torch.cat([_received_by(q[i : i + 1], k[i : i + 1], scale) for i in range(b)])
+    return torch.cat([_received_by(q[i : i + 1], k[i : i + 1], scale) for i in range(x.shape[0])])
 
 
 @contextmanager
