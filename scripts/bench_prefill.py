@@ -13,6 +13,7 @@ multi-drop pruners read ``keep`` as the mean number of visual tokens per layer.
     python scripts/bench_prefill.py --family llava_next   # a 672x672 image: 2,880 visual tokens
     python scripts/bench_prefill.py --family llava_onevision  # a 756x756 image: 3,645 visual tokens
     python scripts/bench_prefill.py --family qwen2_vl     # a 728x1176 image: 1,092 visual tokens
+    python scripts/bench_prefill.py --family llava_next_video  # 16 frames: 2,304 visual tokens
 
 Model (random weights): CLIP-like tower (336 px, patch 14 -> 576 patches per tower input), Llama
 decoder with hidden 1024, 8 layers, 16 heads, vocabulary 32,000; fp32. ``--family llava_next``: the
@@ -23,6 +24,9 @@ a 728x1176 image is 52 x 84 patches, 1,092 visual tokens. Prefill = one forward
 computing the last token's logits (``logits_to_keep=1``, as ``generate()`` does). ``--family
 llava_onevision``: a SigLIP-like tower (378 px, 27 x 27 patches, no CLS token) in OneVision's layout; a
 756x756 image is a base image and 2x2 crops: 729 + 2,916 visual tokens and 54 newline tokens.
+``--family llava_next_video``: the LLaVA tower and decoder in LLaVA-NeXT-Video's layout; a video of 16
+frames at 336 px, each frame's 24 x 24 patches pooled to 12 x 12: 2,304 visual tokens; ``keep`` is per
+frame (``budget="per_frame"``).
 """
 
 from __future__ import annotations
@@ -37,23 +41,28 @@ import vtprune
 from vtprune.testing import (
     IMAGE_TOKEN_ID,
     LLAVA_SHAPED_LLM,
+    VIDEO_TOKEN_ID,
     batch_inputs,
     image_token_counts,
     make_prompt,
     tiny_llava,
     tiny_llava_next,
+    tiny_llava_next_video,
     tiny_llava_onevision,
     tiny_qwen2_vl,
+    video_token_counts,
 )
 from vtprune.timing import median_seconds, paired_median_seconds
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "llava_next_video")
 DEFAULT_KEEPS = {
     "llava": [64, 128, 192],
     "llava_next": [160, 320, 640],
     "llava_onevision": [196, 392, 784],
     "qwen2_vl": [128, 256, 512],
+    "llava_next_video": [18, 36, 72],  # per frame, of 144
 }
+VISUAL_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos")
 
 
 def build(args) -> tuple:
@@ -63,6 +72,11 @@ def build(args) -> tuple:
     if args.family == "llava":
         model = tiny_llava(**tower, **LLAVA_SHAPED_LLM)
         return model, batch_inputs(model, [make_prompt(model, before, after)])
+    if args.family == "llava_next_video":
+        model = tiny_llava_next_video(image_size=336, **tower, **LLAVA_SHAPED_LLM)
+        video = {"pixel_values_videos": torch.randn(1, 16, 3, 336, 336)}
+        ids = torch.tensor([before + [VIDEO_TOKEN_ID] * video_token_counts(model, **video)[0] + after])
+        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), **video}
     if args.family == "llava_next":
         model = tiny_llava_next(image_size=336, **tower, **LLAVA_SHAPED_LLM)
         images = {"pixel_values": torch.randn(1, 5, 3, 336, 336), "image_sizes": torch.tensor([[672, 672]])}
@@ -80,8 +94,13 @@ def build(args) -> tuple:
     return model, inputs
 
 
-def image_inputs(inputs) -> dict:
-    return {k: inputs[k] for k in ("pixel_values", "image_sizes", "image_grid_thw") if k in inputs}
+def visual_inputs(inputs) -> dict:
+    return {k: inputs[k] for k in VISUAL_INPUTS if k in inputs}
+
+
+def modality(inputs) -> tuple[str, int]:
+    """The prompt's one visual input: ("image" or "video", its placeholder token id)."""
+    return ("video", VIDEO_TOKEN_ID) if "pixel_values_videos" in inputs else ("image", IMAGE_TOKEN_ID)
 
 
 def fixed_positions(model, inputs) -> torch.Tensor:
@@ -89,15 +108,15 @@ def fixed_positions(model, inputs) -> torch.Tensor:
     newline = getattr(model.model, "image_newline", None)
     if newline is None:
         return torch.zeros(0, dtype=torch.long)
-    _, encode = unwrapped(model)
+    _, encode = unwrapped(model, modality(inputs)[0])
     with torch.no_grad():
-        features = encode(**image_inputs(inputs)).pooler_output[0]
+        features = encode(**visual_inputs(inputs)).pooler_output[0]
     return (features == newline).all(-1).nonzero().flatten()
 
 
-def surviving_positions(ids: torch.Tensor, kept: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+def surviving_positions(ids: torch.Tensor, kept: torch.Tensor, fixed: torch.Tensor, token_id: int) -> torch.Tensor:
     """(L,) bool: text tokens, fixed image tokens, and the prunable image tokens in ``kept``."""
-    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+    image = (ids == token_id).nonzero().flatten()
     prunable = torch.ones(image.numel(), dtype=torch.bool)
     prunable[fixed] = False
     stays = torch.ones(ids.numel(), dtype=torch.bool)
@@ -107,26 +126,27 @@ def surviving_positions(ids: torch.Tensor, kept: torch.Tensor, fixed: torch.Tens
     return stays
 
 
-def unwrapped(model):
-    """The class-level forward and image encoder, which bypass vtprune's instance patches, so the
-    ideal can be timed alternately with the pruned model while the pruner stays applied."""
+def unwrapped(model, kind: str):
+    """The class-level forward and image (video) encoder, which bypass vtprune's instance patches, so
+    the ideal can be timed alternately with the pruned model while the pruner stays applied."""
     forward = type(model).forward.__get__(model)
-    encode = type(model.model).get_image_features.__get__(model.model)
+    encode = getattr(type(model.model), f"get_{kind}_features").__get__(model.model)
     return forward, encode
 
 
 def ideal_vision(model, inputs, kept, fixed):
     """Tower + projector, then the LLM on the prompt holding only the kept (and fixed) image tokens."""
-    forward, encode = unwrapped(model)
+    kind, token_id = modality(inputs)
+    forward, encode = unwrapped(model, kind)
     ids = inputs["input_ids"][0]
-    stays = surviving_positions(ids, kept, fixed)
+    stays = surviving_positions(ids, kept, fixed, token_id)
     short_ids = ids[stays][None]
-    in_image = stays[ids == IMAGE_TOKEN_ID]
+    in_image = stays[ids == token_id]
 
     def run():
-        features = encode(**image_inputs(inputs)).pooler_output[0]
+        features = encode(**visual_inputs(inputs)).pooler_output[0]
         encoded = BaseModelOutputWithPooling(pooler_output=[features[in_image]])
-        return forward(input_ids=short_ids, mm_encoder_outputs={"image": encoded}, logits_to_keep=1)
+        return forward(input_ids=short_ids, mm_encoder_outputs={kind: encoded}, logits_to_keep=1)
 
     return run
 
@@ -135,21 +155,22 @@ def ideal_llm(model, inputs, drops, fixed):
     """Tower, then the decoder layers with the visual tokens of each drop point removed from that layer
     on (``drops``: [(layer, kept indices)] as in ``PruneStats.drops``), original positions, no scoring.
     (vtprune's decoder hooks stay registered but are inert outside a pruned forward.)"""
-    _, encode = unwrapped(model)
+    kind, token_id = modality(inputs)
+    _, encode = unwrapped(model, kind)
     lm = model.model.language_model
     ids = inputs["input_ids"]
     positions = torch.arange(ids.shape[1])
     # Per drop point: which of the tokens still present after the previous one stay.
     keeps, present = {}, torch.ones(ids.shape[1], dtype=torch.bool)
     for layer, kept in drops:
-        keep = surviving_positions(ids[0], kept[0], fixed)
+        keep = surviving_positions(ids[0], kept[0], fixed, token_id)
         keeps[layer] = keep[present]
         present = keep
 
     def run():
-        features = encode(**image_inputs(inputs)).pooler_output[0]
+        features = encode(**visual_inputs(inputs)).pooler_output[0]
         h = model.get_input_embeddings()(ids)
-        h = h.masked_scatter((ids == IMAGE_TOKEN_ID)[..., None], features)
+        h = h.masked_scatter((ids == token_id)[..., None], features)
         cos, sin = lm.rotary_emb(h, positions[None])
         for i, decoder_layer in enumerate(lm.layers):
             if i in keeps:
@@ -181,7 +202,7 @@ def main() -> None:
     keeps = args.keeps or DEFAULT_KEEPS[args.family]
     model, inputs = build(args)
     length = inputs["input_ids"].shape[1]
-    n_image = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    n_image = int((inputs["input_ids"] == modality(inputs)[1]).sum())
     fixed = fixed_positions(model, inputs)
 
     def timed(fn):

@@ -51,7 +51,8 @@ def _twice(keep):
 def apply(model, name, **options):
     if name == PIPELINE:
         keep = options.pop("keep")
-        return vtprune.apply(model, [vtprune.DivPrune(keep=_twice(keep)), vtprune.FastV(keep=keep, layer=2, **options)])
+        pruners = [vtprune.DivPrune(keep=_twice(keep), **options), vtprune.FastV(keep=keep, layer=2, **options)]
+        return vtprune.apply(model, pruners)
     return vtprune.apply(model, name, **{**PRUNER_OPTIONS[name], **options})
 
 
@@ -83,11 +84,11 @@ def scheduled_count(model, name, keep, n=576):
     from vtprune.patches import adapter_for
 
     if name == PIPELINE:
-        entering = vtprune.DivPrune(keep=_twice(keep)).budget(n)
-        return vtprune.FastV(keep=keep).budget(entering)
+        entering = vtprune.DivPrune(keep=_twice(keep)).keep_count(n)
+        return vtprune.FastV(keep=keep).keep_count(entering)
     pruner = make_pruner(name, **{**PRUNER_OPTIONS[name], "keep": keep})
     if pruner.stage == "vision":
-        return pruner.budget(n)
+        return pruner.keep_count(n)
     points = pruner.drop_points(adapter_for(model).info, n)
     return points[-1].keep if points else n
 

@@ -12,11 +12,14 @@ import torch
 
 from vtprune.testing import (
     IMAGE_TOKEN_ID,
+    VIDEO_TOKEN_ID,
     image_token_counts,
     tiny_llava,
     tiny_llava_next,
+    tiny_llava_next_video,
     tiny_llava_onevision,
     tiny_qwen2_vl,
+    video_token_counts,
 )
 
 
@@ -26,6 +29,7 @@ class Family:
     build: object  # (attn) -> model
     image_shape: tuple[int, ...]  # one image's pixel_values
     sizes: tuple = ()  # image_sizes the images cycle through (families with anyres inputs)
+    video_shape: tuple = ()  # one video's pixel_values_videos (families with videos)
 
     def model(self, attn: str = "sdpa"):
         return _model(self, attn)
@@ -43,22 +47,36 @@ class Family:
             out["image_sizes"] = torch.tensor([self.sizes[i % len(self.sizes)] for i in range(first, first + n)])
         return out
 
-    def batch(self, model, samples: list[tuple[list[int], list[int], int]]) -> tuple[dict, list[dict]]:
-        """Left-padded inputs for samples (text before, text after, images), and each sample alone."""
-        per_sample, first = [], 0
-        for before, after, n in samples:
+    def videos(self, n: int, first: int = 0) -> dict:
+        """Per-video inputs of videos first..first+n-1 (the same pixels for the same index)."""
+        pixels = [
+            torch.randn(self.video_shape, generator=torch.Generator().manual_seed(500 + i))
+            for i in range(first, first + n)
+        ]
+        return {"pixel_values_videos": torch.stack(pixels)}
+
+    def batch(self, model, samples: list[tuple]) -> tuple[dict, list[dict]]:
+        """Left-padded inputs for samples (text before, text after, images[, videos]; images come
+        first), and each sample alone."""
+        per_sample, first, first_video = [], 0, 0
+        for before, after, n, *more in samples:
+            v = more[0] if more else 0
             images = self.images(n, first) if n else {}
-            counts = image_token_counts(model, **images) if n else []
+            videos = self.videos(v, first_video) if v else {}
+            counts = [(IMAGE_TOKEN_ID, c) for c in image_token_counts(model, **images)] if n else []
+            counts += [(VIDEO_TOKEN_ID, c) for c in video_token_counts(model, **videos)] if v else []
             # a text token between images, as chat templates put (Qwen2-VL's M-RoPE needs it)
-            ids = before + [t for c in counts for t in [IMAGE_TOKEN_ID] * c + [3]][:-1] + after
+            ids = before + [t for token, c in counts for t in [token] * c + [3]][:-1] + after
             per_sample.append(
                 {
                     "input_ids": torch.tensor([ids]),
                     "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
                     **images,
+                    **videos,
                 }
             )
             first += n
+            first_video += v
         longest = max(s["input_ids"].shape[1] for s in per_sample)
         ids = torch.zeros(len(samples), longest, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -68,6 +86,8 @@ class Family:
         batch = {"input_ids": ids, "attention_mask": mask}
         if first:
             batch.update(self.images(first))
+        if first_video:
+            batch.update(self.videos(first_video))
         for inputs in [batch, *per_sample]:
             inputs.update(self.token_types(inputs["input_ids"]))
         return batch, per_sample
@@ -89,8 +109,17 @@ class Qwen2VLFamily(Family):
         ]
         return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids])}
 
+    def videos(self, n: int, first: int = 0) -> dict:
+        """Videos of (t, h, w) = ``video_shape`` patches (t temporal patches of 2 frames each)."""
+        t, h, w = self.video_shape
+        pixels = [
+            torch.randn(t * h * w, self.image_shape[0], generator=torch.Generator().manual_seed(500 + i))
+            for i in range(first, first + n)
+        ]
+        return {"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor([[t, h, w]] * n)}
+
     def token_types(self, ids: torch.Tensor) -> dict:
-        return {"mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int()}
+        return {"mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int() + 2 * (ids == VIDEO_TOKEN_ID).int()}
 
 
 @cache
@@ -98,15 +127,24 @@ def _model(family: Family, attn: str):
     return family.build(attn=attn)
 
 
+NEXT_SIZES = ((60, 200), (150, 100), (200, 200))  # 60x200 is unpadded (rows removed), 2x1 crops, 2x2 crops
+ONEVISION_SIZES = ((200, 200), (60, 200), (150, 100))  # 200x200's 2x2 crops grid is resampled (anyres_max_2)
+QWEN_SIZES = ((16, 20), (12, 12), (20, 8))  # in patches (h, w): 16 x 20 patches -> 8 x 10 = 80 visual tokens
+LLAVA_VIDEO = (4, 3, 112, 112)  # 4 frames of 8 x 8 patches, pooled to 4 x 4 tokens each
+QWEN_VIDEO = (2, 8, 8)  # 4 frames = 2 temporal patches of 8 x 8 patches: 2 x 4 x 4 tokens
+
 FAMILIES = (
     Family("llava", tiny_llava, (3, 336, 336)),
-    # 60x200 is unpadded (rows removed), 150x100 uses 2x1 crops, 200x200 2x2
-    Family("llava_next", tiny_llava_next, (5, 3, 112, 112), sizes=((60, 200), (150, 100), (200, 200))),
-    # SigLIP (no CLS token); 200x200's 2x2 crops grid is resampled down (anyres_max_2)
-    Family("llava_onevision", tiny_llava_onevision, (5, 3, 112, 112), sizes=((200, 200), (60, 200), (150, 100))),
-    # image sizes in patches (h, w): 16 x 20 patches -> 8 x 10 = 80 visual tokens
-    Qwen2VLFamily("qwen2_vl", tiny_qwen2_vl, (1176,), sizes=((16, 20), (12, 12), (20, 8))),
-    Qwen2VLFamily("qwen2_5_vl", partial(tiny_qwen2_vl, version="2.5"), (1176,), sizes=((16, 20), (12, 12), (20, 8))),
+    Family("llava_next", tiny_llava_next, (5, 3, 112, 112), sizes=NEXT_SIZES),
+    # SigLIP (no CLS token)
+    Family("llava_onevision", tiny_llava_onevision, (5, 3, 112, 112), ONEVISION_SIZES, LLAVA_VIDEO),
+    Qwen2VLFamily("qwen2_vl", tiny_qwen2_vl, (1176,), QWEN_SIZES, QWEN_VIDEO),
+    Qwen2VLFamily("qwen2_5_vl", partial(tiny_qwen2_vl, version="2.5"), (1176,), QWEN_SIZES, QWEN_VIDEO),
+)
+# Families with video inputs (LLaVA-NeXT-Video's images are LLaVA-NeXT's).
+VIDEO_FAMILIES = (
+    Family("llava_next_video", tiny_llava_next_video, (5, 3, 112, 112), NEXT_SIZES, LLAVA_VIDEO),
+    *[f for f in FAMILIES if f.video_shape],
 )
 
 

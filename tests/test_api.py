@@ -100,6 +100,7 @@ def test_supported_classes_lists_every_family():
     assert vtprune.supported_classes() == [
         "LlavaForConditionalGeneration",
         "LlavaNextForConditionalGeneration",
+        "LlavaNextVideoForConditionalGeneration",
         "LlavaOnevisionForConditionalGeneration",
         "Qwen2VLForConditionalGeneration",
         "Qwen2_5_VLForConditionalGeneration",
@@ -115,7 +116,8 @@ def test_unsupported_model_names_supported_classes():
     with pytest.raises(
         TypeError,
         match="supported model classes: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
-        "LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration",
+        "LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
+        "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration",
     ):
         vtprune.apply(lm, "divprune", keep=4)
     assert not lm._forward_pre_hooks

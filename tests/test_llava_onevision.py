@@ -107,22 +107,3 @@ def test_keep_all_with_multi_image_samples_is_the_unpruned_model():
     base = logits(model, batch)
     with vtprune.apply(model, "divprune", keep=1.0):
         torch.testing.assert_close(logits(model, batch), base, atol=1e-5, rtol=0)
-
-
-def test_video_next_to_an_image_passes_through_unpruned():
-    from vtprune.testing import VIDEO_TOKEN_ID
-
-    model = OV.model()
-    inputs = one_image(model, 1)
-    video = torch.randn(1, 4, 3, 112, 112, generator=torch.Generator().manual_seed(3))
-    n_video = 4 * 4 * 4 + 1  # 4 frames pooled to 4 x 4, one newline
-    ids = torch.cat(
-        [inputs["input_ids"][:, :-2], torch.full((1, n_video), VIDEO_TOKEN_ID), inputs["input_ids"][:, -2:]], 1
-    )
-    both = {**inputs, "input_ids": ids, "pixel_values_videos": video}
-    with vtprune.apply(model, "divprune", keep=12) as handle, torch.no_grad():
-        out = model(**both)
-        assert handle.last.kept_counts == [12]
-    n_image = int((ids == IMAGE_TOKEN_ID).sum())
-    n_fixed = n_image - 128  # 60x200: 64 base + 64 crop patch tokens; the rest are newlines
-    assert out.logits.shape[1] == ids.shape[1] - (n_image - n_fixed - 12)  # every video token stays

@@ -321,7 +321,7 @@ def test_float_keeps_round_alike_everywhere():
 
     for n in (9, 11, 575):
         expected = budget_count(0.5, n)
-        assert vtprune.FastV(keep=0.5).budget(n) == expected == vtprune.DivPrune(keep=0.5).budget(n)
+        assert vtprune.FastV(keep=0.5).keep_count(n) == expected == vtprune.DivPrune(keep=0.5).keep_count(n)
         assert explicit([(2, 0.5)], n) == [DropPoint(2, expected)]
 
 

@@ -7,7 +7,7 @@ from families import FAMILIES, assert_processor_batches_prune_like_single_prompt
 
 import vtprune
 import vtprune.pruners.cls as cls_module
-from vtprune.testing import IMAGE_TOKEN_ID
+from vtprune.testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 
 
 @pytest.fixture(params=[f for f in FAMILIES if f.name.startswith("qwen")], ids=lambda f: f.name)
@@ -19,15 +19,16 @@ ONE_IMAGE = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 1)]
 PRUNERS = ["divprune", "uniform", "fastv", "pdrop", "divprune+fastv"]
 
 
-def original_positions(model, ids, token_types, grid):
-    positions, _ = model.model.get_rope_index(ids, token_types, image_grid_thw=grid)
+def original_positions(model, ids, token_types, grid, video_grid=None):
+    positions, _ = model.model.get_rope_index(ids, token_types, image_grid_thw=grid, video_grid_thw=video_grid)
     return positions  # (3, 1, L)
 
 
+@pytest.mark.parametrize("prompt", ["image", "image+video"])
 @pytest.mark.parametrize("name", PRUNERS)
-def test_every_layer_sees_the_original_positions_of_the_tokens_it_holds(qwen, name):
+def test_every_layer_sees_the_original_positions_of_the_tokens_it_holds(qwen, name, prompt):
     model = qwen.model()
-    inputs, _ = qwen.batch(model, ONE_IMAGE)
+    inputs, _ = qwen.batch(model, ONE_IMAGE if prompt == "image" else [([1, 5, 6, 7], [8, 9, 10, 11, 12], 1, 1)])
     ids = inputs["input_ids"]
     lm = model.model.language_model
     seen = {}
@@ -47,10 +48,13 @@ def test_every_layer_sees_the_original_positions_of_the_tokens_it_holds(qwen, na
             for h in hooks:
                 h.remove()
         stats = handle.last
-    positions = original_positions(model, ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+    positions = original_positions(
+        model, ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"], inputs.get("video_grid_thw")
+    )
     with torch.no_grad():
         full_cos = lm.rotary_emb(torch.zeros(1, ids.shape[1], 64), positions)[0][0]  # (L, head_dim)
-    image = (ids[0] == IMAGE_TOKEN_ID).nonzero().flatten()
+    # kept indexes the prompt's visual tokens, image and video, in prompt order
+    image = ((ids[0] == IMAGE_TOKEN_ID) | (ids[0] == VIDEO_TOKEN_ID)).nonzero().flatten()
     # What each layer holds: the vision stage's choice from layer 0, each LLM drop's from its layer.
     # (A pipeline reports only its LLM drops, against the original tokens; its layers before the
     # first drop are checked by length.)
@@ -62,7 +66,9 @@ def test_every_layer_sees_the_original_positions_of_the_tokens_it_holds(qwen, na
             present[image] = False
             present[image[holds[i][0]]] = True
         if i < first:
-            expected_length = ids.shape[1] - image.numel() + (24 if name == "divprune+fastv" else image.numel())
+            # divprune keeps 24 of the image and, per frame, all 16 tokens of each of the video's 2 frames
+            entering = {"image": 24, "image+video": 24 + 2 * 16}[prompt] if name == "divprune+fastv" else image.numel()
+            expected_length = ids.shape[1] - image.numel() + entering
             assert seen[i].shape[0] == expected_length, f"layer {i}"
             continue
         assert torch.equal(seen[i], full_cos[present]), f"layer {i}"
@@ -241,52 +247,3 @@ def test_the_processors_batches_prune_like_single_prompts():
     n_tokens = [int(g.prod()) // 4 for g in batch["image_grid_thw"]]
     for counts in kept.values():
         assert counts == [max(1, round(0.25 * n)) for n in n_tokens]
-
-
-def video_inputs(model, before, after, with_image: bool):
-    """A prompt with a 4-frame 8 x 8-patch video (2 x 4 x 4 = 32 tokens), optionally an image first."""
-    from vtprune.testing import VIDEO_TOKEN_ID
-
-    g = torch.Generator().manual_seed(7)
-    inputs = {
-        "pixel_values_videos": torch.randn(4 // 2 * 8 * 8, 1176, generator=g),
-        "video_grid_thw": torch.tensor([[2, 8, 8]]),
-    }
-    ids = list(before)
-    if with_image:
-        inputs.update(
-            {"pixel_values": torch.randn(16 * 20, 1176, generator=g), "image_grid_thw": torch.tensor([[1, 16, 20]])}
-        )
-        ids += [IMAGE_TOKEN_ID] * 80 + [3]
-    ids += [VIDEO_TOKEN_ID] * 32 + list(after)
-    ids = torch.tensor([ids])
-    types = (ids == IMAGE_TOKEN_ID).int() + 2 * (ids == VIDEO_TOKEN_ID).int()
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types, **inputs}
-
-
-def test_video_tokens_pass_through_unpruned(qwen):
-    from vtprune.testing import VIDEO_TOKEN_ID
-
-    model = qwen.model()
-    video_only = video_inputs(model, [1, 5], [8, 9], with_image=False)
-    base = greedy(model, video_only)
-    for name in ("divprune", "fastv"):
-        with vtprune.apply(model, name, keep=8) as handle:
-            assert torch.equal(greedy(model, video_only), base)
-            assert handle.last is None  # no image, nothing pruned
-    both = video_inputs(model, [1, 5], [8, 9], with_image=True)
-    seen = {}
-
-    def count(module, args, kwargs):
-        seen["length"] = kwargs["hidden_states"].shape[1] if "hidden_states" in kwargs else args[0].shape[1]
-
-    with vtprune.apply(model, "divprune", keep=8) as handle:
-        hook = model.model.language_model.layers[0].register_forward_pre_hook(count, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model(**both)
-        finally:
-            hook.remove()
-        assert handle.last.kept_counts == [8]  # of the image's 80 tokens
-    assert seen["length"] == both["input_ids"].shape[1] - 72  # the 32 video tokens all stay
-    assert int((both["input_ids"] == VIDEO_TOKEN_ID).sum()) == 32

@@ -38,6 +38,12 @@ class Pipeline:
                 f"the vision-stage pruner ({vision[0].name!r}) must come first in a Pipeline: it runs before "
                 f"the language model"
             )
+        budgets = {p.budget for p in self.pruners}
+        if len(budgets) > 1:
+            raise ValueError(
+                f"the pruners of a Pipeline must count a video's tokens the same way; got budget="
+                f"{[p.budget for p in self.pruners]} (give every pruner budget='per_frame' or every one 'per_video')"
+            )
         for earlier, later in zip(self.pruners, self.pruners[1:]):
             # Scheduled pruners' keep is a mean per layer: their drop points are checked in check().
             if isinstance(later, ScheduledPruner) or isinstance(earlier, ScheduledPruner):
@@ -60,6 +66,10 @@ class Pipeline:
         return self.pruners[0] if isinstance(self.pruners[0], VisionPruner) else None
 
     @property
+    def budget(self) -> str:
+        return self.pruners[0].budget
+
+    @property
     def llm(self) -> list[LLMPruner]:
         return [p for p in self.pruners if isinstance(p, LLMPruner)]
 
@@ -68,7 +78,7 @@ class Pipeline:
             p.check(info)
         if info.visual_tokens is None:
             return
-        n = info.visual_tokens if self.vision is None else self.vision.budget(info.visual_tokens)
+        n = info.visual_tokens if self.vision is None else self.vision.keep_count(info.visual_tokens)
         check_llm_order(self.llm, info, n)
 
     def options(self) -> dict:

@@ -134,6 +134,42 @@ def tiny_llava_next(
 VIDEO_TOKEN_ID = 30
 
 
+def tiny_llava_next_video(
+    *,
+    attn: str = "sdpa",
+    image_size: int = 112,
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    vision_heads: int = 2,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    vocab: int = 96,
+    seed: int = 0,
+):
+    """A random ``LlavaNextVideoForConditionalGeneration`` in eval mode: images as ``tiny_llava_next``'s,
+    videos ``pixel_values_videos`` (videos, frames, 3, 112, 112) whose frames' 8 x 8 patches are pooled
+    to 4 x 4 tokens. Image token id ``IMAGE_TOKEN_ID``, video ``VIDEO_TOKEN_ID``."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    s = image_size
+    config = LlavaNextVideoConfig(
+        vision_config=_clip_config(image_size, patch_size, vision_hidden, vision_layers, vision_heads),
+        text_config=_llama_config(hidden, layers, heads, kv_heads, intermediate, vocab),
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        spatial_pool_stride=2,
+        pad_token_id=0,
+    )
+    return _finish(LlavaNextVideoForConditionalGeneration, config, attn, torch.float32, seed)
+
+
 def tiny_llava_onevision(
     *,
     attn: str = "sdpa",
@@ -242,6 +278,13 @@ def tiny_qwen2_vl(
 def image_token_counts(model, **image_inputs) -> list[int]:
     """Placeholder tokens of each image, from the model's own feature packing (any family)."""
     features = model.model.get_image_features(**image_inputs, return_dict=True).pooler_output
+    return [int(f.shape[0]) for f in features]
+
+
+@torch.no_grad()
+def video_token_counts(model, **video_inputs) -> list[int]:
+    """Placeholder tokens of each video, from the model's own video features (any family)."""
+    features = model.model.get_video_features(**video_inputs, return_dict=True).pooler_output
     return [int(f.shape[0]) for f in features]
 
 

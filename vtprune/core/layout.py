@@ -2,49 +2,77 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class VisualLayout:
-    """spans[b][i]: (N_i,) ascending positions of image i's prunable tokens in sample b (tokens a
-    model never lets go, such as LLaVA-NeXT's row newlines, are not in any span)."""
+    """spans[b][i]: (N_i,) ascending positions of image i's prunable tokens in sample b, in prompt
+    order (tokens a model never lets go, such as LLaVA-NeXT's row newlines, are not in any span);
+    items[b][i]: which of the images the features describe it is (their index in ``from_placeholders``'
+    order, and in ``merge``'s concatenation)."""
 
     spans: list[list[torch.Tensor]]
     length: int
+    items: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def from_placeholders(
-        cls, input_ids: torch.Tensor, token_id: int, tokens_per_image: list[int], prunable: list | None = None
+        cls,
+        input_ids: torch.Tensor,
+        token_id: int,
+        tokens_per_image: list[int],
+        prunable: list | None = None,
+        kind: str = "image",
     ) -> VisualLayout:
         """Assign the placeholder tokens, in reading order over the batch, to consecutive images.
 
         input_ids: (B, L); tokens_per_image: visual tokens of each image, in the order the features
         are scattered into the placeholders (row-major over the batch); prunable: per image, the
-        ascending (n,) positions among its tokens that may be pruned (None: all of them).
+        ascending (n,) positions among its tokens that may be pruned (None: all of them); kind: what
+        the placeholders stand for, in error messages.
         """
         is_visual = input_ids == token_id
         found, expected = int(is_visual.sum()), sum(tokens_per_image)
         if found != expected:
             raise ValueError(
-                f"Image features and image tokens do not match: the prompt has {found} image placeholder "
-                f"tokens (id {token_id}) but the images give {expected} features"
+                f"{kind.capitalize()} features and {kind} tokens do not match: the prompt has {found} {kind} "
+                f"placeholder tokens (id {token_id}) but the {kind}s give {expected} features"
             )
         spans: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
+        items: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         rows, cols = is_visual.nonzero(as_tuple=True)
         start = 0
         for i, n in enumerate(tokens_per_image):
             row = int(rows[start])
             if n and int(rows[start + n - 1]) != row:
-                raise ValueError("an image's placeholder tokens are split across two samples of the batch")
+                raise ValueError(f"the placeholder tokens of one {kind} are split across two samples of the batch")
             span = cols[start : start + n]
             if prunable is not None and prunable[i].numel() != n:
                 span = span[prunable[i].to(span.device)]
             spans[row].append(span)
+            items[row].append(i)
             start += n
-        return cls(spans=spans, length=input_ids.shape[1])
+        return cls(spans=spans, length=input_ids.shape[1], items=items)
+
+    @classmethod
+    def merge(cls, layouts: list[VisualLayout]) -> VisualLayout:
+        """One layout of several placeholder kinds (images, videos) of the same prompt: each sample's
+        spans in prompt order; item numbers continue across ``layouts`` in their order."""
+        if len(layouts) == 1:
+            return layouts[0]
+        spans, items, offset = [[] for _ in layouts[0].spans], [[] for _ in layouts[0].spans], 0
+        for layout in layouts:
+            for b in range(len(spans)):
+                spans[b] += layout.spans[b]
+                items[b] += [i + offset for i in layout.items[b]]
+            offset += sum(len(i) for i in layout.items)
+        for b in range(len(spans)):
+            order = sorted(range(len(spans[b])), key=lambda i: int(spans[b][i][0]))
+            spans[b], items[b] = [spans[b][i] for i in order], [items[b][i] for i in order]
+        return cls(spans=spans, length=layouts[0].length, items=items)
 
     @property
     def has_images(self) -> bool:

@@ -28,7 +28,7 @@ def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImagePa
     scored on its own, with its own grid and CLS attention.
     """
     prunable = parts.prunable
-    keep = pruner.budget(prunable.numel())
+    keep = pruner.keep_count(prunable.numel())
     budgets = split_budget(keep, [p.index.numel() for p in parts.parts])
     scored = list(zip(parts.parts, budgets))
     if pruner.crop_budget == "global" and parts.crops and parts.cls_attention is not None:

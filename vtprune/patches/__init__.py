@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from vtprune.patches.llava import LlavaAdapter
 from vtprune.patches.llava_next import LlavaNextAdapter
+from vtprune.patches.llava_next_video import LlavaNextVideoAdapter
 from vtprune.patches.llava_onevision import LlavaOnevisionAdapter
 from vtprune.patches.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
 
 
 def supported_classes() -> list[str]:

@@ -19,7 +19,9 @@ Instance-level patches (``MethodPatch``), all undone by ``remove()`` and copied 
 
 from __future__ import annotations
 
+import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -31,6 +33,7 @@ from vtprune.core.image_parts import ImageParts
 from vtprune.core.layout import VisualLayout
 from vtprune.core.llm_stage import LLMStage
 from vtprune.core.patching import MethodPatch, PerThread
+from vtprune.core.video_frames import VideoFrames
 from vtprune.core.vision_stage import DecodeTranslation, select_in_parts, shorten_prompt
 from vtprune.patches import llama, towers
 from vtprune.pipeline import Pipeline, as_pipeline
@@ -38,7 +41,10 @@ from vtprune.pruners.base import ModelInfo
 from vtprune.registry import available, pruner_class
 from vtprune.stats import PruneStats
 
-_IMAGE_INFO = "_vtprune_image"  # attribute set on each image's feature tensor: its ImageParts
+# Attribute set on each image's (video's) feature tensor: its ImageParts (VideoFrames); on the encoder
+# output too, for models whose videos come as one (videos, tokens, D) tensor.
+_LAYOUT = "_vtprune_layout"
+_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
 def _is_static(cache) -> bool:
@@ -92,6 +98,11 @@ class Adapter:
         """
         raise NotImplementedError
 
+    def video_frames(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[VideoFrames]:
+        """The layout of each video's tokens, from ``get_video_features``' output and arguments (as in
+        ``image_parts``; ``cls_rows`` over every frame the tower saw). Families with videos implement it."""
+        raise NotImplementedError
+
     def vision_tower(self):
         return self.model.model.vision_tower
 
@@ -126,6 +137,8 @@ class Adapter:
         self._llm: LLMStage | None = None
         self._decode = CacheState("decode")
         self._generation = PerThread()  # GenerateCall of the generate() running in this thread
+        has_videos = hasattr(model.model, "get_video_features") and getattr(self.config, "video_token_id", None)
+        self.modalities = ("image", "video") if has_videos else ("image",)
 
     @property
     def attn_implementation(self) -> str:
@@ -153,7 +166,9 @@ class Adapter:
         self._pipeline = pipeline = as_pipeline(config)
         undo = []
         try:
-            undo.append(MethodPatch(self.model.model, "get_image_features", self._image_features).undo)
+            for modality in self.modalities:
+                encode = functools.partial(self._encoded_features, modality)
+                undo.append(MethodPatch(self.model.model, f"get_{modality}_features", encode).undo)
             if pipeline.llm:
                 flash = "flash" in self.attn_implementation
                 self._llm = LLMStage(
@@ -169,7 +184,7 @@ class Adapter:
             raise
         return undo
 
-    def _image_features(self, original, *args, **kwargs):
+    def _encoded_features(self, modality: str, original, *args, **kwargs):
         bound = inspect.signature(original).bind(*args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         vision = self._pipeline.vision
@@ -181,17 +196,38 @@ class Adapter:
         else:
             out = original(*args, **kwargs)
             cls = None
-        self._annotate(out, arguments, cls)
+        if isinstance(out, tuple):
+            features = list(out[1])
+        else:
+            features = list(out.pooler_output)
+        describe = self.image_parts if modality == "image" else self.video_frames
+        layouts = describe(features, arguments, cls)
+        for f, layout in zip(features, layouts):
+            setattr(f, _LAYOUT, layout)
+        if not isinstance(out, tuple):
+            setattr(out, _LAYOUT, layouts)
         return out
 
-    def _annotate(self, out, arguments: dict, cls) -> None:
-        features = out.pooler_output if not isinstance(out, tuple) else out[1]
-        for f, parts in zip(features, self.image_parts(list(features), arguments, cls)):
-            setattr(f, _IMAGE_INFO, parts)
-
-    def _parts_of(self, f: torch.Tensor) -> ImageParts:
-        parts = getattr(f, _IMAGE_INFO, None)
-        return parts if parts is not None else ImageParts.single(f.shape[0], None)
+    def _layouts_of(self, encoded, modality: str) -> list:
+        """Each image's ``ImageParts`` (video's ``VideoFrames``) as recorded when it was encoded."""
+        features = list(encoded.pooler_output)
+        found = [getattr(f, _LAYOUT, None) for f in features]
+        if all(x is not None for x in found):
+            return found
+        recorded = getattr(encoded, _LAYOUT, None)
+        if recorded is not None and len(recorded) == len(features):
+            return recorded
+        if modality == "image":
+            return [ImageParts.single(f.shape[0], None) for f in features]
+        vision = self._pipeline.vision
+        if vision is not None and vision.tower_attention_layers(self.info):
+            raise NotImplementedError(
+                f"the {vision.name!r} pruner scores a video with the tower's attention, which is lost when "
+                f"generate() repeats the video features (num_return_sequences > 1 or beam search) on "
+                f"{type(self.model).__name__}; generate one sequence per prompt, or use another pruner"
+            )
+        # The features were repeated after encoding: their layout follows from their shape.
+        return self.video_frames(features, {}, None)
 
     def _patched_forward(self, original, *args, **kwargs):
         a = dict(inspect.signature(original).bind(*args, **kwargs).arguments)
@@ -231,8 +267,9 @@ class Adapter:
                 f"{type(cache).__name__}) is not supported with it; use the default dynamic cache, or a "
                 f"vision-stage pruner ({', '.join(_vision_pruner_names())})"
             )
-        encoded = (a.get("mm_encoder_outputs") or {}).get("image")
-        if a.get("pixel_values") is None and encoded is None:
+        given = a.get("mm_encoder_outputs") or {}
+        present = [m for m in self.modalities if a.get(_PIXELS[m]) is not None or given.get(m) is not None]
+        if not present:
             return self._forward_without_images(original, a)
         input_ids = a.get("input_ids")
         if input_ids is None:
@@ -245,22 +282,44 @@ class Adapter:
                 "later turn, or prefill_chunk_size); to continue a pruned generate() with more text, pass its "
                 "past_key_values and the full token ids without pixel_values"
             )
-        if encoded is None:
-            encoded = self._encode(a, "image", "pixel_values")
-        if a.get("pixel_values_videos") is not None:
-            # The model refuses raw videos next to encoded images; videos pass through unpruned.
-            self._encode(a, "video", "pixel_values_videos")
-        features = list(encoded.pooler_output)
-        parts = [self._parts_of(f) for f in features]
-        layout = VisualLayout.from_placeholders(
-            input_ids, self.config.image_token_id, [p.n_tokens for p in parts], [p.prunable for p in parts]
-        )
+        # The model refuses raw pixels of one modality next to encoded features of another: encode all.
+        encoded = {m: given.get(m) if given.get(m) is not None else self._encode(a, m, _PIXELS[m]) for m in present}
+        visuals = self._visuals(encoded)
+        layout = self._layout(input_ids, visuals)
         tail = self._tail_after_prompt(input_ids.shape[1])
         if self._pipeline.vision is None:
-            out, stats = self._llm_forward(original, a, layout, [p.grid for p in parts], tail)
+            grids = [visuals[i].parts.grid for items in layout.items for i in items]
+            out, stats = self._llm_forward(original, a, layout, grids, tail)
             self.last = stats
             return out
-        return self._vision_forward(original, a, features, parts, layout, tail)
+        return self._vision_forward(original, a, encoded, visuals, layout, tail)
+
+    def _visuals(self, encoded: dict) -> list[_Visual]:
+        """What the stages prune as one image each, images first, then videos (per frame or whole)."""
+        out = []
+        for modality, output in encoded.items():
+            features = list(output.pooler_output)
+            for number, (f, layout) in enumerate(zip(features, self._layouts_of(output, modality))):
+                if modality == "image":
+                    out.append(_Visual(modality, number, f, layout))
+                    continue
+                start = 0
+                for parts in layout.items(self._pipeline.budget):
+                    out.append(_Visual(modality, number, f[start : start + parts.n_tokens], parts))
+                    start += parts.n_tokens
+        return out
+
+    def _layout(self, input_ids: torch.Tensor, visuals: list[_Visual]) -> VisualLayout:
+        layouts = []
+        for modality in dict.fromkeys(v.modality for v in visuals):
+            mine = [v.parts for v in visuals if v.modality == modality]
+            token_id = getattr(self.config, f"{modality}_token_id")
+            layouts.append(
+                VisualLayout.from_placeholders(
+                    input_ids, token_id, [p.n_tokens for p in mine], [p.prunable for p in mine], modality
+                )
+            )
+        return VisualLayout.merge(layouts)
 
     def _encode(self, a: dict, modality: str, pixels: str):
         """Run the model's own ``get_{modality}_features`` as its forward would, and hand the result
@@ -317,13 +376,10 @@ class Adapter:
                 return original(**a)
         return original(**a)
 
-    def _vision_forward(self, original, a: dict, features: list, parts: list, layout: VisualLayout, tail: int | None):
+    def _vision_forward(self, original, a: dict, encoded: dict, visuals: list, layout: VisualLayout, tail):
         vision = self._pipeline.vision
-        per_image = [select_in_parts(vision, f, p) for f, p in zip(features, parts)]
-        kept, i = [], 0
-        for images in layout.spans:
-            kept.append(per_image[i : i + len(images)])
-            i += len(images)
+        per_item = [select_in_parts(vision, v.features, v.parts) for v in visuals]
+        kept = [[per_item[i] for i in items] for items in layout.items]
         input_ids = a["input_ids"]
         comp = Compaction.from_keep(layout.keep_mask(kept, input_ids.device))
         sample_kept = layout.sample_kept(kept)
@@ -348,20 +404,12 @@ class Adapter:
                 if a.get(name) is not None:
                     short[name] = comp.gather(a[name], fill=0)
             a.update({k: v for k, v in short.items() if k != "labels" or "labels" in a})
-            pruned = BaseModelOutputWithPooling(
-                pooler_output=[f[p.token_positions(k).to(f.device)] for f, p, k in zip(features, parts, per_image)]
-            )
-            a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], "image": pruned}
+            a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], **_pruned_outputs(encoded, visuals, per_item)}
         if self._llm is None:
             out = original(**a)
         else:
-            remaining = [p.after_keep(k) for p, k in zip(parts, per_image)]
-            short_layout = VisualLayout.from_placeholders(
-                a["input_ids"],
-                self.config.image_token_id,
-                [r.n_tokens for r in remaining],
-                [r.prunable for r in remaining],
-            )
+            remaining = [v.after_keep(k) for v, k in zip(visuals, per_item)]
+            short_layout = self._layout(a["input_ids"], remaining)
             out, stats = self._llm_forward(original, a, short_layout, None, tail)
             # The LLM stage indexes the tokens that entered the LLM; report them among the original ones.
             self.last = PruneStats(
@@ -387,3 +435,36 @@ class Adapter:
 
 def _vision_pruner_names() -> list[str]:
     return [name for name in available() if pruner_class(name).stage == "vision"]
+
+
+@dataclass(frozen=True)
+class _Visual:
+    """One image, or one video frame (or whole video), as the stages prune it: ``features`` (n, D)
+    its tokens as the model scatters them, ``parts`` their layout; ``number``: the image's (video's)
+    index among the encoder's outputs."""
+
+    modality: str
+    number: int
+    features: torch.Tensor
+    parts: ImageParts
+
+    def after_keep(self, kept: torch.Tensor) -> _Visual:
+        stay = self.parts.token_positions(kept).to(self.features.device)
+        return _Visual(self.modality, self.number, self.features[stay], self.parts.after_keep(kept))
+
+
+def _pruned_outputs(encoded: dict, visuals: list[_Visual], kept: list[torch.Tensor]) -> dict:
+    """The encoder outputs with only the kept tokens (and the fixed ones), one (k_i, D) tensor per
+    image (video) as the models take them; where the encoder gave one (videos, tokens, D) tensor, a
+    (1, total, D) tensor instead (the models flatten it)."""
+    tokens = {m: {} for m in encoded}
+    for v, k in zip(visuals, kept):
+        chosen = v.features[v.parts.token_positions(k).to(v.features.device)]
+        tokens[v.modality].setdefault(v.number, []).append(chosen)
+    out = {}
+    for modality, per_number in tokens.items():
+        pooler = [torch.cat(parts) for parts in per_number.values()]
+        if isinstance(encoded[modality].pooler_output, torch.Tensor):
+            pooler = torch.cat(pooler)[None]
+        out[modality] = BaseModelOutputWithPooling(pooler_output=pooler)
+    return out

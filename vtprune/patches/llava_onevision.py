@@ -1,17 +1,23 @@
-"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``, llava-hf ``llava-onevision-*``): images.
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``, llava-hf ``llava-onevision-*``).
 
 LLaVA-NeXT's layout (base grid, crops grid with a newline after each row) with three differences,
 all followed by running the model's own packing on markers (see ``llava_next.py``): a SigLIP tower
 without a CLS token (``cls`` scores the attention each patch receives instead, and warns), crops
 grids resampled down when they exceed ``vision_aspect_ratio`` (``anyres_max_9``: nine tower inputs'
 worth of tokens), and images of multi-image samples (``batch_num_images`` > 1) sent without crops.
+
+Videos: each frame's patch grid is resized (bilinear) to half its side, rounded up; the frames'
+grids follow one another and one ``image_newline`` token closes the video (fixed). A token's score
+is its patches' scores resized the same way, by the model's own ``apply_pooling``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vtprune.core.video_frames import VideoFrames
 from vtprune.patches.llava_next import LlavaNextAdapter
+from vtprune.patches.llava_next_video import pooled_frames
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -31,3 +37,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return crops
         alone = [int(n) == 1 for n in per_sample for _ in range(int(n))]
         return [n if single else 1 for n, single in zip(crops, alone)]
+
+    def video_frames(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[VideoFrames]:
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+
+        def pooled(maps: torch.Tensor) -> torch.Tensor:  # (frames, side, side) -> (frames, tokens)
+            return self.model.model.apply_pooling(maps.reshape(maps.shape[0], side * side, 1)).flatten(1)
+
+        return pooled_frames(features, side, 1, cls_rows, pooled)

@@ -15,6 +15,7 @@ import torch
 
 from vtprune.core.image_parts import ImageParts
 from vtprune.core.patching import PerThread
+from vtprune.core.video_frames import VideoFrames
 from vtprune.patches.adapter import Adapter
 
 
@@ -42,6 +43,16 @@ class Qwen2VLAdapter(Adapter):
             grid = (h // merge, w // merge) if t == 1 else None
             out.append(ImageParts.single(f.shape[0], grid, None if scores is None else scores[i]))
         return out
+
+    def video_frames(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[VideoFrames]:
+        """A frame is a temporal patch (``temporal_patch_size`` video frames, 2 by default)."""
+        grids = arguments.get("video_grid_thw")
+        if grids is None:
+            raise ValueError(f"{type(self.model).__name__} needs video_grid_thw with videos (the processor returns it)")
+        merge = self.config.vision_config.spatial_merge_size
+        sizes = [f.shape[0] for f in features]
+        scores = [None] * len(features) if cls_rows is None else self._token_scores(cls_rows, grids).split(sizes)
+        return [VideoFrames(t, (h // merge, w // merge), 0, s) for (t, h, w), s in zip(grids.tolist(), scores)]
 
     def _token_scores(self, patch_scores: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         """(tokens,) per visual token, in the order of the features: the mean over the patches it

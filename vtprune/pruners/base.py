@@ -29,7 +29,7 @@ class VisionTokens:
     """One image's visual tokens, as the vision stage scores them.
 
     features: (N, D) tokens after the projector, in the model's dtype.
-    keep: how many of them to keep (the pruner's ``budget(N)``, or this part's share of an image's
+    keep: how many of them to keep (the pruner's ``keep_count(N)``, or this part's share of an image's
         budget when a model splits one image into parts).
     grid: (rows, cols) of the patch grid when the N tokens are exactly that grid in raster order.
     cls_attention: (N,) fp32 attention from the tower's CLS token, summed over the layers the pruner
@@ -78,20 +78,31 @@ def _checked_keep(keep) -> int | float:
     return float(keep)
 
 
+BUDGETS = ("per_frame", "per_video")
+
+
 @dataclass
 class Pruner:
     """Base of all pruners. ``keep``: an int is visual tokens kept per image (capped at what the
-    image has), a float in (0, 1] is the fraction of them (rounded, at least one)."""
+    image has), a float in (0, 1] is the fraction of them (rounded, at least one).
+
+    budget: what ``keep`` counts in a video. ``"per_frame"``: every frame is pruned like an image,
+    with its own ``keep``; ``"per_video"``: the video's tokens are pruned together, ``keep`` counting
+    all of them, so a pruner may keep more of one frame than of another. No effect on images.
+    """
 
     keep: int | float = 64
+    budget: str = field(default="per_frame", kw_only=True)
 
     name: ClassVar[str] = ""
     stage: ClassVar[str] = ""  # "vision": before the LLM; "llm": inside a decoder layer
 
     def __post_init__(self) -> None:
         self.keep = _checked_keep(self.keep)
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
 
-    def budget(self, n: int) -> int:
+    def keep_count(self, n: int) -> int:
         """Tokens to keep out of ``n``."""
         return budget_count(self.keep, n)
 

@@ -35,7 +35,7 @@ class FastV(LLMPruner):
             )
 
     def drop_points(self, info: ModelInfo, n_tokens: int) -> list[DropPoint]:
-        return [DropPoint(self.layer, self.budget(n_tokens))]
+        return [DropPoint(self.layer, self.keep_count(n_tokens))]
 
     def select(self, tokens: PromptTokens) -> torch.Tensor:
         return top_k_sorted(tokens.attention, tokens.keep)
