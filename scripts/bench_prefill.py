@@ -134,18 +134,27 @@ def unwrapped(model, kind: str):
     return forward, encode
 
 
-def ideal_vision(model, inputs, kept, fixed):
-    """Tower + projector, then the LLM on the prompt holding only the kept (and fixed) image tokens."""
+def ideal_vision(model, inputs, kept, fixed, groups=()):
+    """Tower + projector, then the LLM on the prompt holding only the kept (and fixed) image tokens,
+    and after them one token per merged group (its mean)."""
     kind, token_id = modality(inputs)
     forward, encode = unwrapped(model, kind)
     ids = inputs["input_ids"][0]
     stays = surviving_positions(ids, kept, fixed, token_id)
+    image = (ids == token_id).nonzero().flatten()
+    in_image = stays[image]
+    stays[image[~in_image][: len(groups)]] = True  # a placeholder for each merged token
     short_ids = ids[stays][None]
-    in_image = stays[ids == token_id]
+    prunable = torch.ones(image.numel(), dtype=torch.bool)
+    prunable[fixed] = False
+    prunable = prunable.nonzero().flatten()
 
     def run():
         features = encode(**visual_inputs(inputs)).pooler_output[0]
-        encoded = BaseModelOutputWithPooling(pooler_output=[features[in_image]])
+        tokens = features[in_image]
+        if groups:
+            tokens = torch.cat([tokens, torch.stack([features[prunable[g]].mean(0) for g in groups])])
+        encoded = BaseModelOutputWithPooling(pooler_output=[tokens])
         return forward(input_ids=short_ids, mm_encoder_outputs={kind: encoded}, logits_to_keep=1)
 
     return run
@@ -240,7 +249,9 @@ def main() -> None:
                 if stats.drops:
                     ideal_fn = ideal_llm(model, inputs, stats.drops, fixed)
                 else:
-                    ideal_fn = ideal_vision(model, inputs, stats.kept[0], fixed)
+                    ideal_fn = ideal_vision(
+                        model, inputs, stats.kept[0], fixed, stats.merged[0] if stats.merged else ()
+                    )
                 # Interleaved runs, so drift in machine speed hits both sides alike.
                 pruned, ideal = paired_median_seconds(prefill, ideal_fn, repeats=args.repeats)
             per_layer = stats.layer_tokens[0]

@@ -16,6 +16,7 @@ PRUNER_OPTIONS = {
     "pdrop": {},
     "transprune": {},
     "adaptive": {"mass": 0.6},
+    "visionzip": {},
 }
 VISION = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "vision")
 LLM = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "llm")
@@ -95,6 +96,27 @@ def scheduled_count(model, name, keep, n=576):
 
 def assert_kept_as_scheduled(model, handle, name, keep, n=576):
     expected = scheduled_count(model, name, keep, n)
-    for count, layers in zip(handle.last.kept_counts, handle.last.layer_tokens):
+    for count, layers in zip(handle.last.token_counts, handle.last.layer_tokens):
         assert count == layers[-1]
         assert count <= expected if name == "adaptive" else count == expected
+
+
+def pruned_image_tokens(features, fixed, kept, groups, at_anchor: bool) -> tuple:
+    """The reference for one image under a vision-stage pruner: which of its placeholders stay
+    ((n,) bool) and the (stay, D) tokens they receive, from the features (n, D), the fixed tokens
+    ((n,) bool), the kept prunable indices and the merged groups (prunable indices, anchor first).
+    Merged tokens (their group's mean) follow the kept and fixed ones, or take their anchor's place."""
+    prunable = (~fixed).nonzero().flatten()
+    stays = fixed.clone()
+    stays[prunable[kept]] = True
+    tokens = features[stays]
+    if not groups:
+        return stays, tokens
+    anchors = prunable[torch.stack([g[0] for g in groups])]
+    merged = torch.stack([features[prunable[g]].mean(0) for g in groups])
+    stays[anchors] = True
+    if not at_anchor:
+        return stays, torch.cat([tokens, merged])
+    placed = features.clone()
+    placed[anchors] = merged
+    return stays, placed[stays]

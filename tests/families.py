@@ -169,13 +169,16 @@ def packed_sources(model, inputs, n_inputs: int) -> list:
     return sources
 
 
-def assert_processor_batches_prune_like_single_prompts(model, processor, texts, pictures, keep=0.25) -> tuple:
+def assert_processor_batches_prune_like_single_prompts(
+    model, processor, texts, pictures, keep=0.25, kind="images"
+) -> tuple:
     """With a family's own processor: keep-all equals unpruned on a padded batch, and under divprune
-    and fastv the batch generates what each prompt does alone. Returns the batch and, per pruner,
-    ``handle.last.kept_counts`` of the batch."""
+    and fastv the batch generates what each prompt does alone. ``kind``: the processor argument the
+    pictures go to ("images" or "videos"). Returns the batch and, per pruner, ``handle.last.kept_counts``
+    of the batch."""
     import vtprune
 
-    batch = processor(images=pictures, text=texts, return_tensors="pt", padding=True)
+    batch = processor(**{kind: pictures}, text=texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         unpruned = model.generate(**batch, max_new_tokens=8, do_sample=False)
         with vtprune.apply(model, "divprune", keep=1.0):
@@ -186,7 +189,7 @@ def assert_processor_batches_prune_like_single_prompts(model, processor, texts, 
             together = model.generate(**batch, max_new_tokens=8, do_sample=False)
             kept[name] = handle.last.kept_counts
             for i, (text, picture) in enumerate(zip(texts, pictures)):
-                single = processor(images=[picture], text=[text], return_tensors="pt")
+                single = processor(**{kind: [picture]}, text=[text], return_tensors="pt")
                 alone = model.generate(**single, max_new_tokens=8, do_sample=False)
                 assert torch.equal(together[i, -8:], alone[0, -8:]), (name, i)
     return batch, kept

@@ -3,10 +3,19 @@ prompt, batched == per-sample (sdpa == eager, for every family: test_families.py
 
 import pytest
 import torch
-from conftest import PIPELINE, PRUNER_OPTIONS, VISION, apply, assert_kept_as_scheduled, greedy, logits
+from conftest import (
+    PIPELINE,
+    PRUNER_OPTIONS,
+    VISION,
+    apply,
+    assert_kept_as_scheduled,
+    greedy,
+    logits,
+    pruned_image_tokens,
+)
 
 import vtprune
-from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt, surviving_positions
+from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt
 
 ALL = sorted(PRUNER_OPTIONS) + [PIPELINE]
 
@@ -33,14 +42,19 @@ def test_text_only_input_passes_through(model):
             assert handle.last is None
 
 
-def _manual_short_prompt_logits(model, inputs, kept):
-    """The unwrapped model fed the prompt a user would write with only the kept image tokens."""
+def _manual_short_prompt_logits(model, inputs, kept, groups=()):
+    """The unwrapped model fed the prompt a user would write with only the kept image tokens (and,
+    after them, the merged tokens: each its group's mean)."""
     ids = inputs["input_ids"][0]
-    short_ids = ids[surviving_positions(ids, kept)][None]
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+        no_fixed = torch.zeros(features.shape[0], dtype=torch.bool)
+        stays, tokens = pruned_image_tokens(features, no_fixed, kept, groups, at_anchor=False)
+        keep = torch.ones(ids.numel(), dtype=torch.bool)
+        keep[ids == IMAGE_TOKEN_ID] = stays
+        short_ids = ids[keep][None]
         embeds = model.get_input_embeddings()(short_ids)
-        embeds[short_ids == IMAGE_TOKEN_ID] = features[kept]
+        embeds[short_ids == IMAGE_TOKEN_ID] = tokens
         return model(inputs_embeds=embeds).logits
 
 
@@ -49,11 +63,12 @@ def _manual_short_prompt_logits(model, inputs, kept):
 def test_vision_stage_equals_manually_shortened_prompt(model, inputs, name, keep):
     with apply(model, name, keep=keep) as handle:
         pruned = logits(model, inputs)
-        kept = handle.last.kept[0]
+        kept, groups = handle.last.kept[0], (handle.last.merged or [[]])[0]
     expected_count = 32 if keep == 32 else 144
-    assert kept.numel() == expected_count and torch.all(kept[1:] > kept[:-1])
+    assert handle.last.token_counts == [expected_count] and torch.all(kept[1:] > kept[:-1])
     assert pruned.shape[1] == inputs["input_ids"].shape[1] - (576 - expected_count)
-    torch.testing.assert_close(pruned, _manual_short_prompt_logits(model, inputs, kept), atol=1e-5, rtol=0)
+    expected = _manual_short_prompt_logits(model, inputs, kept, groups)
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
 
 
 def test_vision_stage_drops_labels_of_dropped_tokens(model, inputs):

@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from conftest import PIPELINE, PRUNER_OPTIONS, VISION, apply, assert_kept_as_scheduled, greedy, hooks_of, logits
+from conftest import (
+    PIPELINE,
+    PRUNER_OPTIONS,
+    VISION,
+    apply,
+    assert_kept_as_scheduled,
+    greedy,
+    hooks_of,
+    logits,
+    pruned_image_tokens,
+)
 from families import FAMILIES
 
 import vtprune
@@ -113,29 +123,29 @@ def test_vision_stage_equals_the_prompt_written_with_the_kept_tokens(family, nam
     inputs, _ = family.batch(model, ONE_IMAGE)
     with apply(model, name, keep=20) as handle:
         pruned = logits(model, inputs)
-        kept = handle.last.kept[0]
-    assert kept.numel() == 20
-    # The reference: the unwrapped model fed only the kept patch tokens and every fixed token.
-    fixed = fixed_tokens(model, inputs)[0]
+        kept, groups = handle.last.kept[0], (handle.last.merged or [[]])[0]
+    assert kept.numel() + len(groups) == 20
+    # The reference: the unwrapped model fed only the kept patch tokens, every fixed token, and the
+    # merged tokens (after the others, or at their anchors where tokens keep their positions).
     with torch.no_grad():
         features = model.model.get_image_features(**image_inputs(inputs), return_dict=True).pooler_output[0]
-    is_patch = torch.ones(features.shape[0], dtype=torch.bool)
-    is_patch[fixed] = False
-    stays = torch.cat([is_patch.nonzero().flatten()[kept], fixed]).sort().values
+    is_fixed = torch.zeros(features.shape[0], dtype=torch.bool)
+    is_fixed[fixed_tokens(model, inputs)[0]] = True
+    keeps_positions = "mm_token_type_ids" in inputs
+    stays, tokens = pruned_image_tokens(features, is_fixed, kept, groups, at_anchor=keeps_positions)
     ids = inputs["input_ids"][0]
     image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
     keep_pos = torch.ones(ids.numel(), dtype=torch.bool)
-    keep_pos[image] = False
-    keep_pos[image[stays]] = True
+    keep_pos[image] = stays
     short_ids = ids[keep_pos][None]
     positions = {}
-    if "mm_token_type_ids" in inputs:  # M-RoPE: kept tokens and the text keep their original positions
+    if keeps_positions:  # M-RoPE: kept tokens and the text keep their original positions
         full, _ = model.model.get_rope_index(
             inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
         )
         positions = {"position_ids": full[:, :, keep_pos]}
     with torch.no_grad():
         embeds = model.get_input_embeddings()(short_ids)
-        embeds[short_ids == IMAGE_TOKEN_ID] = features[stays]
+        embeds[short_ids == IMAGE_TOKEN_ID] = tokens
         expected = model(inputs_embeds=embeds, **positions).logits
     torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)

@@ -16,6 +16,7 @@ def qwen(request):
 
 
 ONE_IMAGE = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 1)]
+IMAGE_AND_VIDEO = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 1, 1)]
 PRUNERS = ["divprune", "uniform", "fastv", "pdrop", "divprune+fastv"]
 
 
@@ -28,7 +29,7 @@ def original_positions(model, ids, token_types, grid, video_grid=None):
 @pytest.mark.parametrize("name", PRUNERS)
 def test_every_layer_sees_the_original_positions_of_the_tokens_it_holds(qwen, name, prompt):
     model = qwen.model()
-    inputs, _ = qwen.batch(model, ONE_IMAGE if prompt == "image" else [([1, 5, 6, 7], [8, 9, 10, 11, 12], 1, 1)])
+    inputs, _ = qwen.batch(model, ONE_IMAGE if prompt == "image" else IMAGE_AND_VIDEO)
     ids = inputs["input_ids"]
     lm = model.model.language_model
     seen = {}
@@ -80,18 +81,25 @@ def reference_generate(model, inputs, drops, n=6, logits=None):
     whole unpruned sequence)."""
     lm = model.model.language_model
     ids, types, grid = inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"]
-    image = (ids[0] == IMAGE_TOKEN_ID).nonzero().flatten()
+    video_grid = inputs.get("video_grid_thw")
+    # the prompt's visual tokens: its image, then its video when it has one
+    image = ((ids[0] == IMAGE_TOKEN_ID) | (ids[0] == VIDEO_TOKEN_ID)).nonzero().flatten()
     with torch.no_grad():
         features = model.model.get_image_features(
             pixel_values=inputs["pixel_values"], image_grid_thw=grid, return_dict=True
         ).pooler_output[0]
+        if video_grid is not None:
+            video = model.model.get_video_features(
+                pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=video_grid, return_dict=True
+            ).pooler_output[0]
+            features = torch.cat([features, video])
     drops = dict(drops)
     for _ in range(n):
         length = ids.shape[1]
         with torch.no_grad():
             h = model.get_input_embeddings()(ids)
             h[0, image] = features
-            cos, sin = lm.rotary_emb(h, original_positions(model, ids, types, grid))
+            cos, sin = lm.rotary_emb(h, original_positions(model, ids, types, grid, video_grid))
             order = torch.arange(length)
             for i, decoder_layer in enumerate(lm.layers):
                 if i in drops:
@@ -113,11 +121,13 @@ def reference_generate(model, inputs, drops, n=6, logits=None):
     return ids
 
 
+@pytest.mark.parametrize("prompt", ["image", "image+video/per_frame", "image+video/per_video"])
 @pytest.mark.parametrize("name", ["divprune", "uniform", "fastv", "pdrop", "transprune"])
-def test_generate_equals_the_reference_at_original_positions(qwen, name):
+def test_generate_equals_the_reference_at_original_positions(qwen, name, prompt):
     model = qwen.model("eager")
-    inputs, _ = qwen.batch(model, ONE_IMAGE)
-    with apply(model, name, keep=12) as handle:
+    inputs, _ = qwen.batch(model, ONE_IMAGE if prompt == "image" else IMAGE_AND_VIDEO)
+    budget = prompt.split("/")[1] if "/" in prompt else "per_frame"
+    with apply(model, name, keep=12 if budget == "per_video" else 6, budget=budget) as handle:
         out = greedy(model, inputs, n=6)
         stats = handle.last
     drops = stats.drops if stats.drops else [(0, stats.kept)]
@@ -208,7 +218,7 @@ def test_cls_scores_each_token_by_the_attention_its_patches_receive(qwen):
     group_scores = received.reshape(-1, 4).mean(1)
     order = [int((block_order == f).all(-1).nonzero()[0]) for f in features]  # feature i <- group order[i]
     scores = group_scores[torch.tensor(order)]
-    cls_module._WARNED.discard(type(tower).__name__)  # warned once per process: make this the first time
+    cls_module._WARNED.discard(("cls", type(tower).__name__))  # warned once per process: make this the first time
     with pytest.warns(UserWarning, match="no CLS token"):
         handle = vtprune.apply(model, "cls", keep=15)
     with handle, torch.no_grad():
@@ -229,16 +239,21 @@ def real_processor():
     return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor()), vocab
 
 
-def test_the_processors_batches_prune_like_single_prompts():
-    from PIL import Image
-
+def model_for(vocab):
     from vtprune.testing import tiny_qwen2_vl
 
-    processor, vocab = real_processor()
     model = tiny_qwen2_vl(vocab=len(vocab))
     model.config.image_token_id = vocab["<|image_pad|>"]
     model.config.video_token_id = vocab["<|video_pad|>"]
     model.config.vision_start_token_id = vocab["<|vision_start|>"]
+    return model
+
+
+def test_the_processors_batches_prune_like_single_prompts():
+    from PIL import Image
+
+    processor, vocab = real_processor()
+    model = model_for(vocab)
     picture = "<|vision_start|><|image_pad|><|vision_end|>"
     texts = [f"{picture} what is in the image ?", f"a red {picture} what is the circle ?"]
     pictures = [Image.new("RGB", (200, 120), (200, 30, 30)), Image.new("RGB", (90, 150), (20, 30, 200))]
@@ -247,3 +262,28 @@ def test_the_processors_batches_prune_like_single_prompts():
     n_tokens = [int(g.prod()) // 4 for g in batch["image_grid_thw"]]
     for counts in kept.values():
         assert counts == [max(1, round(0.25 * n)) for n in n_tokens]
+
+
+def test_the_processors_video_batches_prune_like_single_prompts():
+    """Videos of different lengths and sizes through Qwen2-VL's video processor; per frame (a
+    temporal patch of two frames), a quarter of each frame's tokens stays."""
+    import numpy as np
+    from transformers import Qwen2VLVideoProcessor
+
+    processor, vocab = real_processor()
+    processor.video_processor = Qwen2VLVideoProcessor(
+        size={"shortest_edge": 56 * 56, "longest_edge": 224 * 224}, cap_pixels_per_frame=False
+    )
+    model = model_for(vocab)
+    video = "<|vision_start|><|video_pad|><|vision_end|>"
+    texts = [f"{video} what is in the image ?", f"a red {video} what is the circle ?"]
+    rng = np.random.default_rng(0)
+    clips = [
+        rng.integers(0, 255, (4, 112, 168, 3), dtype=np.uint8),
+        rng.integers(0, 255, (6, 84, 84, 3), dtype=np.uint8),
+    ]
+    batch, kept = assert_processor_batches_prune_like_single_prompts(model, processor, texts, clips, kind="videos")
+    grids = batch["video_grid_thw"].tolist()
+    assert [t for t, _, _ in grids] == [2, 3]
+    for counts in kept.values():
+        assert counts == [t * max(1, round(0.25 * h * w / 4)) for t, h, w in grids]

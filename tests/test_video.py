@@ -6,7 +6,16 @@
 
 import pytest
 import torch
-from conftest import PIPELINE, PRUNER_OPTIONS, VISION, apply, greedy, logits, scheduled_count
+from conftest import (
+    PIPELINE,
+    PRUNER_OPTIONS,
+    VISION,
+    apply,
+    greedy,
+    logits,
+    pruned_image_tokens,
+    scheduled_count,
+)
 from families import VIDEO_FAMILIES
 
 import vtprune
@@ -65,12 +74,13 @@ def test_kept_counts_match_keep(family, name, budget):
     expected = expected_count(model, family, inputs, name, keep, budget)
     with apply(model, name, keep=keep, budget=budget) as handle:
         logits(model, inputs)
-        (count,), (layers,) = handle.last.kept_counts, handle.last.layer_tokens
+        (count,), (layers,) = handle.last.token_counts, handle.last.layer_tokens
     assert count == layers[-1]
     assert count <= expected if name == "adaptive" else count == expected
     if budget == "per_frame" and name != "adaptive":  # every frame keeps its own share
         frames, per_frame, _ = video_layout(model, family, inputs)
-        per = torch.bincount(handle.last.kept[0] // per_frame, minlength=frames)
+        anchors = torch.tensor([int(g[0]) for g in (handle.last.merged or [[]])[0]], dtype=torch.long)
+        per = torch.bincount(torch.cat([handle.last.kept[0], anchors]) // per_frame, minlength=frames)
         assert per.tolist() == [count // frames] * frames
 
 
@@ -99,7 +109,7 @@ def test_vision_stage_equals_the_prompt_written_with_the_kept_tokens(family, nam
     inputs, _ = family.batch(model, [([1, 5, 6], [8, 9, 10, 11], 1, 1)])
     with apply(model, name, keep=0.25, budget=budget) as handle:
         pruned = logits(model, inputs)
-        kept = handle.last.kept[0]
+        kept, groups = handle.last.kept[0], (handle.last.merged or [[]])[0]
     ids = inputs["input_ids"][0]
     image_inputs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
     video_inputs = {k: v for k, v in inputs.items() if k in ("pixel_values_videos", "video_grid_thw")}
@@ -107,21 +117,27 @@ def test_vision_stage_equals_the_prompt_written_with_the_kept_tokens(family, nam
         image = model.model.get_image_features(**image_inputs, return_dict=True).pooler_output[0]
         video = model.model.get_video_features(**video_inputs, return_dict=True).pooler_output[0]
     newline = getattr(model.model, "image_newline", None)
-    features, stays = [], []
-    offset = 0
-    for token_id, f in ((IMAGE_TOKEN_ID, image), (VIDEO_TOKEN_ID, video)):
-        fixed = (f == newline).all(-1) if newline is not None else torch.zeros(f.shape[0], dtype=torch.bool)
-        prunable = (~fixed).nonzero().flatten()
-        mine = kept[(kept >= offset) & (kept < offset + prunable.numel())] - offset
-        offset += prunable.numel()
-        keep = fixed.clone()
-        keep[prunable[mine]] = True
-        features.append(f[keep])
-        stays.append(((ids == token_id).nonzero().flatten(), keep))
-    assert int(kept.max()) < offset  # kept indexes the prunable tokens of the image, then the video
+    keeps_positions = "mm_token_type_ids" in inputs
+    # What is pruned as one image: the image, and the video whole or (per_frame) each frame.
+    frames, per_frame, _ = video_layout(model, family, inputs)
+    cuts = [per_frame * (i + 1) for i in range(frames - 1)] if budget == "per_frame" else []
+    video_items = list(torch.tensor_split(video, cuts))
     keep_pos = torch.ones(ids.numel(), dtype=torch.bool)
-    for positions, keep in stays:
-        keep_pos[positions] = keep
+    features, offset = [], 0
+    for token_id, items in ((IMAGE_TOKEN_ID, [image]), (VIDEO_TOKEN_ID, video_items)):
+        stays_all, tokens_all = [], []
+        for f in items:
+            fixed = (f == newline).all(-1) if newline is not None else torch.zeros(f.shape[0], dtype=torch.bool)
+            n = int((~fixed).sum())
+            mine = kept[(kept >= offset) & (kept < offset + n)] - offset
+            my_groups = [g - offset for g in groups if offset <= int(g[0]) < offset + n]
+            stays, tokens = pruned_image_tokens(f, fixed, mine, my_groups, at_anchor=keeps_positions)
+            stays_all.append(stays)
+            tokens_all.append(tokens)
+            offset += n
+        keep_pos[ids == token_id] = torch.cat(stays_all)
+        features.append(torch.cat(tokens_all))
+    assert int(kept.max()) < offset  # kept indexes the prunable tokens of the image, then the video
     short_ids = ids[keep_pos][None]
     extra = {}
     if "mm_token_type_ids" in inputs:  # M-RoPE: every token keeps its original position
@@ -255,3 +271,17 @@ def test_budget_has_no_effect_on_images(family, name):
             logits(model, inputs)
             kept.append(handle.last.kept[0])
     assert torch.equal(kept[0], kept[1]) and kept[0].numel() == 20
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_remove_restores_the_model(family, name):
+    model = family.model()
+    inputs, _ = family.batch(model, ONE_VIDEO)
+    base = logits(model, inputs)
+    forward, encode = model.forward, model.model.get_video_features
+    handle = apply(model, name, keep=3, budget="per_video")
+    logits(model, inputs)
+    handle.remove()
+    assert model.forward == forward and model.model.get_video_features == encode
+    assert vtprune.handle_of(model) is None
+    assert torch.equal(logits(model, inputs), base)

@@ -23,6 +23,7 @@ from vtprune.pruners import (
     TransPrune,
     UniformPrune,
     VisionPruner,
+    VisionZip,
 )
 from vtprune.registry import available
 from vtprune.stats import PruneStats
@@ -45,6 +46,7 @@ __all__ = [
     "TransPrune",
     "UniformPrune",
     "VisionPruner",
+    "VisionZip",
     "apply",
     "available",
     "handle_of",

@@ -57,7 +57,7 @@ def tiny_demo(keep, repeats: int) -> None:
     for name in vtprune.available():
         unpruned, seconds, stats = timed_pair(model, name, keep, lambda: model(**inputs), repeats)
         print(
-            f"{name:<10} {stats.kept_counts[0]:>6} {_per_layer(stats):<20} {seconds * 1e3:>10.1f} "
+            f"{name:<10} {stats.token_counts[0]:>6} {_per_layer(stats):<20} {seconds * 1e3:>10.1f} "
             f"{unpruned / seconds:>7.2f}x"
         )
 
@@ -156,10 +156,10 @@ def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max
             reply = answer()
         kept = stats.kept[0]
         print(
-            f"{name:<10} {kept.numel():>8} {_per_layer(stats):<20} {seconds * 1e3:>10.1f} "
+            f"{name:<10} {stats.token_counts[0]:>8} {_per_layer(stats):<20} {seconds * 1e3:>10.1f} "
             f"{unpruned / seconds:>7.2f}x  {_verdict(reply, truth)}"
         )
-        title, panel = kept_panel(name, view, kept, grid)
+        title, panel = kept_panel(name, view, kept, grid, merged=len(stats.merged[0]) if stats.merged else 0)
         panels.append((f"{title}\n-> {_verdict(reply, truth, PANEL_TEXT)}", panel))
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (

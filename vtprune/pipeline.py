@@ -38,6 +38,10 @@ class Pipeline:
                 f"the vision-stage pruner ({vision[0].name!r}) must come first in a Pipeline: it runs before "
                 f"the language model"
             )
+        if vision and vision[0].merges and len(self.pruners) > 1:
+            raise ValueError(
+                f"{vision[0].name!r} merges tokens; LLM-stage pruners after a merging pruner are not supported yet"
+            )
         budgets = {p.budget for p in self.pruners}
         if len(budgets) > 1:
             raise ValueError(

@@ -13,12 +13,22 @@ class PruneStats:
     order) of the tokens that reached the last decoder layer.
     layer_tokens[b][l]: visual tokens of sample b entering decoder layer l.
     drops: for LLM-stage pruners, one ``(layer, kept)`` per drop point: the tokens (indexed like
-    ``kept``) that enter ``layer`` and the layers after it, until the next drop point."""
+    ``kept``) that enter ``layer`` and the layers after it, until the next drop point.
+    merged[b]: for merging vision-stage pruners, per merged token of sample b the indices (like
+    ``kept``) of the tokens averaged into it; with ``kept``, they account for every visual token."""
 
     kept: list[torch.Tensor]
     layer_tokens: list[list[int]]
     drops: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)
+    merged: list[list[torch.Tensor]] = field(default_factory=list)
 
     @property
     def kept_counts(self) -> list[int]:
+        """Per sample, the original visual tokens that reach the last decoder layer as they are."""
         return [int(k.numel()) for k in self.kept]
+
+    @property
+    def token_counts(self) -> list[int]:
+        """Per sample, the visual tokens that reach the last decoder layer: kept ones and merged ones."""
+        merged = self.merged or [[] for _ in self.kept]
+        return [int(k.numel()) + len(m) for k, m in zip(self.kept, merged)]

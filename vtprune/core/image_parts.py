@@ -30,8 +30,9 @@ class ImagePart:
 
 @dataclass(frozen=True)
 class ImageParts:
-    """One image: ``n_tokens`` placeholder tokens, ``parts`` (disjoint, covering every prunable token)
-    and per-token CLS attention of the tower ((n_tokens,) fp32, 0 at fixed tokens) when asked for.
+    """One image: ``n_tokens`` placeholder tokens, ``parts`` (disjoint, covering every prunable token),
+    and when a pruner asks for them, per-token CLS attention of the tower ((n_tokens,) fp32, 0 at
+    fixed tokens) and head-mean keys ((n_tokens, d) fp32).
 
     Anyres images also say where their crops are: ``crops`` splits the last part (all crop tokens)
     into one part per crop, and ``base_regions`` ((n_base,) long) names, for each token of the first
@@ -43,12 +44,13 @@ class ImageParts:
     cls_attention: torch.Tensor | None = None
     crops: tuple[ImagePart, ...] = ()
     base_regions: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
 
     @classmethod
-    def single(cls, n_tokens: int, grid: tuple[int, int] | None, cls_attention=None) -> ImageParts:
+    def single(cls, n_tokens: int, grid: tuple[int, int] | None, cls_attention=None, keys=None) -> ImageParts:
         """Every token prunable, one part (LLaVA-1.5)."""
         grid = grid if grid is not None and grid[0] * grid[1] == n_tokens else None
-        return cls(n_tokens, (ImagePart(torch.arange(n_tokens), grid),), cls_attention)
+        return cls(n_tokens, (ImagePart(torch.arange(n_tokens), grid),), cls_attention, keys=keys)
 
     @property
     def prunable(self) -> torch.Tensor:

@@ -89,6 +89,22 @@ class VisualLayout:
                 keep[b, span[dropped]] = False
         return keep
 
+    def per_sample(self, per_item: list) -> list[list]:
+        """``per_item`` (one entry per item, in item order) arranged like ``spans``."""
+        return [[per_item[i] for i in items] for items in self.items]
+
+    def sample_groups(self, groups: list[list[tuple[torch.Tensor, ...]]]) -> list[list[torch.Tensor]]:
+        """Per sample, the merged tokens' groups (``groups[b][i]``: image i's, indices into its tokens)
+        as indices into the sample's visual-token sequence, in prompt order of their images."""
+        out = []
+        for images, per_image in zip(self.spans, groups):
+            offset, sample = 0, []
+            for span, image_groups in zip(images, per_image):
+                sample += [g.to("cpu", torch.long) + offset for g in image_groups]
+                offset += span.numel()
+            out.append(sample)
+        return out
+
     def sample_kept(self, kept: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """Per sample, ``kept`` as ascending indices into that sample's visual-token sequence
         (its images' tokens concatenated in prompt order)."""

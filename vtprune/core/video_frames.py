@@ -19,12 +19,14 @@ from vtprune.core.image_parts import ImagePart, ImageParts
 @dataclass(frozen=True)
 class VideoFrames:
     """``frames`` blocks of ``grid[0] * grid[1]`` tokens (each frame's grid in raster order), then
-    ``tail`` fixed tokens; ``scores``: (n_tokens,) fp32 CLS attention per token (0 at the tail) or None."""
+    ``tail`` fixed tokens; ``scores``: (n_tokens,) fp32 CLS attention per token (0 at the tail) and
+    ``keys``: (n_tokens, d) head-mean keys, when a pruner asks for them."""
 
     frames: int
     grid: tuple[int, int]
     tail: int = 0
     scores: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
 
     @property
     def tokens_per_frame(self) -> int:
@@ -40,10 +42,13 @@ class VideoFrames:
         n = self.tokens_per_frame
         if budget == "per_video":
             grid = self.grid if self.frames == 1 else None
-            return [ImageParts(self.n_tokens, (ImagePart(torch.arange(self.frames * n), grid),), self.scores)]
+            part = ImagePart(torch.arange(self.frames * n), grid)
+            return [ImageParts(self.n_tokens, (part,), self.scores, keys=self.keys)]
         out = []
         for f in range(self.frames):
-            size = n + (self.tail if f == self.frames - 1 else 0)
-            scores = None if self.scores is None else self.scores[f * n : f * n + size]
-            out.append(ImageParts(size, (ImagePart(torch.arange(n), self.grid),), scores))
+            tokens = slice(f * n, (f + 1) * n + (self.tail if f == self.frames - 1 else 0))
+            scores = None if self.scores is None else self.scores[tokens]
+            keys = None if self.keys is None else self.keys[tokens]
+            size = tokens.stop - tokens.start
+            out.append(ImageParts(size, (ImagePart(torch.arange(n), self.grid),), scores, keys=keys))
         return out

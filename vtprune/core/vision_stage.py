@@ -15,17 +15,17 @@ import torch
 
 from vtprune.core.compaction import Compaction
 from vtprune.core.image_parts import ImagePart, ImageParts, crop_weights, split_budget
-from vtprune.pruners.base import VisionPruner, VisionTokens
+from vtprune.pruners.base import Reduction, VisionPruner, VisionTokens
 
 IGNORE_INDEX = -100
 
 
-def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImageParts) -> torch.Tensor:
-    """Ascending prunable indices of one image's tokens that ``pruner`` keeps.
+def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImageParts) -> Reduction:
+    """What ``pruner`` keeps (and merges) of one image's tokens, as prunable indices.
 
     features: (n_tokens, D), the image's tokens after the projector. The image's budget (counted on
     its prunable tokens) is shared across its parts in proportion to their sizes; each part is
-    scored on its own, with its own grid and CLS attention.
+    scored on its own, with its own grid and tower signals.
     """
     prunable = parts.prunable
     keep = pruner.keep_count(prunable.numel())
@@ -33,19 +33,27 @@ def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImagePa
     scored = list(zip(parts.parts, budgets))
     if pruner.crop_budget == "global" and parts.crops and parts.cls_attention is not None:
         scored = scored[:-1] + _global_crop_budgets(parts, budgets[-1])
-    chosen = []
+    chosen, groups = [], []
     for part, part_keep in scored:
         if part_keep == 0:
             continue
         cls = None if parts.cls_attention is None else parts.cls_attention[part.index]
+        keys = None if parts.keys is None else parts.keys[part.index]
         tokens = VisionTokens(
-            features=features[part.index.to(features.device)], keep=part_keep, grid=part.grid, cls_attention=cls
+            features=features[part.index.to(features.device)],
+            keep=part_keep,
+            grid=part.grid,
+            cls_attention=cls,
+            keys=keys,
         )
-        chosen.append(part.index[pruner.select(tokens).cpu()])
+        reduction = pruner.reduce(tokens)
+        chosen.append(part.index[reduction.kept.cpu()])
+        groups += [part.index[g.cpu()] for g in reduction.groups]
     if len(parts.parts) == 1 and prunable.numel() == parts.n_tokens:
-        return chosen[0].to(features.device)
+        return Reduction(chosen[0].to(features.device), tuple(groups))
     positions = torch.cat(chosen).sort().values
-    return torch.searchsorted(prunable, positions).to(features.device)
+    as_prunable = tuple(torch.searchsorted(prunable, g) for g in groups)
+    return Reduction(torch.searchsorted(prunable, positions).to(features.device), as_prunable)
 
 
 def _global_crop_budgets(parts: ImageParts, keep: int) -> list[tuple[ImagePart, int]]:

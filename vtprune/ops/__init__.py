@@ -1,15 +1,16 @@
 """Scoring math shared by the pruners: plain tensor functions, no model classes.
 
-Each op takes ``backend="auto" | "torch" | "triton"``. ``torch`` is the readable reference and the
-oracle in the tests; ``triton`` runs fused kernels (CUDA, or Triton's CPU interpreter under
+Each scoring op takes ``backend="auto" | "torch" | "triton"``. ``torch`` is the readable reference and
+the oracle in the tests; ``triton`` runs fused kernels (CUDA, or Triton's CPU interpreter under
 ``TRITON_INTERPRET=1``); ``auto`` picks Triton for CUDA tensors when it is installed. Triton is
-imported only when a kernel first runs.
+imported only when a kernel first runs. The merging helpers are plain torch.
 """
 
 from vtprune.ops._backend import BACKENDS, resolve_backend, triton_available
 from vtprune.ops.attention import attention_rows
 from vtprune.ops.diversity import max_min_diversity
 from vtprune.ops.k_center import k_center
+from vtprune.ops.merging import nearest_targets, strided_targets
 from vtprune.ops.spatial import farthest_points
 from vtprune.ops.transition import transition_variation
 
@@ -19,7 +20,9 @@ __all__ = [
     "farthest_points",
     "k_center",
     "max_min_diversity",
+    "nearest_targets",
     "resolve_backend",
+    "strided_targets",
     "transition_variation",
     "triton_available",
 ]

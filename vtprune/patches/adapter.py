@@ -19,6 +19,7 @@ Instance-level patches (``MethodPatch``), all undone by ``remove()`` and copied 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -33,11 +34,12 @@ from vtprune.core.image_parts import ImageParts
 from vtprune.core.layout import VisualLayout
 from vtprune.core.llm_stage import LLMStage
 from vtprune.core.patching import MethodPatch, PerThread
+from vtprune.core.tower_signals import TowerSignals
 from vtprune.core.video_frames import VideoFrames
 from vtprune.core.vision_stage import DecodeTranslation, select_in_parts, shorten_prompt
 from vtprune.patches import llama, towers
 from vtprune.pipeline import Pipeline, as_pipeline
-from vtprune.pruners.base import ModelInfo
+from vtprune.pruners.base import ModelInfo, Reduction
 from vtprune.registry import available, pruner_class
 from vtprune.stats import PruneStats
 
@@ -90,17 +92,18 @@ class Adapter:
         """Visual tokens of one image when every image has the same number (for ``ModelInfo``)."""
         return None
 
-    def image_parts(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[ImageParts]:
+    def image_parts(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[ImageParts]:
         """The layout of each image's tokens, from ``get_image_features``' output and arguments.
 
-        features: per image, its (n_tokens, D) tokens as the model scatters them; cls_rows: (P, T)
-        CLS attention rows of every tower input (P images or crops, T tokens with the CLS), or None.
+        features: per image, its (n_tokens, D) tokens as the model scatters them; signals: what the
+        pruner asked to read from the tower, per token of every tower input (images or crops, T
+        tokens with the CLS), or None.
         """
         raise NotImplementedError
 
-    def video_frames(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[VideoFrames]:
+    def video_frames(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[VideoFrames]:
         """The layout of each video's tokens, from ``get_video_features``' output and arguments (as in
-        ``image_parts``; ``cls_rows`` over every frame the tower saw). Families with videos implement it."""
+        ``image_parts``; ``signals`` over every frame the tower saw). Families with videos implement it."""
         raise NotImplementedError
 
     def vision_tower(self):
@@ -155,7 +158,10 @@ class Adapter:
                     "use sdpa, eager or flash"
                 )
         vision = pipeline.vision
-        if vision is not None and vision.tower_attention_layers(self.info) and towers.tower_spec(self.tower) is None:
+        reads_tower = vision is not None and (
+            vision.tower_attention_layers(self.info) or vision.tower_key_layers(self.info)
+        )
+        if reads_tower and towers.tower_spec(self.tower) is None:
             raise ValueError(
                 f"the {vision.name!r} pruner cannot read attention from vision tower {self.info.tower_name}"
             )
@@ -188,20 +194,19 @@ class Adapter:
         bound = inspect.signature(original).bind(*args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         vision = self._pipeline.vision
-        layers = vision.tower_attention_layers(self.info) if vision is not None else []
-        if layers:
-            with towers.capture_cls_attention(self.tower, layers) as rows:
-                out = original(*args, **kwargs)
-            cls = torch.stack(rows).sum(0) if rows else None
-        else:
+        score_layers = vision.tower_attention_layers(self.info) if vision is not None else []
+        key_layers = vision.tower_key_layers(self.info) if vision is not None else []
+        with contextlib.ExitStack() as stack:
+            scores = stack.enter_context(towers.capture_cls_attention(self.tower, score_layers)) if score_layers else []
+            keys = stack.enter_context(towers.capture_keys(self.tower, key_layers)) if key_layers else []
             out = original(*args, **kwargs)
-            cls = None
+        signals = TowerSignals.of(scores, keys)
         if isinstance(out, tuple):
             features = list(out[1])
         else:
             features = list(out.pooler_output)
         describe = self.image_parts if modality == "image" else self.video_frames
-        layouts = describe(features, arguments, cls)
+        layouts = describe(features, arguments, signals)
         for f, layout in zip(features, layouts):
             setattr(f, _LAYOUT, layout)
         if not isinstance(out, tuple):
@@ -220,9 +225,9 @@ class Adapter:
         if modality == "image":
             return [ImageParts.single(f.shape[0], None) for f in features]
         vision = self._pipeline.vision
-        if vision is not None and vision.tower_attention_layers(self.info):
+        if vision is not None and (vision.tower_attention_layers(self.info) or vision.tower_key_layers(self.info)):
             raise NotImplementedError(
-                f"the {vision.name!r} pruner scores a video with the tower's attention, which is lost when "
+                f"the {vision.name!r} pruner scores a video with what it reads in the tower, which is lost when "
                 f"generate() repeats the video features (num_return_sequences > 1 or beam search) on "
                 f"{type(self.model).__name__}; generate one sequence per prompt, or use another pruner"
             )
@@ -378,13 +383,20 @@ class Adapter:
 
     def _vision_forward(self, original, a: dict, encoded: dict, visuals: list, layout: VisualLayout, tail):
         vision = self._pipeline.vision
-        per_item = [select_in_parts(vision, v.features, v.parts) for v in visuals]
-        kept = [[per_item[i] for i in items] for items in layout.items]
+        reductions = [select_in_parts(vision, v.features, v.parts) for v in visuals]
+        per_item = [r.kept for r in reductions]
+        # Placeholders that stay: the kept tokens' and, for each merged token, its anchor's.
+        slots = [_slots(r) for r in reductions]
         input_ids = a["input_ids"]
-        comp = Compaction.from_keep(layout.keep_mask(kept, input_ids.device))
-        sample_kept = layout.sample_kept(kept)
+        comp = Compaction.from_keep(layout.keep_mask(layout.per_sample(slots), input_ids.device))
+        sample_kept = layout.sample_kept(layout.per_sample(per_item))
+        merged = layout.sample_groups(layout.per_sample([r.groups for r in reductions]))
         self.last = PruneStats(
-            kept=sample_kept, layer_tokens=[[int(k.numel())] * self.info.num_decoder_layers for k in sample_kept]
+            kept=sample_kept,
+            layer_tokens=[
+                [int(k.numel()) + len(m)] * self.info.num_decoder_layers for k, m in zip(sample_kept, merged)
+            ],
+            merged=merged,
         )
         short = None
         if not comp.is_identity:
@@ -404,7 +416,8 @@ class Adapter:
                 if a.get(name) is not None:
                     short[name] = comp.gather(a[name], fill=0)
             a.update({k: v for k, v in short.items() if k != "labels" or "labels" in a})
-            a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], **_pruned_outputs(encoded, visuals, per_item)}
+            pruned = _pruned_outputs(encoded, visuals, reductions, merged_at_anchor=self.keeps_positions)
+            a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], **pruned}
         if self._llm is None:
             out = original(**a)
         else:
@@ -453,14 +466,40 @@ class _Visual:
         return _Visual(self.modality, self.number, self.features[stay], self.parts.after_keep(kept))
 
 
-def _pruned_outputs(encoded: dict, visuals: list[_Visual], kept: list[torch.Tensor]) -> dict:
-    """The encoder outputs with only the kept tokens (and the fixed ones), one (k_i, D) tensor per
+def _slots(r: Reduction) -> torch.Tensor:
+    """Prunable indices whose placeholders stay for a reduction: kept tokens and merged tokens' anchors."""
+    if not r.groups:
+        return r.kept
+    anchors = torch.stack([g[0] for g in r.groups]).to(r.kept.device)
+    return torch.cat([r.kept, anchors]).sort().values
+
+
+def _image_tokens(v: _Visual, r: Reduction, merged_at_anchor: bool) -> torch.Tensor:
+    """(k + fixed + merged, D): what the model gets for one image: kept and fixed tokens in prompt
+    order, then each merged token (the mean of its group), or, with ``merged_at_anchor``, each merged
+    token at its anchor's place."""
+    f = v.features
+    kept = f[v.parts.token_positions(r.kept).to(f.device)]
+    if not r.groups:
+        return kept
+    prunable = v.parts.prunable.to(f.device)
+    merged = torch.stack([f[prunable[g.to(f.device)]].float().mean(0) for g in r.groups]).to(f.dtype)
+    tokens = torch.cat([kept, merged])
+    if not merged_at_anchor:
+        return tokens
+    # Order by place in the prompt: the anchors' token positions next to the kept and fixed ones.
+    anchors = torch.stack([g[0] for g in r.groups]).cpu()
+    places = torch.cat([v.parts.token_positions(r.kept), v.parts.prunable[anchors]])
+    return tokens[places.argsort().to(f.device)]
+
+
+def _pruned_outputs(encoded: dict, visuals: list[_Visual], reductions: list[Reduction], merged_at_anchor: bool) -> dict:
+    """The encoder outputs holding what each image (video) keeps and merges, one (n_i, D) tensor per
     image (video) as the models take them; where the encoder gave one (videos, tokens, D) tensor, a
     (1, total, D) tensor instead (the models flatten it)."""
     tokens = {m: {} for m in encoded}
-    for v, k in zip(visuals, kept):
-        chosen = v.features[v.parts.token_positions(k).to(v.features.device)]
-        tokens[v.modality].setdefault(v.number, []).append(chosen)
+    for v, r in zip(visuals, reductions):
+        tokens[v.modality].setdefault(v.number, []).append(_image_tokens(v, r, merged_at_anchor))
     out = {}
     for modality, per_number in tokens.items():
         pooler = [torch.cat(parts) for parts in per_number.values()]

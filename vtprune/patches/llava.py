@@ -6,9 +6,8 @@ CLS token dropped with ``vision_feature_select_strategy="default"``), every one 
 
 from __future__ import annotations
 
-import torch
-
 from vtprune.core.image_parts import ImageParts
+from vtprune.core.tower_signals import TowerSignals
 from vtprune.patches.adapter import Adapter
 
 
@@ -22,15 +21,16 @@ class LlavaAdapter(Adapter):
             return None
         return (size // patch) ** 2 + (1 if self.config.vision_feature_select_strategy == "full" else 0)
 
-    def image_parts(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[ImageParts]:
+    def image_parts(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[ImageParts]:
         pixel_values = arguments["pixel_values"]
         patch = self.tower.config.patch_size
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         out = []
         for i, f in enumerate(features):
             n = f.shape[0]
-            row = None
-            if cls_rows is not None and i < cls_rows.shape[0]:
-                row = cls_rows[i, cls_rows.shape[1] - n :]  # the CLS column itself goes with "default"
-            out.append(ImageParts.single(n, grid, row))
+            scores = keys = None
+            if signals is not None and i < signals.values.shape[0]:
+                # the CLS token's own row goes with "default"
+                scores, keys = signals.split(signals.values[i, signals.values.shape[1] - n :])
+            out.append(ImageParts.single(n, grid, scores, keys))
         return out

@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 
 from vtprune.core.image_parts import ImagePart, ImageParts
+from vtprune.core.tower_signals import TowerSignals
 from vtprune.patches.adapter import Adapter
 
-# Channels of the marker tensor sent through pack_image_features.
-_IS_TOKEN, _PATCH, _CLS = 0, 1, 2
+# Channels of the marker tensor sent through pack_image_features; the tower signals follow them.
+_IS_TOKEN, _PATCH, _SIGNALS = 0, 1, 2
 
 
 class LlavaNextAdapter(Adapter):
@@ -41,21 +42,22 @@ class LlavaNextAdapter(Adapter):
             for size in arguments["image_sizes"]
         ]
 
-    def image_parts(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[ImageParts]:
+    def image_parts(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[ImageParts]:
         image_sizes = arguments["image_sizes"]
         strategy = arguments.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         # Tokens per tower input after feature selection ("default" drops the first, the CLS token).
         per_patch = side * side + int(self.info.tower_has_cls) - int(strategy == "default")
-        newline = torch.zeros(3, dtype=torch.float64)
+        channels = _SIGNALS + (0 if signals is None else signals.values.shape[-1])
+        newline = torch.zeros(channels, dtype=torch.float64)
         newline[_PATCH] = -1
         out, start = [], 0
         for i, (f, n_inputs) in enumerate(zip(features, self._tower_inputs(arguments))):
-            markers = torch.zeros(n_inputs, per_patch, 3, dtype=torch.float64)
+            markers = torch.zeros(n_inputs, per_patch, channels, dtype=torch.float64)
             markers[..., _IS_TOKEN] = 1
             markers[..., _PATCH] = torch.arange(n_inputs, dtype=torch.float64)[:, None]
-            if cls_rows is not None:
-                markers[..., _CLS] = cls_rows[start : start + n_inputs, -per_patch:].double().cpu()
+            if signals is not None:
+                markers[..., _SIGNALS:] = signals.values[start : start + n_inputs, -per_patch:].double().cpu()
             start += n_inputs
             packed = self._pack(markers, torch.as_tensor(image_sizes[i]).cpu(), arguments, newline)
             if packed.shape[0] != f.shape[0]:
@@ -64,7 +66,7 @@ class LlavaNextAdapter(Adapter):
                     f"{packed.shape[0]} tokens expected, the model gave {f.shape[0]}"
                 )
             layout = self._crop_layout(image_sizes[i]) if n_inputs > 1 else None
-            out.append(self._parts(packed, side, per_patch, cls_rows is not None, layout))
+            out.append(self._parts(packed, side, per_patch, signals, layout))
         return out
 
     def _crop_layout(self, image_size) -> tuple[int, int]:
@@ -76,7 +78,7 @@ class LlavaNextAdapter(Adapter):
         )
 
     @staticmethod
-    def _parts(packed: torch.Tensor, side: int, per_patch: int, with_cls: bool, layout) -> ImageParts:
+    def _parts(packed: torch.Tensor, side: int, per_patch: int, signals: TowerSignals | None, layout) -> ImageParts:
         is_token = packed[:, _IS_TOKEN] > 0.5
         from_base = is_token & (packed[:, _PATCH] < 0.5)
         from_crops = is_token & ~from_base
@@ -91,8 +93,10 @@ class LlavaNextAdapter(Adapter):
             if layout is not None and grid is not None:
                 per_crop = _split_by_crop(crops, packed[crops, _PATCH], grid, layout)
                 regions = _base_regions(side, layout)
-        cls = packed[:, _CLS].float() * is_token if with_cls else None
-        return ImageParts(packed.shape[0], tuple(parts), cls, per_crop, regions)
+        scores = keys = None
+        if signals is not None:
+            scores, keys = signals.split(packed[:, _SIGNALS:] * is_token[:, None])
+        return ImageParts(packed.shape[0], tuple(parts), scores, per_crop, regions, keys)
 
 
 def _split_by_crop(crops: torch.Tensor, source: torch.Tensor, grid, layout) -> tuple[ImagePart, ...]:

@@ -3,8 +3,8 @@
 Images as in LLaVA-NeXT (anyres, see ``llava_next.py``). A video's frames each go through the tower
 and are pooled (``spatial_pool_stride``, 2 by default: a 24 x 24 patch grid becomes 12 x 12 tokens);
 the video's tokens are the frames' pooled grids one after another, with no newline tokens. A pooled
-token's CLS attention is its patches' pooled the same way (mean for average and conv pooling, max for
-max pooling).
+token's CLS attention (and keys) is its patches' pooled the same way (mean for average and conv
+pooling, max for max pooling).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from vtprune.core.tower_signals import TowerSignals
 from vtprune.core.video_frames import VideoFrames
 from vtprune.patches.llava_next import LlavaNextAdapter
 
@@ -21,34 +22,35 @@ from vtprune.patches.llava_next import LlavaNextAdapter
 class LlavaNextVideoAdapter(LlavaNextAdapter):
     supported = ("LlavaNextVideoForConditionalGeneration",)
 
-    def video_frames(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[VideoFrames]:
+    def video_frames(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[VideoFrames]:
         stride = self.config.spatial_pool_stride
         pool = F.max_pool2d if self.config.spatial_pool_mode == "max" else F.avg_pool2d
 
-        def pooled(maps: torch.Tensor) -> torch.Tensor:  # (frames, side, side) -> (frames, tokens)
-            return pool(maps[:, None], kernel_size=stride, stride=stride).flatten(1)
+        def pooled(maps: torch.Tensor) -> torch.Tensor:  # (frames, side, side, C) -> (frames, tokens, C)
+            return pool(maps.permute(0, 3, 1, 2), kernel_size=stride, stride=stride).flatten(2).transpose(1, 2)
 
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        return pooled_frames(features, side, 0, cls_rows, pooled)
+        return pooled_frames(features, side, 0, signals, pooled)
 
 
 def pooled_frames(
-    features: list, side: int, tail: int, cls_rows: torch.Tensor | None, pool: Callable[[torch.Tensor], torch.Tensor]
+    features: list, side: int, tail: int, signals: TowerSignals | None, pool: Callable[[torch.Tensor], torch.Tensor]
 ) -> list[VideoFrames]:
-    """Videos whose frames are ``side`` x ``side`` patch grids pooled by ``pool`` ((frames, side, side)
-    maps -> (frames, tokens)), followed by ``tail`` fixed tokens. cls_rows: (frames of all videos, T)
-    tower attention rows, the patches being the last side * side columns."""
-    tokens = pool(torch.zeros(1, side, side)).shape[1]
+    """Videos whose frames are ``side`` x ``side`` patch grids pooled by ``pool`` ((frames, side, side,
+    C) maps -> (frames, tokens, C)), followed by ``tail`` fixed tokens. signals: per frame of all
+    videos, the tower's signals, the patches being the last side * side tokens."""
+    tokens = pool(torch.zeros(1, side, side, 1)).shape[1]
     pooled_side = int(round(tokens**0.5))
     out, start = [], 0
     for f in features:
         frames, rest = divmod(f.shape[0] - tail, tokens)
         if rest:
             raise RuntimeError(f"a video of {f.shape[0]} tokens is not frames of {tokens} tokens plus {tail}")
-        scores = None
-        if cls_rows is not None:
-            maps = cls_rows[start : start + frames, -side * side :].float().cpu().reshape(frames, side, side)
-            scores = torch.cat([pool(maps).reshape(-1), torch.zeros(tail)])
+        scores = keys = None
+        if signals is not None:
+            values = signals.values[start : start + frames, -side * side :].float().cpu()
+            values = pool(values.reshape(frames, side, side, -1)).reshape(frames * tokens, -1)
+            scores, keys = signals.split(torch.cat([values, values.new_zeros(tail, values.shape[1])]))
         start += frames
-        out.append(VideoFrames(frames, (pooled_side, pooled_side), tail, scores))
+        out.append(VideoFrames(frames, (pooled_side, pooled_side), tail, scores, keys))
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.core.tower_signals import TowerSignals
 from vtprune.core.video_frames import VideoFrames
 from vtprune.patches.llava_next import LlavaNextAdapter
 from vtprune.patches.llava_next_video import pooled_frames
@@ -38,10 +39,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         alone = [int(n) == 1 for n in per_sample for _ in range(int(n))]
         return [n if single else 1 for n, single in zip(crops, alone)]
 
-    def video_frames(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[VideoFrames]:
+    def video_frames(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[VideoFrames]:
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
 
-        def pooled(maps: torch.Tensor) -> torch.Tensor:  # (frames, side, side) -> (frames, tokens)
-            return self.model.model.apply_pooling(maps.reshape(maps.shape[0], side * side, 1)).flatten(1)
+        def pooled(maps: torch.Tensor) -> torch.Tensor:  # (frames, side, side, C) -> (frames, tokens, C)
+            return self.model.model.apply_pooling(maps.reshape(maps.shape[0], side * side, -1))
 
-        return pooled_frames(features, side, 1, cls_rows, pooled)
+        return pooled_frames(features, side, 1, signals, pooled)

@@ -15,6 +15,7 @@ import torch
 
 from vtprune.core.image_parts import ImageParts
 from vtprune.core.patching import PerThread
+from vtprune.core.tower_signals import TowerSignals
 from vtprune.core.video_frames import VideoFrames
 from vtprune.patches.adapter import Adapter
 
@@ -34,31 +35,39 @@ class Qwen2VLAdapter(Adapter):
     def feature_layers(self, n_tower: int) -> tuple[int, ...]:
         return (n_tower - 1,)  # the merger reads the last block's output
 
-    def image_parts(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[ImageParts]:
+    def image_parts(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[ImageParts]:
         merge = self.config.vision_config.spatial_merge_size
         grids = arguments["image_grid_thw"]
-        scores = None if cls_rows is None else self._token_scores(cls_rows, grids).split([f.shape[0] for f in features])
         out = []
-        for i, (f, (t, h, w)) in enumerate(zip(features, grids.tolist())):
+        for f, (t, h, w), values in zip(features, grids.tolist(), self._per_token(signals, grids, features)):
             grid = (h // merge, w // merge) if t == 1 else None
-            out.append(ImageParts.single(f.shape[0], grid, None if scores is None else scores[i]))
+            scores, keys = signals.split(values) if signals is not None else (None, None)
+            out.append(ImageParts.single(f.shape[0], grid, scores, keys))
         return out
 
-    def video_frames(self, features: list, arguments: dict, cls_rows: torch.Tensor | None) -> list[VideoFrames]:
+    def video_frames(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[VideoFrames]:
         """A frame is a temporal patch (``temporal_patch_size`` video frames, 2 by default)."""
         grids = arguments.get("video_grid_thw")
         if grids is None:
             raise ValueError(f"{type(self.model).__name__} needs video_grid_thw with videos (the processor returns it)")
         merge = self.config.vision_config.spatial_merge_size
-        sizes = [f.shape[0] for f in features]
-        scores = [None] * len(features) if cls_rows is None else self._token_scores(cls_rows, grids).split(sizes)
-        return [VideoFrames(t, (h // merge, w // merge), 0, s) for (t, h, w), s in zip(grids.tolist(), scores)]
+        out = []
+        for (t, h, w), values in zip(grids.tolist(), self._per_token(signals, grids, features)):
+            scores, keys = signals.split(values) if signals is not None else (None, None)
+            out.append(VideoFrames(t, (h // merge, w // merge), 0, scores, keys))
+        return out
 
-    def _token_scores(self, patch_scores: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-        """(tokens,) per visual token, in the order of the features: the mean over the patches it
-        merges of ``patch_scores`` ((patches,) in the tower's block order)."""
+    def _per_token(self, signals: TowerSignals | None, grids: torch.Tensor, features: list) -> list:
+        """Per image (video), its tokens' (n, C) signals; None each when no pruner asked for any."""
+        if signals is None:
+            return [None] * len(features)
+        return list(self._token_signals(signals.values, grids).split([f.shape[0] for f in features]))
+
+    def _token_signals(self, patch_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """(tokens, C) per visual token, in the order of the features: the mean over the patches it
+        merges of ``patch_values`` ((patches, C) in the tower's block order)."""
         unit = self.config.vision_config.spatial_merge_size**2
-        merged = patch_scores.reshape(-1, unit).mean(1)
+        merged = patch_values.reshape(-1, unit, patch_values.shape[-1]).mean(1)
         if hasattr(self.tower, "window_size"):
             # Qwen2.5-VL runs its blocks on merge groups reordered into attention windows.
             from transformers.vision_utils import get_vision_window_index

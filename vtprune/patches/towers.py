@@ -116,6 +116,27 @@ def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: d
     return torch.cat([_received_by(q[i : i + 1], k[i : i + 1], scale) for i in range(x.shape[0])])
 
 
+def _keys(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Head-mean keys of an encoder layer: (B, T, head_dim), or (S, head_dim) for a fused-qkv tower
+    (before its rotary embedding: the keys' content, not their place)."""
+    attn, x, _ = _attention_input(layer, spec, hidden)
+    if spec.query is None:
+        n = x.shape[0]
+        return attn.qkv(x).reshape(n, 3, attn.num_heads, -1)[:, 1].mean(1).float()
+    return _heads(getattr(attn, spec.key), x, attn.head_dim).mean(1).float()
+
+
+@contextmanager
+def capture_keys(tower: nn.Module, layers: list[int]):
+    """Record, while active, the head-mean keys of the given encoder layers on every tower call.
+
+    Yields a list that receives one (B, T, head_dim) fp32 tensor per layer call ((S, head_dim) for
+    Qwen2-VL towers). Hooks are removed on exit, even when the tower raises.
+    """
+    with _capture(tower, layers, _keys) as keys:
+        yield keys
+
+
 @contextmanager
 def capture_cls_attention(tower: nn.Module, layers: list[int]):
     """Record, while active, the CLS attention row of the given encoder layers on every tower call
@@ -125,19 +146,24 @@ def capture_cls_attention(tower: nn.Module, layers: list[int]):
     summed over ``layers`` per tower call by the caller. Hooks are removed on exit, even when the
     tower raises.
     """
+    with _capture(tower, layers, _cls_row if tower_spec(tower).has_cls else _received) as rows:
+        yield rows
+
+
+@contextmanager
+def _capture(tower: nn.Module, layers: list[int], compute: Callable):
     spec = tower_spec(tower)
     modules = spec.layers(tower)
-    rows: list[torch.Tensor] = []
-    score = _cls_row if spec.has_cls else _received
+    out: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         with torch.no_grad():
-            rows.append(score(module, spec, hidden, kwargs))
+            out.append(compute(module, spec, hidden, kwargs))
 
     handles = [modules[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
     try:
-        yield rows
+        yield out
     finally:
         for h in handles:
             h.remove()

@@ -114,9 +114,11 @@ def panel_grid(
     return sheet
 
 
-def kept_panel(name: str, view: Image.Image, kept: torch.Tensor, grid: int) -> tuple[str, Image.Image]:
-    """(title, panel) for one pruner: its name and token count over ``view`` with the rest greyed out."""
-    return f"{name} {len(kept)}/{grid * grid}", grey_out(view, kept, grid)
+def kept_panel(name: str, view: Image.Image, kept: torch.Tensor, grid: int, merged: int = 0) -> tuple[str, Image.Image]:
+    """(title, panel) for one pruner: its name and token count (kept, plus ``merged`` tokens standing
+    for groups of the greyed-out ones) over ``view`` with the rest greyed out."""
+    count = f"{len(kept)}+{merged} merged" if merged else f"{len(kept)}"
+    return f"{name} {count}/{grid * grid}", grey_out(view, kept, grid)
 
 
 def overlay_row(

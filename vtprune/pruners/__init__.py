@@ -9,6 +9,7 @@ from vtprune.pruners.pdrop import PyramidDrop
 from vtprune.pruners.random import RandomPrune
 from vtprune.pruners.transprune import TransPrune
 from vtprune.pruners.uniform import UniformPrune
+from vtprune.pruners.visionzip import VisionZip
 
 __all__ = [
     "AdaptivePrune",
@@ -23,4 +24,5 @@ __all__ = [
     "TransPrune",
     "UniformPrune",
     "VisionPruner",
+    "VisionZip",
 ]

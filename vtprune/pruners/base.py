@@ -33,13 +33,17 @@ class VisionTokens:
         budget when a model splits one image into parts).
     grid: (rows, cols) of the patch grid when the N tokens are exactly that grid in raster order.
     cls_attention: (N,) fp32 attention from the tower's CLS token, summed over the layers the pruner
-        asked for; None unless the pruner asked.
+        asked for (``tower_attention_layers``); None unless the pruner asked.
+    keys: (N, d) fp32 head-mean keys of the tower, averaged over the layers the pruner asked for
+        (``tower_key_layers``), following the model's pooling and merging of patches into tokens;
+        None unless the pruner asked.
     """
 
     features: torch.Tensor
     keep: int
     grid: tuple[int, int] | None = None
     cls_attention: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
 
 
 @dataclass
@@ -116,6 +120,20 @@ class Pruner:
 CROP_BUDGETS = ("proportional", "global")
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """What a vision pruner makes of one image's (or part's) tokens.
+
+    kept: (k,) ascending long indices of the tokens kept as they are.
+    groups: per merged token, the (g,) long indices of the tokens it stands for (disjoint, none of them
+        kept); the merged token is their features' mean. Its first index is its anchor: on models that
+        keep original positions (M-RoPE), the merged token takes that token's place.
+    """
+
+    kept: torch.Tensor
+    groups: tuple[torch.Tensor, ...] = ()
+
+
 @dataclass
 class VisionPruner(Pruner):
     """Selects visual tokens from the image features, before the language model.
@@ -130,6 +148,7 @@ class VisionPruner(Pruner):
     crop_budget: str = field(default="proportional", kw_only=True)
 
     stage: ClassVar[str] = "vision"
+    merges: ClassVar[bool] = False  # whether ``reduce`` may return merged tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,9 +160,18 @@ class VisionPruner(Pruner):
         selected feature's layer when ``crop_budget="global"`` needs it)."""
         return list(info.feature_layers) if self.crop_budget == "global" else []
 
+    def tower_key_layers(self, info: ModelInfo) -> list[int]:
+        """Vision-encoder layers whose keys this pruner compares tokens with (none by default)."""
+        return []
+
     def select(self, tokens: VisionTokens) -> torch.Tensor:
         """Ascending (k,) long indices into ``tokens.features`` of the tokens to keep."""
         raise NotImplementedError
+
+    def reduce(self, tokens: VisionTokens) -> Reduction:
+        """The tokens kept and the groups merged (at most ``tokens.keep`` in all). Pruners that only
+        select keep ``select``'s tokens; merging pruners override this."""
+        return Reduction(self.select(tokens))
 
 
 SIGNALS = ("last", "instruction", "transition")

@@ -11,7 +11,7 @@ from vtprune.pruners.base import ModelInfo, VisionPruner, VisionTokens, top_k_so
 from vtprune.registry import register
 
 STRATEGIES = ("rank", "row")
-_WARNED: set[str] = set()  # towers already warned about (once per process)
+_WARNED: set[tuple[str, str]] = set()  # (pruner, tower) pairs already warned about, once per process
 
 
 @register
@@ -44,13 +44,7 @@ class CLSPrune(VisionPruner):
                 raise ValueError(f"layers must be a non-empty list of ints or None, got {self.layers!r}")
 
     def check(self, info: ModelInfo) -> None:
-        if not info.tower_has_cls and info.tower_name not in _WARNED:
-            _WARNED.add(info.tower_name)
-            warnings.warn(
-                f"the 'cls' pruner: {info.tower_name} has no CLS token; each patch is scored by the mean "
-                "attention it receives instead (over heads and all tokens of the tower input)",
-                stacklevel=5,  # the caller of vtprune.apply
-            )
+        warn_without_cls(info, self.name)
         n = info.num_tower_layers
         bad = [i for i in self.layers or [] if not -n <= i < n]
         if bad:
@@ -68,6 +62,17 @@ class CLSPrune(VisionPruner):
         if tokens.grid is None:
             raise ValueError("strategy='row' needs visual tokens that form a patch grid")
         return _best_rows(scores, tokens.grid, k)
+
+
+def warn_without_cls(info: ModelInfo, pruner: str) -> None:
+    """Say once per pruner and tower class that a tower without CLS token gets the substitute score."""
+    if not info.tower_has_cls and (pruner, info.tower_name) not in _WARNED:
+        _WARNED.add((pruner, info.tower_name))
+        warnings.warn(
+            f"the {pruner!r} pruner: {info.tower_name} has no CLS token; each patch is scored by the mean "
+            "attention it receives instead (over heads and all tokens of the tower input)",
+            stacklevel=6,  # the caller of vtprune.apply
+        )
 
 
 def _best_rows(scores: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:

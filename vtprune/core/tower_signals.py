@@ -1,0 +1,41 @@
+"""Per-token signals read from the vision tower while it encodes: what some vision pruners score with.
+
+``scores`` is the CLS attention of the layers a pruner asks for (``tower_attention_layers``; on towers
+without a CLS token, the attention each token receives), ``keys`` the head-mean keys of the layers it
+asks for (``tower_key_layers``). Both travel as channels of one tensor, so a model family's adapter can
+follow the model's own packing, pooling and merging of tokens once for all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TowerSignals:
+    """values: (P, T, C) per tower input P and token T, or (S, C) for towers that run all images as one
+    sequence (Qwen2-VL); channel 0 holds the scores when ``has_scores``, the last ``key_dim`` the keys."""
+
+    values: torch.Tensor
+    has_scores: bool
+    key_dim: int
+
+    @classmethod
+    def of(cls, scores: list[torch.Tensor], keys: list[torch.Tensor]) -> TowerSignals | None:
+        """From the captured per-layer tensors: scores summed over layers, keys averaged."""
+        if not scores and not keys:
+            return None
+        channels = [torch.stack(scores).sum(0).float()[..., None]] if scores else []
+        if keys:
+            channels.append(torch.stack(keys).mean(0).float())
+        key_dim = channels[-1].shape[-1] if keys else 0
+        return cls(torch.cat(channels, dim=-1), bool(scores), key_dim)
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(n, C) rows of ``values`` (as a family packed them) -> (scores (n,), keys (n, key_dim)), each
+        None when not asked for."""
+        scores = rows[..., 0].float() if self.has_scores else None
+        keys = rows[..., rows.shape[-1] - self.key_dim :].float() if self.key_dim else None
+        return scores, keys
