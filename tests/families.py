@@ -193,3 +193,20 @@ def assert_processor_batches_prune_like_single_prompts(
                 alone = model.generate(**single, max_new_tokens=8, do_sample=False)
                 assert torch.equal(together[i, -8:], alone[0, -8:]), (name, i)
     return batch, kept
+
+
+def assert_sdpa_equals_eager(family, name, samples, **options) -> None:
+    """Under pruner ``name``, the family's SDPA and eager models keep the same tokens, give the same
+    logits and generate the same tokens."""
+    from conftest import apply, greedy, logits
+
+    results = []
+    for attn in ("sdpa", "eager"):
+        model = family.model(attn)
+        inputs, _ = family.batch(model, samples)
+        with apply(model, name, **options) as handle:
+            results.append((logits(model, inputs), handle.last.kept[0], greedy(model, inputs)))
+    (sdpa_logits, sdpa_kept, sdpa_tokens), (eager_logits, eager_kept, eager_tokens) = results
+    assert torch.equal(sdpa_kept, eager_kept)
+    torch.testing.assert_close(sdpa_logits, eager_logits, atol=1e-4, rtol=0)
+    assert torch.equal(sdpa_tokens, eager_tokens)

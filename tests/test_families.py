@@ -13,7 +13,7 @@ from conftest import (
     logits,
     pruned_image_tokens,
 )
-from families import FAMILIES
+from families import FAMILIES, assert_sdpa_equals_eager
 
 import vtprune
 from vtprune.testing import IMAGE_TOKEN_ID
@@ -90,16 +90,7 @@ def test_remove_restores_the_model(family, name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_sdpa_and_eager_agree(family, name):
-    results = []
-    for attn in ("sdpa", "eager"):
-        model = family.model(attn)
-        inputs, _ = family.batch(model, ONE_IMAGE)
-        with apply(model, name, keep=24) as handle:
-            results.append((logits(model, inputs), handle.last.kept[0], greedy(model, inputs)))
-    (sdpa_logits, sdpa_kept, sdpa_tokens), (eager_logits, eager_kept, eager_tokens) = results
-    assert torch.equal(sdpa_kept, eager_kept)
-    torch.testing.assert_close(sdpa_logits, eager_logits, atol=1e-4, rtol=0)
-    assert torch.equal(sdpa_tokens, eager_tokens)
+    assert_sdpa_equals_eager(family, name, ONE_IMAGE, keep=24)
 
 
 @pytest.mark.parametrize("name", ALL)

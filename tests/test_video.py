@@ -16,7 +16,7 @@ from conftest import (
     pruned_image_tokens,
     scheduled_count,
 )
-from families import VIDEO_FAMILIES
+from families import VIDEO_FAMILIES, assert_sdpa_equals_eager
 
 import vtprune
 from vtprune.pruners.base import VisionTokens
@@ -158,16 +158,7 @@ def test_vision_stage_equals_the_prompt_written_with_the_kept_tokens(family, nam
 
 @pytest.mark.parametrize("name", ["divprune", "cls", "fastv", PIPELINE])
 def test_sdpa_and_eager_agree(family, name):
-    results = []
-    for attn in ("sdpa", "eager"):
-        model = family.model(attn)
-        inputs, _ = family.batch(model, ONE_VIDEO)
-        with apply(model, name, keep=0.25, budget="per_video") as handle:
-            results.append((logits(model, inputs), handle.last.kept[0], greedy(model, inputs)))
-    (sdpa_logits, sdpa_kept, sdpa_tokens), (eager_logits, eager_kept, eager_tokens) = results
-    assert torch.equal(sdpa_kept, eager_kept)
-    torch.testing.assert_close(sdpa_logits, eager_logits, atol=1e-4, rtol=0)
-    assert torch.equal(sdpa_tokens, eager_tokens)
+    assert_sdpa_equals_eager(family, name, ONE_VIDEO, keep=0.25, budget="per_video")
 
 
 @pytest.mark.parametrize("budget", BUDGETS)

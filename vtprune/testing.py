@@ -110,16 +110,18 @@ def tiny_llava_next(
     intermediate: int | None = None,
     vocab: int = 96,
     seed: int = 0,
+    video: bool = False,
 ):
     """A random ``LlavaNextForConditionalGeneration`` (anyres) in eval mode, image token id
     ``IMAGE_TOKEN_ID``, crops of 1x2, 2x1 or 2x2 tower inputs (LLaVA-1.6's pinpoints at
     ``image_size=336``: 576 base tokens, up to 2,304 crop tokens). By default 8 x 8 patches per tower
     input: feed it ``pixel_values`` (images, 5, 3, 112, 112) and ``image_sizes`` (images, 2), as its
     processor does."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    import transformers
 
     s = image_size
-    config = LlavaNextConfig(
+    family = "LlavaNextVideo" if video else "LlavaNext"
+    config = getattr(transformers, f"{family}Config")(
         vision_config=_clip_config(image_size, patch_size, vision_hidden, vision_layers, vision_heads),
         text_config=_llama_config(hidden, layers, heads, kv_heads, intermediate, vocab),
         image_token_id=IMAGE_TOKEN_ID,
@@ -127,47 +129,20 @@ def tiny_llava_next(
         vision_feature_select_strategy="default",
         image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
         pad_token_id=0,
+        **({"video_token_id": VIDEO_TOKEN_ID, "spatial_pool_stride": 2} if video else {}),
     )
-    return _finish(LlavaNextForConditionalGeneration, config, attn, torch.float32, seed)
+    return _finish(getattr(transformers, f"{family}ForConditionalGeneration"), config, attn, torch.float32, seed)
 
 
 VIDEO_TOKEN_ID = 30
 
 
-def tiny_llava_next_video(
-    *,
-    attn: str = "sdpa",
-    image_size: int = 112,
-    patch_size: int = 14,
-    vision_hidden: int = 32,
-    vision_layers: int = 3,
-    vision_heads: int = 2,
-    hidden: int = 64,
-    layers: int = 4,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int | None = None,
-    vocab: int = 96,
-    seed: int = 0,
-):
-    """A random ``LlavaNextVideoForConditionalGeneration`` in eval mode: images as ``tiny_llava_next``'s,
-    videos ``pixel_values_videos`` (videos, frames, 3, 112, 112) whose frames' 8 x 8 patches are pooled
-    to 4 x 4 tokens. Image token id ``IMAGE_TOKEN_ID``, video ``VIDEO_TOKEN_ID``."""
-    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
-
-    s = image_size
-    config = LlavaNextVideoConfig(
-        vision_config=_clip_config(image_size, patch_size, vision_hidden, vision_layers, vision_heads),
-        text_config=_llama_config(hidden, layers, heads, kv_heads, intermediate, vocab),
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
-        spatial_pool_stride=2,
-        pad_token_id=0,
-    )
-    return _finish(LlavaNextVideoForConditionalGeneration, config, attn, torch.float32, seed)
+def tiny_llava_next_video(**options):
+    """A random ``LlavaNextVideoForConditionalGeneration`` in eval mode, ``tiny_llava_next``'s options:
+    images as ``tiny_llava_next``'s, videos ``pixel_values_videos`` (videos, frames, 3, 112, 112)
+    whose frames' 8 x 8 patches are pooled 2x2 to 4 x 4 tokens. Image token id ``IMAGE_TOKEN_ID``,
+    video ``VIDEO_TOKEN_ID``."""
+    return tiny_llava_next(**options, video=True)
 
 
 def tiny_llava_onevision(
