@@ -200,6 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=FAMILIES, default="llava")
     parser.add_argument("--keeps", type=int, nargs="+", default=None, help="default: 64 128 192 (llava), 160 320 640")
+    parser.add_argument("--pruners", nargs="+", default=None, choices=vtprune.available(), help="default: all")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--vision-hidden", type=int, default=512)
@@ -239,7 +240,7 @@ def main() -> None:
         "| pruned / ideal | speed-up vs unpruned |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name in vtprune.available():
+    for name in args.pruners or vtprune.available():
         options = {"layer": args.fastv_layer} if name == "fastv" else {}
         for keep in keeps:
             with vtprune.apply(model, name, keep=keep, **options) as handle:

@@ -17,6 +17,7 @@ PRUNER_OPTIONS = {
     "transprune": {},
     "adaptive": {"mass": 0.6},
     "visionzip": {},
+    "todre": {"threshold": 0.0},  # the late drop-all depends on the data: tests/test_todre.py
 }
 VISION = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "vision")
 LLM = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "llm")
@@ -88,6 +89,10 @@ def scheduled_count(model, name, keep, n=576):
         entering = vtprune.DivPrune(keep=_twice(keep)).keep_count(n)
         return vtprune.FastV(keep=keep).keep_count(entering)
     pruner = make_pruner(name, **{**PRUNER_OPTIONS[name], "keep": keep})
+    if isinstance(pruner, vtprune.Pipeline):  # a registered pipeline (todre): its vision stage, then drops
+        entering = pruner.vision.keep_count(n)
+        info = adapter_for(model).info
+        return min((pt.keep for p in pruner.llm for pt in p.drop_points(info, entering)), default=entering)
     if pruner.stage == "vision":
         return pruner.keep_count(n)
     points = pruner.drop_points(adapter_for(model).info, n)

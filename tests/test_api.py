@@ -68,7 +68,12 @@ def test_config_object_and_name_are_equivalent(model, inputs):
         ("divprune", {"keep": 1.5}, ValueError, "in (0, 1]"),
         ("divprune", {"keep": True}, TypeError, "keep must be an int"),
         ("divprune", {"keep": "64"}, TypeError, "keep must be an int"),
-        ("nope", {}, ValueError, "available: adaptive, cls, divprune, fastv, pdrop, random, transprune, uniform"),
+        (
+            "nope",
+            {},
+            ValueError,
+            "available: adaptive, cls, divprune, fastv, pdrop, random, todre, transprune, uniform, visionzip",
+        ),
         ("fastv", {"layer": 0}, ValueError, "layer must be an int in [1, 3]"),
         ("fastv", {"layer": 4}, ValueError, "layer must be an int in [1, 3]"),
         ("fastv", {"layer": -1}, ValueError, "layer must be an int in [1, 3]"),

@@ -81,14 +81,15 @@ def test_fastv_matches_eager_attention(model, eager_model, inputs, layer):
         assert handle.last.layer_tokens[0] == [576] * layer + [64] * (4 - layer)
 
 
-def reference_generate(model, inputs, drops, n):
+def reference_generate(model, inputs, drops, n, features=None):
     """Greedy decoding with no cache, recomputing everything each step: from each drop point's layer
     on, only that drop's kept image tokens (``drops``: [(layer, kept indices), ...], kept as in
-    ``PruneStats``) plus all text and generated tokens go on, at their original positions."""
+    ``PruneStats``) plus all text and generated tokens go on, at their original positions.
+    ``features``: the image tokens to place in the prompt (default: the image's features)."""
     lm = model.model.language_model
     ids = inputs["input_ids"]
     image = (ids[0] == IMAGE_TOKEN_ID).nonzero().flatten()
-    features = image_features(model, inputs)
+    features = image_features(model, inputs) if features is None else features
     drops = dict(drops)
     for _ in range(n):
         length = ids.shape[1]

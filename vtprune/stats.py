@@ -13,7 +13,8 @@ class PruneStats:
     order) of the tokens that reached the last decoder layer.
     layer_tokens[b][l]: visual tokens of sample b entering decoder layer l.
     drops: for LLM-stage pruners, one ``(layer, kept)`` per drop point: the tokens (indexed like
-    ``kept``) that enter ``layer`` and the layers after it, until the next drop point.
+    ``kept``) that enter ``layer`` and the layers after it, until the next drop point; in a Pipeline
+    the vision stage's choice is the first, at layer 0.
     merged[b]: for merging vision-stage pruners, per merged token of sample b the indices (like
     ``kept``) of the tokens averaged into it; with ``kept``, they account for every visual token."""
 

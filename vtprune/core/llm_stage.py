@@ -332,7 +332,7 @@ class LLMStage:
             point, pruner = image.points[i]
             if call.reuse is not None:
                 image.present = call.reuse[i][n]
-            elif point.keep < image.present.numel():
+            elif point.keep < image.present.numel() or pruner.always_selects:
                 image.present = image.present[self._select(pruner, image, point, signals)]
             image.counts.append((i, int(image.present.numel())))
             chosen.append(image.present)

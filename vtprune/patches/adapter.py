@@ -428,7 +428,9 @@ class Adapter:
             self.last = PruneStats(
                 kept=[v[k] for v, k in zip(sample_kept, stats.kept)],
                 layer_tokens=stats.layer_tokens,
-                drops=[(layer, [v[k] for v, k in zip(sample_kept, kept)]) for layer, kept in stats.drops],
+                # the vision stage is the first drop: before layer 0
+                drops=[(0, sample_kept)]
+                + [(layer, [v[k] for v, k in zip(sample_kept, kept)]) for layer, kept in stats.drops],
             )
         cache = getattr(out, "past_key_values", None)
         if cache is not None and short is not None:

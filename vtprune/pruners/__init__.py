@@ -7,6 +7,7 @@ from vtprune.pruners.divprune import DivPrune
 from vtprune.pruners.fastv import FastV
 from vtprune.pruners.pdrop import PyramidDrop
 from vtprune.pruners.random import RandomPrune
+from vtprune.pruners.todre import ToDRE
 from vtprune.pruners.transprune import TransPrune
 from vtprune.pruners.uniform import UniformPrune
 from vtprune.pruners.visionzip import VisionZip
@@ -21,6 +22,7 @@ __all__ = [
     "PyramidDrop",
     "RandomPrune",
     "ScheduledPruner",
+    "ToDRE",
     "TransPrune",
     "UniformPrune",
     "VisionPruner",

@@ -189,6 +189,9 @@ class LLMPruner(Pruner):
     stage: ClassVar[str] = "llm"
     signals: ClassVar[tuple[str, ...]] = ("last",)
     score_offset: ClassVar[int] = 0
+    # Whether ``select`` runs at a drop point that keeps every token (a pruner that decides per image
+    # whether to drop at all); otherwise such a drop point keeps them without asking.
+    always_selects: ClassVar[bool] = False
 
     def drop_points(self, info: ModelInfo, n_tokens: int) -> list[DropPoint]:
         """The schedule for one image with ``n_tokens`` visual tokens entering the LLM."""
