@@ -42,13 +42,14 @@ def apply(model, pruner, **options) -> PruneHandle:
     """Prune visual tokens of ``model`` until the returned handle's ``remove()``.
 
     Args:
-        model: a supported model (``vtprune.supported_classes()``: LLaVA-1.5's
-            ``LlavaForConditionalGeneration``, LLaVA-NeXT's ``LlavaNextForConditionalGeneration``, or
-            subclasses), unmodified, any attention implementation.
+        model: a supported model (``vtprune.supported_classes()``: LLaVA-1.5, LLaVA-NeXT,
+            LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL classes, or subclasses),
+            unmodified, any attention implementation; images, videos, or both in one prompt.
         pruner: a name from ``vtprune.available()``, a pruner object such as ``vtprune.DivPrune(keep=64)``,
             or a ``vtprune.Pipeline`` (or a list) of pruner objects: one vision-stage pruner, then
             LLM-stage pruners.
-        **options: the pruner's options when ``pruner`` is a name, e.g. ``keep=64`` or ``layer=2``.
+        **options: the pruner's options when ``pruner`` is a name, e.g. ``keep=64``, ``layer=2`` or
+            ``budget="per_video"``.
 
     Returns:
         A handle: ``handle.last`` describes the last pruned forward, ``handle.remove()`` (or leaving a
