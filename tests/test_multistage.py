@@ -123,9 +123,18 @@ def test_pipeline_generation_matches_recompute_reference(deep_model):
     for _, kept in stats.drops:
         assert bool(torch.isin(kept[0], survivors).all())
     assert stats.layer_tokens[0][0] == 200 and abs(sum(stats.layer_tokens[0]) / 8 - 60) <= 1.0
-    # The reference: the whole image drops to the survivors before layer 0, then the LLM drops.
-    drops = [(0, survivors)] + [(layer, kept[0]) for layer, kept in stats.drops]
-    assert torch.equal(tokens, reference_generate(deep_model, inputs, drops, 6))
+    assert torch.equal(stats.drops[0][1][0], survivors)  # the vision stage is the first drop, at layer 0
+    # The reference: the prompt written with the survivors only (positions close up, as a shorter
+    # prompt's do), then the LLM drops among them.
+    ids = inputs["input_ids"][0]
+    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+    stays = torch.ones(ids.numel(), dtype=torch.bool)
+    stays[image] = False
+    stays[image[survivors]] = True
+    short = {"input_ids": ids[stays][None]}
+    drops = [(layer, torch.searchsorted(survivors, kept[0])) for layer, kept in stats.drops[1:]]
+    features = image_features(deep_model, inputs)[survivors]
+    assert torch.equal(tokens[0, -6:], reference_generate(deep_model, short, drops, 6, features=features)[0, -6:])
 
 
 # -- the scores, against hand-made cases and eager attention -----------------------------------------
