@@ -10,7 +10,7 @@ import vtprune
 from vtprune.core.schedule import DropPoint, explicit, fit_average, layer_counts, mean_tokens, scaled_layers
 from vtprune.ops import farthest_points, transition_variation
 from vtprune.pruners.base import PromptTokens
-from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt, tiny_llava
+from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt, surviving_positions, tiny_llava
 
 SCHEDULED = ["adaptive", "pdrop", "transprune"]
 
@@ -127,11 +127,7 @@ def test_pipeline_generation_matches_recompute_reference(deep_model):
     # The reference: the prompt written with the survivors only (positions close up, as a shorter
     # prompt's do), then the LLM drops among them.
     ids = inputs["input_ids"][0]
-    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
-    stays = torch.ones(ids.numel(), dtype=torch.bool)
-    stays[image] = False
-    stays[image[survivors]] = True
-    short = {"input_ids": ids[stays][None]}
+    short = {"input_ids": ids[surviving_positions(ids, survivors)][None]}
     drops = [(layer, torch.searchsorted(survivors, kept[0])) for layer, kept in stats.drops[1:]]
     features = image_features(deep_model, inputs)[survivors]
     assert torch.equal(tokens[0, -6:], reference_generate(deep_model, short, drops, 6, features=features)[0, -6:])

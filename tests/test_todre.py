@@ -8,17 +8,13 @@ from test_reference import eager_cls_scores, image_features, reference_generate
 
 import vtprune
 from vtprune.ops import k_center
-from vtprune.testing import IMAGE_TOKEN_ID
+from vtprune.testing import IMAGE_TOKEN_ID, surviving_positions
 
 
 def short_prompt(inputs, kept):
-    """The prompt holding only the kept image tokens, and their features' positions in it."""
+    """The prompt holding only the kept image tokens."""
     ids = inputs["input_ids"][0]
-    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
-    stays = torch.ones(ids.numel(), dtype=torch.bool)
-    stays[image] = False
-    stays[image[kept]] = True
-    return {"input_ids": ids[stays][None]}
+    return {"input_ids": ids[surviving_positions(ids, kept)][None]}
 
 
 def test_the_diversity_stage_is_k_center_seeded_with_the_top_cls_token(eager_model, inputs):

@@ -158,10 +158,7 @@ class Adapter:
                     "use sdpa, eager or flash"
                 )
         vision = pipeline.vision
-        reads_tower = vision is not None and (
-            vision.tower_attention_layers(self.info) or vision.tower_key_layers(self.info)
-        )
-        if reads_tower and towers.tower_spec(self.tower) is None:
+        if vision is not None and vision.reads_tower(self.info) and towers.tower_spec(self.tower) is None:
             raise ValueError(
                 f"the {vision.name!r} pruner cannot read attention from vision tower {self.info.tower_name}"
             )
@@ -225,7 +222,7 @@ class Adapter:
         if modality == "image":
             return [ImageParts.single(f.shape[0], None) for f in features]
         vision = self._pipeline.vision
-        if vision is not None and (vision.tower_attention_layers(self.info) or vision.tower_key_layers(self.info)):
+        if vision is not None and vision.reads_tower(self.info):
             raise NotImplementedError(
                 f"the {vision.name!r} pruner scores a video with what it reads in the tower, which is lost when "
                 f"generate() repeats the video features (num_return_sequences > 1 or beam search) on "
@@ -290,7 +287,7 @@ class Adapter:
         # The model refuses raw pixels of one modality next to encoded features of another: encode all.
         encoded = {m: given.get(m) if given.get(m) is not None else self._encode(a, m, _PIXELS[m]) for m in present}
         visuals = self._visuals(encoded)
-        layout = self._layout(input_ids, visuals)
+        layout = self._layout(input_ids, [(v.modality, v.parts) for v in visuals])
         tail = self._tail_after_prompt(input_ids.shape[1])
         if self._pipeline.vision is None:
             grids = [visuals[i].parts.grid for items in layout.items for i in items]
@@ -314,10 +311,11 @@ class Adapter:
                     start += parts.n_tokens
         return out
 
-    def _layout(self, input_ids: torch.Tensor, visuals: list[_Visual]) -> VisualLayout:
+    def _layout(self, input_ids: torch.Tensor, items: list[tuple[str, ImageParts]]) -> VisualLayout:
+        """Where each item's (modality, parts) tokens sit in the prompt, items numbered in list order."""
         layouts = []
-        for modality in dict.fromkeys(v.modality for v in visuals):
-            mine = [v.parts for v in visuals if v.modality == modality]
+        for modality in dict.fromkeys(m for m, _ in items):
+            mine = [parts for m, parts in items if m == modality]
             token_id = getattr(self.config, f"{modality}_token_id")
             layouts.append(
                 VisualLayout.from_placeholders(
@@ -421,7 +419,7 @@ class Adapter:
         if self._llm is None:
             out = original(**a)
         else:
-            remaining = [v.after_keep(k) for v, k in zip(visuals, per_item)]
+            remaining = [(v.modality, v.parts.after_keep(k)) for v, k in zip(visuals, per_item)]
             short_layout = self._layout(a["input_ids"], remaining)
             out, stats = self._llm_forward(original, a, short_layout, None, tail)
             # The LLM stage indexes the tokens that entered the LLM; report them among the original ones.
@@ -463,17 +461,12 @@ class _Visual:
     features: torch.Tensor
     parts: ImageParts
 
-    def after_keep(self, kept: torch.Tensor) -> _Visual:
-        stay = self.parts.token_positions(kept).to(self.features.device)
-        return _Visual(self.modality, self.number, self.features[stay], self.parts.after_keep(kept))
-
 
 def _slots(r: Reduction) -> torch.Tensor:
     """Prunable indices whose placeholders stay for a reduction: kept tokens and merged tokens' anchors."""
     if not r.groups:
         return r.kept
-    anchors = torch.stack([g[0] for g in r.groups]).to(r.kept.device)
-    return torch.cat([r.kept, anchors]).sort().values
+    return torch.cat([r.kept, r.anchors.to(r.kept.device)]).sort().values
 
 
 def _image_tokens(v: _Visual, r: Reduction, merged_at_anchor: bool) -> torch.Tensor:
@@ -481,17 +474,17 @@ def _image_tokens(v: _Visual, r: Reduction, merged_at_anchor: bool) -> torch.Ten
     order, then each merged token (the mean of its group), or, with ``merged_at_anchor``, each merged
     token at its anchor's place."""
     f = v.features
-    kept = f[v.parts.token_positions(r.kept).to(f.device)]
+    staying = v.parts.token_positions(r.kept)
+    kept = f[staying.to(f.device)]
     if not r.groups:
         return kept
-    prunable = v.parts.prunable.to(f.device)
-    merged = torch.stack([f[prunable[g.to(f.device)]].float().mean(0) for g in r.groups]).to(f.dtype)
+    prunable = v.parts.prunable
+    merged = torch.stack([f[prunable[g.cpu()].to(f.device)].float().mean(0) for g in r.groups]).to(f.dtype)
     tokens = torch.cat([kept, merged])
     if not merged_at_anchor:
         return tokens
     # Order by place in the prompt: the anchors' token positions next to the kept and fixed ones.
-    anchors = torch.stack([g[0] for g in r.groups]).cpu()
-    places = torch.cat([v.parts.token_positions(r.kept), v.parts.prunable[anchors]])
+    places = torch.cat([staying, prunable[r.anchors.cpu()]])
     return tokens[places.argsort().to(f.device)]
 
 

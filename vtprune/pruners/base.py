@@ -133,6 +133,11 @@ class Reduction:
     kept: torch.Tensor
     groups: tuple[torch.Tensor, ...] = ()
 
+    @property
+    def anchors(self) -> torch.Tensor:
+        """(m,) the first index of each group: where its merged token sits on position-keeping models."""
+        return torch.stack([g[0] for g in self.groups]) if self.groups else self.kept.new_zeros(0)
+
 
 @dataclass
 class VisionPruner(Pruner):
@@ -163,6 +168,10 @@ class VisionPruner(Pruner):
     def tower_key_layers(self, info: ModelInfo) -> list[int]:
         """Vision-encoder layers whose keys this pruner compares tokens with (none by default)."""
         return []
+
+    def reads_tower(self, info: ModelInfo) -> bool:
+        """Whether this pruner scores with anything read inside the vision tower (attention or keys)."""
+        return bool(self.tower_attention_layers(info) or self.tower_key_layers(info))
 
     def select(self, tokens: VisionTokens) -> torch.Tensor:
         """Ascending (k,) long indices into ``tokens.features`` of the tokens to keep."""

@@ -12,7 +12,7 @@ import torch
 from vtprune.core.schedule import DropPoint
 from vtprune.ops import k_center
 from vtprune.pipeline import Pipeline
-from vtprune.pruners.base import BUDGETS, LLMPruner, ModelInfo, PromptTokens, VisionPruner, VisionTokens
+from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens, VisionPruner, VisionTokens
 from vtprune.pruners.cls import warn_without_cls
 from vtprune.registry import register
 
@@ -52,14 +52,23 @@ class ToDRERelevance(LLMPruner):
     score_offset: ClassVar[int] = 1
     always_selects: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 <= t <= 1:
+            raise ValueError(f"threshold must be a float in [0, 1] (a share of the instruction's attention), got {t!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise ValueError(
+                f"layer must be an int (the first decoder layer without visual tokens) or None, got {self.layer!r}"
+            )
+
     def resolved_layer(self, info: ModelInfo) -> int:
         n = info.num_decoder_layers
         return self.layer if self.layer is not None else min(n - 1, 7 * n // 8 + 1)
 
     def check(self, info: ModelInfo) -> None:
         n = info.num_decoder_layers
-        layer = self.resolved_layer(info)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < n:
+        if not 1 <= self.resolved_layer(info) < n:
             raise ValueError(
                 f"layer must be an int in [1, {n - 1}] for this {n}-layer decoder (relevance is measured at "
                 f"layer-1, visual tokens dropped before layer), got {self.layer!r}"
@@ -100,15 +109,7 @@ class ToDRE(Pipeline):
     stage: ClassVar[str] = "vision+llm"
 
     def __post_init__(self) -> None:
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 <= t <= 1:
-            raise ValueError(f"threshold must be a float in [0, 1] (a share of the instruction's attention), got {t!r}")
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
-            raise ValueError(
-                f"layer must be an int (the first decoder layer without visual tokens) or None, got {self.layer!r}"
-            )
-        if self.budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        # Each stage checks its own options (budget, threshold, layer) as it is built.
         self.pruners = [
             ToDREDiversity(keep=self.keep, backend=self.backend, budget=self.budget),
             ToDRERelevance(keep=self.keep, layer=self.layer, threshold=self.threshold, budget=self.budget),
