@@ -96,3 +96,23 @@ def test_options_are_checked(model):
     with pytest.raises(ValueError, match="budget must be one of"):
         vtprune.ToDRE(keep=64, budget="per_scene")
     assert vtprune.ToDRE(keep=64).options() == {"keep": 64, "layer": None, "threshold": 0.1, "budget": "per_frame"}
+
+
+def test_sdpa_and_eager_agree_with_the_late_drop(model, eager_model, inputs):
+    results = []
+    for m in (model, eager_model):
+        with vtprune.apply(m, "todre", keep=32, threshold=1.0) as handle:
+            results.append((logits(m, inputs), handle.last.layer_tokens, greedy(m, inputs)))
+    (sdpa_logits, sdpa_layers, sdpa_tokens), (eager_logits, eager_layers, eager_tokens) = results
+    assert sdpa_layers == eager_layers == [[32, 32, 32, 0]]
+    torch.testing.assert_close(sdpa_logits, eager_logits, atol=1e-4, rtol=0)
+    assert torch.equal(sdpa_tokens, eager_tokens)
+
+
+def test_remove_after_the_late_drop_restores_the_model(model, inputs):
+    base = logits(model, inputs)
+    handle = vtprune.apply(model, "todre", keep=32, threshold=1.0)
+    greedy(model, inputs)
+    handle.remove()
+    assert vtprune.handle_of(model) is None
+    assert torch.equal(logits(model, inputs), base)
