@@ -312,7 +312,7 @@ _CHAT_TEMPLATE = (
 _WORDS = (
     "USER ASSISTANT : ? . , what which is are the a an in on of this that image picture photo shown show "
     "describe colour color shape red green blue yellow black white gray orange circle square triangle "
-    "rectangle cat dog person man woman yes no there it"
+    "rectangle cat dog person man woman yes no there it A B C D"
 ).split()
 
 

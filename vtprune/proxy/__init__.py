@@ -15,7 +15,7 @@ Nothing heavy is imported until a function is called.
 """
 
 from vtprune.proxy.evaluate import evaluate
-from vtprune.proxy.load import default_cache_dir, load_proxy
+from vtprune.proxy.load import default_cache_dir, export_proxy, load_proxy
 from vtprune.proxy.packages import available, missing
 
-__all__ = ["available", "default_cache_dir", "evaluate", "load_proxy", "missing"]
+__all__ = ["available", "default_cache_dir", "evaluate", "export_proxy", "load_proxy", "missing"]

@@ -107,3 +107,20 @@ def load_proxy(cache_dir: str | Path | None = None, projector: str | Path | None
     elif projector is not None:
         load_projector(model, projector)
     return model, processor
+
+
+def export_proxy(
+    target: str | Path, cache_dir: str | Path | None = None, projector: str | Path | None = "default"
+) -> Path:
+    """Save the proxy *with its trained projector* (or ``projector`` as in ``load_proxy``) as a plain
+    llava-hf checkpoint in ``target`` (model + processor, float32), which anything taking a model
+    directory loads: ``LlavaForConditionalGeneration.from_pretrained``, lmms-eval's
+    ``--model vtprune --model_args pretrained=<target>``, ``vtprune profile --model <target>``."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"target must be a directory, got the file {target}")
+    model, processor = load_proxy(cache_dir, projector=projector)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    return target

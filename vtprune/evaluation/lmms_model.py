@@ -1,0 +1,293 @@
+"""The lmms-eval model ``vtprune``: a supported Hugging Face VLM, pruned by any vtprune pruner, in batches.
+
+    lmms-eval --model vtprune --model_args pretrained=PATH,pruner=divprune,keep=64 --tasks pope --batch_size 8
+
+Unlike lmms-eval's ``llava_hf`` it runs batches (left padding; the same answers as batch size 1), lets
+errors surface instead of answering ``""``, and reports per sample the visual tokens before and after
+pruning and the prefill time (in the samples log, under ``token_counts``; means under ``throughput``).
+Under ``accelerate launch`` every process loads the model on its own device and lmms-eval gives it
+its share of the requests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from PIL import Image
+
+import vtprune
+from vtprune.evaluation.options import parse_model_args
+from vtprune.evaluation.prompts import chat_prompt, truncate_at_stops
+from vtprune.patches.loading import load_model
+
+GENERATION_KEYS = ("until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample")
+
+
+@dataclass
+class PrunedTokenCounts(TokenCounts):
+    """lmms-eval's per-sample token counts plus what pruning did to the sample.
+
+    visual_tokens: the sample's visual tokens before pruning; kept_visual_tokens: those reaching the
+    last decoder layer (merged tokens count as one each); prefill_ms: time from the start of the call
+    to the end of the first forward (vision tower and LLM prefill), for the whole batch the sample ran
+    in; batch_size: how many samples shared that forward.
+    """
+
+    visual_tokens: int | None = None
+    kept_visual_tokens: int | None = None
+    prefill_ms: float | None = None
+    batch_size: int | None = None
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for name in ("visual_tokens", "kept_visual_tokens", "prefill_ms", "batch_size"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+
+class _FirstForwardTimer:
+    """Seconds from ``start()`` to the end of the model's first forward after it."""
+
+    def __init__(self, model, device):
+        self._device = torch.device(device)
+        self._handle = model.register_forward_hook(self._done)
+        self._start = None
+        self.seconds = None
+
+    def _sync(self):
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    def start(self):
+        self._sync()
+        self.seconds, self._start = None, time.perf_counter()
+
+    def _done(self, *_):
+        if self.seconds is None and self._start is not None:
+            self._sync()
+            self.seconds = time.perf_counter() - self._start
+
+    def close(self):
+        self._handle.remove()
+
+
+class VtpruneLMM(lmms):
+    """``--model vtprune``: see the module docstring. Model arguments: ``pretrained`` (required),
+    ``pruner`` (``none`` or a name from ``vtprune.available()``) with its options (``keep=64``,
+    ``layer=2``, ...), ``device``, ``dtype``, ``attn_implementation`` (default sdpa), ``max_new_tokens``
+    (default for tasks that name none)."""
+
+    is_simple = True
+
+    def __init__(self, **model_args) -> None:
+        super().__init__()
+        options = parse_model_args(**model_args)  # fails here, before anything loads
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator()
+        if self.accelerator.num_processes > 1:
+            device = str(self.accelerator.device)
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        else:
+            device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._device = torch.device(device)
+        self.options = options
+        self.model, self.processor = load_model(
+            options.pretrained, dtype=options.dtype, attn_implementation=options.attn_implementation, device=device
+        )
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        pruner = options.pruner_config()
+        self.handle = vtprune.apply(self.model, pruner) if pruner is not None else None
+        self._timer = _FirstForwardTimer(self.model, device)
+
+    # lmms-eval reads these
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.options.batch_size
+
+    # --- requests -------------------------------------------------------------------------------
+    def _doc(self, task, split, doc_id):
+        return self.task_dict[task][split][doc_id]
+
+    def _images(self, doc_to_visual, task, split, doc_id) -> list:
+        visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else []
+        images = []
+        for visual in visuals or []:
+            if not isinstance(visual, Image.Image):
+                raise NotImplementedError(
+                    f"vtprune's lmms-eval model takes PIL images; got {type(visual).__name__} (videos are not wired up)"
+                )
+            images.append(visual.convert("RGB"))
+        return images
+
+    def _batches(self, items: list[dict], key) -> list[list[int]]:
+        """Indices of ``items`` in batches of ``batch_size``: grouped by ``key(item)``, longest prompt
+        first within a group (so a batch pads little and memory problems show at once)."""
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(key(item), []).append(i)
+        batches = []
+        for indices in groups.values():
+            indices.sort(key=lambda i: -len(items[i]["text"]))
+            batches += [indices[s : s + self.batch_size] for s in range(0, len(indices), self.batch_size)]
+        return batches
+
+    def _inputs(self, texts: list[str], images: list[list]) -> dict:
+        flat = [image for sample in images for image in sample]
+        inputs = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
+        inputs = inputs.to(self._device)
+        for name in ("pixel_values", "pixel_values_videos"):
+            if name in inputs and inputs[name].is_floating_point():
+                inputs[name] = inputs[name].to(self.model.dtype)
+        return inputs
+
+    def _visual_counts(self, input_ids: torch.Tensor) -> list[int]:
+        ids = [getattr(self.model.config, name, None) for name in ("image_token_id", "video_token_id")]
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in ids:
+            if token is not None:
+                visual |= input_ids == token
+        return visual.sum(-1).tolist()
+
+    def _counts(self, inputs, before, seconds: float, output_tokens=None) -> list[PrunedTokenCounts]:
+        """Per sample of the batch just run: visual tokens before/after pruning and the prefill time."""
+        visual = self._visual_counts(inputs["input_ids"])
+        stats = self.handle.last if self.handle is not None else None
+        kept = visual if stats is None or stats is before else stats.token_counts
+        prompt_tokens = inputs["attention_mask"].sum(-1).tolist()  # before pruning
+        out = []
+        for b in range(len(visual)):
+            out.append(
+                PrunedTokenCounts(
+                    input_tokens=prompt_tokens[b],
+                    output_tokens=None if output_tokens is None else output_tokens[b],
+                    visual_tokens=visual[b],
+                    kept_visual_tokens=kept[b],
+                    prefill_ms=round(seconds * 1e3, 3),
+                    batch_size=len(visual),
+                )
+            )
+        return out
+
+    def _log(self, counts: list[PrunedTokenCounts], elapsed: float) -> None:
+        if not counts:
+            return
+        generated = sum(c.output_tokens or 0 for c in counts)
+        n = len(counts)
+        log_metrics(
+            total_elapsed_time=elapsed,
+            total_gen_tokens=generated,
+            avg_speed=generated / elapsed if elapsed > 0 else 0.0,
+            additional_metrics={
+                "visual_tokens": sum(c.visual_tokens for c in counts) / n,
+                "kept_visual_tokens": sum(c.kept_visual_tokens for c in counts) / n,
+                "prefill_ms": sum(c.prefill_ms for c in counts) / n,
+            },
+        )
+
+    def _generation_kwargs(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        unknown = sorted(k for k in gen_kwargs if k not in GENERATION_KEYS)
+        if unknown:
+            warnings.warn(f"vtprune: ignoring generation kwargs {unknown}", stacklevel=3)
+        temperature = float(gen_kwargs.get("temperature") or 0)
+        sample = temperature > 0 or bool(gen_kwargs.get("do_sample"))
+        kwargs = {
+            "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.options.max_new_tokens),
+            "num_beams": int(gen_kwargs.get("num_beams") or 1),
+            "do_sample": sample,
+        }
+        if sample:
+            kwargs["temperature"] = temperature or 1.0
+            if gen_kwargs.get("top_p") is not None:
+                kwargs["top_p"] = float(gen_kwargs["top_p"])
+        return kwargs, until
+
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[GenerationResult]:
+        items = []
+        for context, gen_kwargs, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            images = self._images(doc_to_visual, task, split, doc_id)
+            text = chat_prompt(self.processor, context, len(images))
+            items.append({"text": text, "images": images, "gen_kwargs": gen_kwargs})
+        results: list = [None] * len(items)
+        counts_all = []
+        start = time.perf_counter()
+        for batch in self._batches(items, key=lambda item: json.dumps(item["gen_kwargs"], sort_keys=True, default=str)):
+            kwargs, until = self._generation_kwargs(items[batch[0]]["gen_kwargs"])
+            inputs = self._inputs([items[i]["text"] for i in batch], [items[i]["images"] for i in batch])
+            before = self.handle.last if self.handle is not None else None
+            self._timer.start()
+            output = self.model.generate(**inputs, **kwargs, pad_token_id=self.tokenizer.pad_token_id)
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            lengths = (new_tokens != self.tokenizer.pad_token_id).sum(-1).tolist()
+            counts = self._counts(inputs, before, self._timer.seconds, lengths)
+            counts_all += counts
+            for i, text, count in zip(batch, texts, counts):
+                results[i] = GenerationResult(text=truncate_at_stops(text, until), token_counts=count)
+        self._log(counts_all, time.perf_counter() - start)
+        return results
+
+    @torch.no_grad()
+    def loglikelihood(self, requests) -> list:
+        items = []
+        for context, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+            images = self._images(doc_to_visual, task, split, doc_id)
+            prompt = chat_prompt(self.processor, context, len(images))
+            n_cont = len(self.tokenizer(prompt + continuation)["input_ids"]) - len(self.tokenizer(prompt)["input_ids"])
+            if n_cont < 1:
+                raise ValueError(f"continuation {continuation!r} adds no token to the prompt")
+            items.append({"text": prompt + continuation, "images": images, "n_cont": n_cont})
+        results: list = [None] * len(items)
+        counts_all = []
+        start = time.perf_counter()
+        for batch in self._batches(items, key=lambda item: ""):
+            inputs = self._inputs([items[i]["text"] for i in batch], [items[i]["images"] for i in batch])
+            longest = max(items[i]["n_cont"] for i in batch)
+            before = self.handle.last if self.handle is not None else None
+            self._timer.start()
+            # Rows are left padded, so every row's continuation ends at the last position, whatever
+            # the pruner removed before it.
+            logits = self.model(**inputs, logits_to_keep=longest + 1).logits.float()
+            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, longest, vocab): predicts the next token
+            tokens = inputs["input_ids"][:, -longest:]
+            for row, i in enumerate(batch):
+                n = items[i]["n_cont"]
+                cont = tokens[row, -n:]
+                picked = log_probs[row, -n:].gather(-1, cont[:, None])[:, 0]
+                greedy = bool((log_probs[row, -n:].argmax(-1) == cont).all())
+                results[i] = (float(picked.sum()), greedy)
+            counts = self._counts(inputs, before, self._timer.seconds)
+            counts_all += counts
+            for i, count in zip(batch, counts):
+                # lmms-eval 0.7.3 turns any answer that is not text or a GenerationResult into str(answer),
+                # which breaks multiple-choice scoring; a GenerationResult passes the pair through as is.
+                results[i] = GenerationResult(text=results[i], token_counts=count)
+        self._log(counts_all, time.perf_counter() - start)
+        return results
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("vtprune's lmms-eval model does not run multi-round tasks")
+
+    def clean(self):
+        self._timer.close()
+        super().clean()
