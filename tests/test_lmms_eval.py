@@ -11,6 +11,7 @@ import vtprune
 from vtprune.evaluation import lmms_model
 from vtprune.evaluation.lmms_model import VtpruneLMM
 from vtprune.evaluation.options import parse_model_args
+from vtprune.evaluation.prompts import chat_prompt
 from vtprune.evaluation.task_data import COLOURS, SHAPES, draw_shape
 from vtprune.testing import save_tiny_llava_hf
 
@@ -134,11 +135,11 @@ def test_keep_all_scores_like_the_unpruned_model(tiny_dir, docs):
         assert a.text == (pytest.approx(b.text[0], abs=1e-4), b.text[1])
 
 
-def test_loglikelihood_is_the_continuations_log_probability(tiny_dir, docs):
-    """Against the same model called by hand on the full prompt: the sum of the continuation tokens'
-    log-probabilities, and greedy when each of them is the argmax."""
-    lmm = _lmm(tiny_dir, docs[:1], pruner="divprune", keep=16)
-    prompt = lmm_prompt = lmm.processor.apply_chat_template(
+def test_unpruned_loglikelihood_is_the_full_sequence_log_probability(tiny_dir, docs):
+    """Without pruning: the sum of the continuation tokens' log-probabilities in one forward over
+    prompt + continuation, and greedy when each of them is the argmax."""
+    lmm = _lmm(tiny_dir, docs[:1])
+    prompt = lmm.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": docs[0]["question"]}]}],
         add_generation_prompt=True,
         tokenize=False,
@@ -151,7 +152,60 @@ def test_loglikelihood_is_the_continuations_log_probability(tiny_dir, docs):
     greedy = bool((log_probs[-3:-1].argmax(-1) == cont).all())
     (result,) = lmm.loglikelihood(_loglikelihood_requests(docs[:1], continuations=("red circle",)))
     assert result.text[0] == pytest.approx(expected, abs=1e-5) and result.text[1] == greedy
-    assert lmm_prompt.count("<image>") == 1
+
+
+@pytest.mark.parametrize(("pruner", "options"), [("fastv", {"layer": 1}), ("divprune", {}), ("pdrop", {})])
+def test_pruned_loglikelihood_scores_what_generate_would_produce(tiny_dir, docs, pruner, options):
+    """The continuation generate() chose greedily scores the sum of generate()'s own log-probabilities
+    and counts as greedy: the prompt is pruned as in generation, the answer cannot steer the pruner."""
+    lmm = _lmm(tiny_dir, docs, pruner=pruner, keep=16, batch_size=4, **options)
+    requests = _generate_requests(docs, {"max_new_tokens": 3})
+    expected = []
+    for request in requests:
+        prompt = chat_prompt(lmm.processor, request.args[0], 1)
+        inputs = lmm.processor(text=[prompt], images=[docs[request.args[3]]["image"]], return_tensors="pt")
+        with torch.no_grad():
+            out = lmm.model.generate(
+                **inputs, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        new = out.sequences[0, inputs["input_ids"].shape[1] :]
+        scores = torch.stack([torch.log_softmax(step[0].float(), -1) for step in out.scores])
+        expected.append((" " + lmm.tokenizer.decode(new), scores.gather(-1, new[:, None]).sum().item()))
+    requests = _loglikelihood_requests(docs, continuations=[text for text, _ in expected])
+    requests = [
+        Instance("loglikelihood", (r.args[0], expected[i][0], *r.args[2:]), 0, r.metadata)
+        for i, r in enumerate(requests)
+    ]
+    for result, (_, score) in zip(lmm.loglikelihood(requests), expected):
+        assert result.text == (pytest.approx(score, abs=1e-4), True)
+        counts, layers = result.token_counts, lmm.handle.last.layer_tokens[0]  # every sample: one image
+        assert counts.mean_layer_visual_tokens == pytest.approx(sum(layers) / len(layers), abs=0.01)
+        assert counts.kept_visual_tokens == layers[-1]
+        if pruner == "divprune":  # a vision-stage pruner: the same 16 tokens in every layer
+            assert counts.mean_layer_visual_tokens == 16
+
+
+def test_answer_choices_that_share_a_prompt_share_one_row(tiny_dir, docs, monkeypatch):
+    lmm = _lmm(tiny_dir, docs[:2], pruner="divprune", keep=16, batch_size=8)
+    choices = ("yes", "no", "red", "red circle", "red square")
+    requests = [
+        Instance(
+            "loglikelihood",
+            (docs[d]["question"], c, _visual, d, TASK, SPLIT),
+            0,
+            {"task": TASK, "doc_id": d, "repeats": 1},
+        )
+        for d in range(2)
+        for c in choices
+    ]
+    rows = []
+    original = lmm._inputs
+    monkeypatch.setattr(lmm, "_inputs", lambda texts, images: rows.append(len(texts)) or original(texts, images))
+    shared = lmm.loglikelihood(requests)
+    assert rows == [4]  # per document: one row for the one-token choices, one for "red ..."
+    alone = [lmm.loglikelihood([r])[0] for r in requests]
+    for a, b in zip(shared, alone):
+        assert a.text == (pytest.approx(b.text[0], abs=1e-4), b.text[1])
 
 
 def test_token_counts_report_what_pruning_kept(tiny_dir, docs):

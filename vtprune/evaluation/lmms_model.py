@@ -35,19 +35,22 @@ class PrunedTokenCounts(TokenCounts):
     """lmms-eval's per-sample token counts plus what pruning did to the sample.
 
     visual_tokens: the sample's visual tokens before pruning; kept_visual_tokens: those reaching the
-    last decoder layer (merged tokens count as one each); prefill_ms: time from the start of the call
+    last decoder layer (merged tokens count as one each); mean_layer_visual_tokens: the mean over
+    decoder layers of the visual tokens entering each (what prefill compute scales with; equal to
+    kept_visual_tokens for vision-stage pruners, larger for pruners that drop inside the LLM); prefill_ms: time from the start of the call
     to the end of the first forward (vision tower and LLM prefill), for the whole batch the sample ran
     in; batch_size: how many samples shared that forward.
     """
 
     visual_tokens: int | None = None
     kept_visual_tokens: int | None = None
+    mean_layer_visual_tokens: float | None = None
     prefill_ms: float | None = None
     batch_size: int | None = None
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        for name in ("visual_tokens", "kept_visual_tokens", "prefill_ms", "batch_size"):
+        for name in ("visual_tokens", "kept_visual_tokens", "mean_layer_visual_tokens", "prefill_ms", "batch_size"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
@@ -168,7 +171,9 @@ class VtpruneLMM(lmms):
         """Per sample of the batch just run: visual tokens before/after pruning and the prefill time."""
         visual = self._visual_counts(inputs["input_ids"])
         stats = self.handle.last if self.handle is not None else None
-        kept = visual if stats is None or stats is before else stats.token_counts
+        fresh = stats is not None and stats is not before
+        kept = stats.token_counts if fresh else visual
+        per_layer = [sum(t) / len(t) for t in stats.layer_tokens] if fresh else visual
         prompt_tokens = inputs["attention_mask"].sum(-1).tolist()  # before pruning
         out = []
         for b in range(len(visual)):
@@ -178,6 +183,7 @@ class VtpruneLMM(lmms):
                     output_tokens=None if output_tokens is None else output_tokens[b],
                     visual_tokens=visual[b],
                     kept_visual_tokens=kept[b],
+                    mean_layer_visual_tokens=round(float(per_layer[b]), 2),
                     prefill_ms=round(seconds * 1e3, 3),
                     batch_size=len(visual),
                 )
@@ -196,6 +202,7 @@ class VtpruneLMM(lmms):
             additional_metrics={
                 "visual_tokens": sum(c.visual_tokens for c in counts) / n,
                 "kept_visual_tokens": sum(c.kept_visual_tokens for c in counts) / n,
+                "mean_layer_visual_tokens": sum(c.mean_layer_visual_tokens for c in counts) / n,
                 "prefill_ms": sum(c.prefill_ms for c in counts) / n,
             },
         )
@@ -246,43 +253,76 @@ class VtpruneLMM(lmms):
         self._log(counts_all, time.perf_counter() - start)
         return results
 
+    def _continuation_ids(self, prompt: str, continuation: str) -> list[int]:
+        """The token ids ``continuation`` adds after ``prompt`` (tokenized together, as the model reads them)."""
+        whole = self.tokenizer(prompt + continuation)["input_ids"]
+        n = len(whole) - len(self.tokenizer(prompt)["input_ids"])
+        if n < 1:
+            raise ValueError(f"continuation {continuation!r} adds no token to the prompt")
+        return whole[-n:]
+
     @torch.no_grad()
     def loglikelihood(self, requests) -> list:
-        items = []
+        """log P(continuation | prompt) and whether greedy decoding would produce it, per request.
+
+        Scored the way ``generate`` would produce the continuation: the prompt alone is prefilled (so
+        text-guided pruners decide from the prompt, not from the answer being scored), then the
+        continuation's tokens are fed after it through the (pruned) cache. Requests that share a
+        prompt and all but their last continuation token (e.g. one-token answer choices) share one row.
+        """
+        rows: dict[tuple, dict] = {}  # (prompt, document, continuation[:-1]) -> one prefill + chunk
+        wanted = []  # per request: (row key, continuation ids)
         for context, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
             continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
             images = self._images(doc_to_visual, task, split, doc_id)
             prompt = chat_prompt(self.processor, context, len(images))
-            n_cont = len(self.tokenizer(prompt + continuation)["input_ids"]) - len(self.tokenizer(prompt)["input_ids"])
-            if n_cont < 1:
-                raise ValueError(f"continuation {continuation!r} adds no token to the prompt")
-            items.append({"text": prompt + continuation, "images": images, "n_cont": n_cont})
-        results: list = [None] * len(items)
+            ids = self._continuation_ids(prompt, continuation)
+            key = (prompt, task, split, doc_id, tuple(ids[:-1]))
+            rows.setdefault(key, {"text": prompt, "images": images, "chunk": ids[:-1]})
+            wanted.append((key, ids))
+        keys = list(rows)
+        items = [rows[k] for k in keys]
+        log_probs: dict[tuple, torch.Tensor] = {}  # row key -> (len(chunk) + 1, vocab)
+        counts_of: dict[tuple, PrunedTokenCounts] = {}
         counts_all = []
         start = time.perf_counter()
         for batch in self._batches(items, key=lambda item: ""):
             inputs = self._inputs([items[i]["text"] for i in batch], [items[i]["images"] for i in batch])
-            longest = max(items[i]["n_cont"] for i in batch)
             before = self.handle.last if self.handle is not None else None
             self._timer.start()
-            # Rows are left padded, so every row's continuation ends at the last position, whatever
-            # the pruner removed before it.
-            logits = self.model(**inputs, logits_to_keep=longest + 1).logits.float()
-            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, longest, vocab): predicts the next token
-            tokens = inputs["input_ids"][:, -longest:]
-            for row, i in enumerate(batch):
-                n = items[i]["n_cont"]
-                cont = tokens[row, -n:]
-                picked = log_probs[row, -n:].gather(-1, cont[:, None])[:, 0]
-                greedy = bool((log_probs[row, -n:].argmax(-1) == cont).all())
-                results[i] = (float(picked.sum()), greedy)
+            prefill = self.model(**inputs, use_cache=True, logits_to_keep=1)
             counts = self._counts(inputs, before, self._timer.seconds)
+            steps = [torch.log_softmax(prefill.logits[:, -1].float(), -1)[:, None]]  # (B, 1, vocab)
+            longest = max(len(items[i]["chunk"]) for i in batch)
+            if longest:
+                # Right-padded continuations after left-padded prompts: causal attention keeps the
+                # padding after a row's last token from reaching it.
+                chunk = torch.full((len(batch), longest), self.tokenizer.pad_token_id, dtype=torch.long)
+                chunk_mask = torch.zeros_like(chunk)
+                for row, i in enumerate(batch):
+                    n = len(items[i]["chunk"])
+                    chunk[row, :n] = torch.tensor(items[i]["chunk"])
+                    chunk_mask[row, :n] = 1
+                mask = torch.cat([inputs["attention_mask"], chunk_mask.to(self._device)], 1)
+                out = self.model(
+                    input_ids=chunk.to(self._device), attention_mask=mask, past_key_values=prefill.past_key_values
+                )
+                steps.append(torch.log_softmax(out.logits.float(), -1))
+            steps = torch.cat(steps, 1)
+            for row, i in enumerate(batch):
+                log_probs[keys[i]] = steps[row]
+                counts_of[keys[i]] = counts[row]
             counts_all += counts
-            for i, count in zip(batch, counts):
-                # lmms-eval 0.7.3 turns any answer that is not text or a GenerationResult into str(answer),
-                # which breaks multiple-choice scoring; a GenerationResult passes the pair through as is.
-                results[i] = GenerationResult(text=results[i], token_counts=count)
         self._log(counts_all, time.perf_counter() - start)
+        results = []
+        for key, ids in wanted:
+            table = log_probs[key][: len(ids)]  # row j: the distribution of continuation token j
+            target = torch.tensor(ids, device=table.device)
+            score = float(table.gather(-1, target[:, None]).sum())
+            greedy = bool((table.argmax(-1) == target).all())
+            # lmms-eval 0.7.3 turns any answer that is not text or a GenerationResult into str(answer),
+            # which breaks multiple-choice scoring; a GenerationResult passes the pair through as is.
+            results.append(GenerationResult(text=(score, greedy), token_counts=counts_of[key]))
         return results
 
     def generate_until_multi_round(self, requests):

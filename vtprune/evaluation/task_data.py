@@ -4,6 +4,8 @@
     <dir>/shapes_yes_no.jsonl      POPE-style: "Is there a <shape> in the image?", half yes, half no
     <dir>/shapes_choice.jsonl      multiple choice: "What colour is the shape?" with four options
     <dir>/easyvqa.jsonl            easy-vqa test questions (the real-weights proxy's); needs easy-vqa
+    <dir>/easyvqa_image_reading.jsonl   the shape and colour questions among them (the proxy answers
+                                   yes/no questions from a prior, not from the image)
     <dir>/easyvqa/images/<id>.png  their images, copied from the easy-vqa package
 
 Image paths in the JSON lines are relative to ``<dir>``, which the tasks find in ``VTPRUNE_EVAL_DATA``.
@@ -84,7 +86,7 @@ def write_easyvqa(directory, n: int = 1000, seed: int = 0) -> int:
     """easy-vqa test questions ``vtprune.proxy.data.subset("test", n, seed)`` (the questions
     ``vtprune.proxy.evaluate`` asks with the same arguments), in that order; returns their number."""
     from vtprune.proxy import data
-    from vtprune.proxy.evaluate import question_kind
+    from vtprune.proxy.evaluate import IMAGE_READING, question_kind
 
     directory = Path(directory)
     (directory / "easyvqa" / "images").mkdir(parents=True, exist_ok=True)
@@ -104,4 +106,5 @@ def write_easyvqa(directory, n: int = 1000, seed: int = 0) -> int:
             }
         )
     _write_jsonl(directory / "easyvqa.jsonl", rows)
+    _write_jsonl(directory / "easyvqa_image_reading.jsonl", [r for r in rows if r["kind"] in IMAGE_READING])
     return len(rows)

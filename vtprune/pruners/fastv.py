@@ -28,11 +28,9 @@ class FastV(LLMPruner):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # The upper bound needs the model (``check``); a wrong type is refused before any model exists.
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(
-                f"layer must be an int >= 1 (the first decoder layer without the dropped tokens), got {self.layer!r}"
-            )
+        # The range needs the model's depth (``check``); a wrong type is refused before any model exists.
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise ValueError(f"layer must be an int (a decoder layer index), got {self.layer!r}")
 
     def check(self, info: ModelInfo) -> None:
         n = info.num_decoder_layers
