@@ -189,11 +189,18 @@ PROXY_ONLY = ("image", "question", "out")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["profile"]:
+        from vtprune.profiling.cli import main as profile
+
+        return profile(argv[1:])
     parser = argparse.ArgumentParser(
         prog="vtprune",
-        description="Visual-token pruning for LLaVA models. 'vtprune demo' runs every pruner on a LLaVA.",
+        description="Visual-token pruning for LLaVA models. 'vtprune demo' runs every pruner on a LLaVA; "
+        "'vtprune profile' measures latency, memory and FLOPs (see 'vtprune profile --help').",
     )
     sub = parser.add_subparsers(dest="command")
+    sub.add_parser("profile", help="latency, memory and FLOPs vs kept tokens (vtprune profile --help)", add_help=False)
     d = sub.add_parser(
         "demo",
         help="run every pruner on a LLaVA (the real-weights proxy when installed)",

@@ -34,12 +34,14 @@ GENERATION_KEYS = ("until", "max_new_tokens", "temperature", "top_p", "num_beams
 class PrunedTokenCounts(TokenCounts):
     """lmms-eval's per-sample token counts plus what pruning did to the sample.
 
-    visual_tokens: the sample's visual tokens before pruning; kept_visual_tokens: those reaching the
-    last decoder layer (merged tokens count as one each); mean_layer_visual_tokens: the mean over
-    decoder layers of the visual tokens entering each (what prefill compute scales with; equal to
-    kept_visual_tokens for vision-stage pruners, larger for pruners that drop inside the LLM); prefill_ms: time from the start of the call
-    to the end of the first forward (vision tower and LLM prefill), for the whole batch the sample ran
-    in; batch_size: how many samples shared that forward.
+    visual_tokens: the sample's visual tokens before pruning.
+    kept_visual_tokens: those reaching the last decoder layer (merged tokens count as one each).
+    mean_layer_visual_tokens: the mean over decoder layers of the visual tokens entering each (what
+        prefill compute scales with): kept_visual_tokens for vision-stage pruners, more for pruners
+        that drop inside the LLM.
+    prefill_ms: from the start of the call to the end of the first forward (vision tower and LLM
+        prefill), for the whole batch the sample ran in.
+    batch_size: how many samples shared that forward.
     """
 
     visual_tokens: int | None = None

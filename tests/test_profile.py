@@ -1,0 +1,109 @@
+"""``vtprune profile``: FLOPs arithmetic, measurements on the tiny model, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.profiling.cli import main as profile
+from vtprune.profiling.flops import layer_flops, prefill_flops
+from vtprune.profiling.measure import measure
+from vtprune.testing import batch_inputs, make_prompt, save_tiny_llava_hf, tiny_llava
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = tiny_llava(hidden=64, layers=4, heads=4, kv_heads=2)
+    inputs = batch_inputs(model, [make_prompt(model, [1, 5, 6, 7], [8, 9, 10, 11])])
+    return model, inputs
+
+
+def test_layer_flops_counts_projections_causal_attention_and_mlp(tiny):
+    model, _ = tiny
+    text = model.config.text_config
+    d, m, head = text.hidden_size, text.intermediate_size, text.hidden_size // text.num_attention_heads
+    q, kv, n = text.num_attention_heads * head, text.num_key_value_heads * head, 10
+    by_hand = 2 * n * (d * q + 2 * d * kv + q * d) + 2 * 2 * (n * (n + 1) / 2) * q + 2 * n * 3 * d * m
+    assert layer_flops(model.config, n) == by_hand
+    assert prefill_flops(model.config, [8, 3], [[4, 4], [2, 1]]) == sum(
+        layer_flops(model.config, n) for n in (12, 12, 5, 4)
+    )
+    with pytest.raises(ValueError, match="2 samples of text tokens but 1"):
+        prefill_flops(model.config, [8, 3], [[4, 4]])
+
+
+def test_measurements_follow_the_tokens_kept(tiny):
+    model, inputs = tiny
+    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    text = inputs["input_ids"].shape[1] - n_visual
+    layers = model.config.text_config.num_hidden_layers
+    unpruned = measure(model, inputs, None, new_tokens=3, repeats=1, warmup=0)
+    divprune = measure(model, inputs, "divprune", 16, new_tokens=3, repeats=1, warmup=0)
+    fastv = measure(model, inputs, "fastv", 16, new_tokens=3, repeats=1, warmup=0, layer=2)
+    assert (unpruned.visual_tokens, unpruned.kept_tokens, unpruned.mean_layer_tokens) == (n_visual, n_visual, n_visual)
+    assert (divprune.kept_tokens, divprune.mean_layer_tokens) == (16, 16)
+    assert (fastv.kept_tokens, fastv.mean_layer_tokens) == (16, (2 * n_visual + 2 * 16) / 4)
+    assert unpruned.prefill_gflops * 1e9 == layers * layer_flops(model.config, text + n_visual)
+    assert divprune.prefill_gflops * 1e9 == layers * layer_flops(model.config, text + 16)
+    # The cache: every layer holds the prompt; pruned layers hold fewer visual tokens.
+    text_cfg = model.config.text_config
+    per_token = 2 * text_cfg.num_key_value_heads * (text_cfg.hidden_size // text_cfg.num_attention_heads) * 4
+    assert unpruned.kv_cache_mb * 2**20 == layers * (text + n_visual) * per_token
+    assert divprune.kv_cache_mb * 2**20 == layers * (text + 16) * per_token
+    assert fastv.kv_cache_mb * 2**20 == (2 * (text + n_visual) + 2 * (text + 16)) * per_token
+    for m in (unpruned, divprune, fastv):
+        assert m.ttft_ms > 0 and m.prefill_ms > 0 and m.decode_ms_per_token > 0
+    assert vtprune.handle_of(model) is None  # measure() removes what it applied
+
+
+def test_profile_writes_table_csv_and_plot(tmp_path, capsys):
+    out_csv, out_png = tmp_path / "p.csv", tmp_path / "p.png"
+    code = profile(
+        ["--model", "tiny", "--pruners", "divprune", "fastv", "--keeps", "16", "0.25", "--repeats", "1",
+         "--warmup", "0", "--new-tokens", "2", "--csv", str(out_csv), "--plot", str(out_png)]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "TTFT ms" in printed and "prefill GFLOPs" in printed
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [(r["pruner"], r["kept_tokens"]) for r in rows] == [
+        ("none", "576"), ("divprune", "16"), ("divprune", "144"), ("fastv", "16"), ("fastv", "144")
+    ]  # fmt: skip
+    assert out_png.stat().st_size > 10_000
+
+
+def test_profile_loads_a_model_directory(tmp_path, capsys):
+    model_dir = save_tiny_llava_hf(tmp_path / "tiny")
+    assert (
+        profile(["--model", str(model_dir), "--pruners", "cls", "--keeps", "32", "--repeats", "1", "--new-tokens", "2"])
+        == 0
+    )
+    assert "LlavaForConditionalGeneration" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pruners", "divprnue"], "unknown pruner(s) divprnue; available: adaptive"),
+        (["--keeps", "0"], "--keeps: keep must be >= 1"),
+        (["--keeps", "many"], "--keeps: 'many' is not an int"),
+        (["--keeps", "1000"], "--keeps [1000]: more than the 576 visual tokens"),
+        (["--model", "/no/such/model"], "--model '/no/such/model': not tiny, proxy, or a model directory"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--csv", "out.txt"], "out.txt: must end in .csv"),
+        (["--pruners", "fastv", "--keeps", "1.5"], "--keeps: keep must be in (0, 1]"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "vtprune", "profile", "--repeats", "1", *args], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and message in lines[-1] and "Traceback" not in done.stderr, done.stderr

@@ -1,0 +1,1 @@
+"""``vtprune profile``: latency, memory and prefill FLOPs of pruned generation (``measure``, ``flops``, ``cli``)."""

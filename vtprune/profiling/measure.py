@@ -1,0 +1,155 @@
+"""Latency, memory and compute of one (model, inputs, pruner, keep): what ``vtprune profile`` reports.
+
+Every time is the median of ``repeats`` runs after ``warmup`` runs, CUDA-synchronised on GPUs:
+
+- ttft_ms: ``generate()`` called until its first token exists (vision tower + prefill + sampling);
+- prefill_ms: one forward over the prompt (vision tower included), as ``generate()``'s first step;
+- decode_ms_per_token: the median gap between consecutive decode steps of ``generate()``;
+- peak_memory_mb: the peak allocated during one ``generate()`` above what was allocated before it
+  (CUDA: torch's allocator; CPU: the process's peak resident memory, Linux only);
+- kv_cache_mb: the keys and values the prefill leaves in the cache (pruned layers hold fewer);
+- prefill_gflops: ``flops.prefill_flops`` from the tokens that entered each decoder layer.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+import vtprune
+from vtprune.profiling.flops import prefill_flops
+from vtprune.timing import peak_memory_available, peak_memory_growth
+
+
+@dataclass
+class Measurement:
+    pruner: str
+    keep: int | float | None
+    visual_tokens: int  # per sample, before pruning (the first sample's)
+    kept_tokens: int  # reaching the last decoder layer (the first sample's)
+    mean_layer_tokens: float  # visual tokens per decoder layer, averaged over layers (first sample)
+    ttft_ms: float
+    prefill_ms: float
+    decode_ms_per_token: float
+    peak_memory_mb: float | None
+    kv_cache_mb: float
+    prefill_gflops: float
+
+
+class _StepClock:
+    """perf_counter() at the end of every forward of ``model`` (synchronised on CUDA)."""
+
+    def __init__(self, model, device: torch.device):
+        self.device = device
+        self.ends: list[float] = []
+        self._handle = model.register_forward_hook(lambda *_: self.ends.append(self.now()))
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def close(self):
+        self._handle.remove()
+
+
+def _visual_counts(model, input_ids) -> list[int]:
+    visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    for name in ("image_token_id", "video_token_id"):
+        token = getattr(model.config, name, None)
+        if token is not None:
+            visual |= input_ids == token
+    return visual.sum(-1).tolist()
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _peak_bytes(fn, device: torch.device) -> int | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type == "cpu" and peak_memory_available():
+        return peak_memory_growth(fn)
+    return None
+
+
+@torch.no_grad()
+def measure(
+    model,
+    inputs: dict,
+    pruner: str | None,
+    keep=None,
+    *,
+    new_tokens: int = 16,
+    repeats: int = 5,
+    warmup: int = 1,
+    progress=None,
+    **options,
+) -> Measurement:
+    """Profile ``model`` on ``inputs`` unpruned (``pruner=None``) or under ``vtprune.apply(model,
+    pruner, keep=keep, **options)``; see the module docstring. ``progress()`` is called after each run."""
+    device = next(model.parameters()).device
+    handle = vtprune.apply(model, pruner, keep=keep, **options) if pruner is not None else None
+    clock = _StepClock(model, device)
+    generate_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    try:
+        ttft, prefill, decode = [], [], []
+        for run in range(warmup + repeats):
+            clock.ends.clear()
+            start = clock.now()
+            model.generate(**inputs, **generate_kwargs)
+            steps = list(clock.ends)
+            clock.ends.clear()
+            prefill_start = clock.now()
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+            prefill_end = clock.ends[-1]
+            if run >= warmup:
+                ttft.append(steps[0] - start)
+                prefill.append(prefill_end - prefill_start)
+                decode.extend(b - a for a, b in zip(steps, steps[1:]))
+            if progress is not None:
+                progress()
+        kv_bytes = _cache_bytes(out.past_key_values)
+        del out
+        peak = _peak_bytes(lambda: model.generate(**inputs, **generate_kwargs), device)
+        visual = _visual_counts(model, inputs["input_ids"])
+        stats = handle.last if handle is not None else None
+    finally:
+        clock.close()
+        if handle is not None:
+            handle.remove()
+    n_layers = len(stats.layer_tokens[0]) if stats is not None else _decoder_layers(model)
+    layers = stats.layer_tokens if stats is not None else [[v] * n_layers for v in visual]
+    text = [int(n) - v for n, v in zip(inputs["attention_mask"].sum(-1).tolist(), visual)]
+    return Measurement(
+        pruner=pruner or "none",
+        keep=keep,
+        visual_tokens=visual[0],
+        kept_tokens=layers[0][-1] if stats is None else stats.token_counts[0],
+        mean_layer_tokens=sum(layers[0]) / len(layers[0]),
+        ttft_ms=statistics.median(ttft) * 1e3,
+        prefill_ms=statistics.median(prefill) * 1e3,
+        decode_ms_per_token=statistics.median(decode) * 1e3 if decode else float("nan"),
+        peak_memory_mb=None if peak is None else peak / 2**20,
+        kv_cache_mb=kv_bytes / 2**20,
+        prefill_gflops=prefill_flops(model.config, text, layers) / 1e9,
+    )
+
+
+def _decoder_layers(model) -> int:
+    text = getattr(model.config, "text_config", None) or model.config
+    return text.num_hidden_layers
