@@ -105,6 +105,24 @@ def load_sweep(path) -> Sweep:
     return sweep
 
 
+def check_tasks(sweep: Sweep, root: Path) -> None:
+    """Every task is known to lmms-eval (with the sweep's include path) and has the metric the sweep
+    tabulates; a ValueError naming the first that is not. Reads task configs only, downloads nothing."""
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager(
+        verbosity="ERROR", include_path=str(root / sweep.include_path) if sweep.include_path else None
+    )
+    for task in sweep.tasks:
+        if task not in manager.all_tasks:
+            raise ValueError(
+                f"sweep {sweep.name}: lmms-eval knows no task {task!r} (include_path: {sweep.include_path})"
+            )
+        metrics = [m["metric"] for m in manager._get_config(task).get("metric_list", [])]
+        if sweep.metrics[task] not in metrics:
+            raise ValueError(f"sweep {sweep.name}: task {task} has no metric {sweep.metrics[task]!r}; it has {metrics}")
+
+
 def command(sweep: Sweep, pruner: str, keep, out: Path, root: Path) -> list[str]:
     """The lmms-eval command line of one cell (with the sweep's launcher in front)."""
     python = [sys.executable, "-m", "lmms_eval"] if not sweep.launcher else ["-m", "lmms_eval"]
@@ -145,6 +163,7 @@ def read_cell(sweep: Sweep, out: Path) -> dict:
 
 def run(sweep: Sweep, runs_dir: Path, root: Path, dry_run: bool = False, log=print) -> dict[str, dict]:
     """Run every unfinished cell; return the finished cells' results by cell name."""
+    check_tasks(sweep, root)
     done = {}
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **sweep.env}
     for pruner, keep in sweep.cells():
