@@ -118,24 +118,10 @@ def test_crop_budget_is_validated_and_has_no_effect_without_crops():
 def test_the_processors_batches_prune_like_single_prompts():
     """LLaVA-NeXT's own processor (anyres crops, padded pixel_values, image_sizes) end to end."""
     from PIL import Image
-    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
-    from vtprune.testing import tiny_llava_next, word_tokenizer
+    from vtprune.testing import tiny_llava_next, tiny_llava_next_processor
 
-    tokenizer, vocab = word_tokenizer(["<image>"])
-    images = LlavaNextImageProcessor(
-        size={"shortest_edge": 112},
-        crop_size={"height": 112, "width": 112},
-        image_grid_pinpoints=[[112, 224], [224, 112], [224, 224]],
-    )
-    processor = LlavaNextProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
+    processor, vocab = tiny_llava_next_processor()
     model = tiny_llava_next(vocab=len(vocab))
     model.config.image_token_id = vocab["<image>"]
     texts = ["<image> what is in the image ?", "a red <image> what is the circle ?"]

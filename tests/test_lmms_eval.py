@@ -240,3 +240,39 @@ def test_errors_surface_instead_of_empty_answers(tiny_dir, docs):
     )
     with pytest.raises(NotImplementedError, match="takes PIL images; got str"):
         lmm.generate_until([request])
+
+
+def test_the_family_is_read_from_the_config():
+    from transformers import LlamaConfig
+
+    from vtprune.patches.loading import model_class_for
+    from vtprune.testing import tiny_llava_next_video, tiny_llava_onevision, tiny_qwen2_vl
+
+    for model in (tiny_llava_next_video(), tiny_llava_onevision(), tiny_qwen2_vl(), tiny_qwen2_vl(version="2.5")):
+        assert model_class_for(model.config) is type(model)
+    with pytest.raises(ValueError, match="vtprune cannot prune model_type 'llama'; supported: llava, llava_next"):
+        model_class_for(LlamaConfig())
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_other_families_batch_like_single_requests(tmp_path, docs, family):
+    from vtprune import testing
+
+    if family == "llava_next":
+        model_dir = testing.save_tiny_llava_next_hf(tmp_path / family)
+    else:
+        model_dir = testing.save_tiny_qwen2_vl_hf(tmp_path / family, version="2.5" if family == "qwen2_5_vl" else "2")
+    single = _lmm(model_dir, docs, pruner="divprune", keep=0.25)
+    batched = _lmm(model_dir, docs, pruner="divprune", keep=0.25, batch_size=4)
+    assert type(single.model).__name__ == {"llava_next": "LlavaNextForConditionalGeneration",
+        "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[family]  # fmt: skip
+    one, four = single.generate_until(_generate_requests(docs)), batched.generate_until(_generate_requests(docs))
+    assert [r.text for r in four] == [r.text for r in one]
+    for a, b in zip(one, four):
+        assert a.token_counts.visual_tokens == b.token_counts.visual_tokens > 0
+        assert a.token_counts.kept_visual_tokens == b.token_counts.kept_visual_tokens
+        assert a.token_counts.kept_visual_tokens == pytest.approx(0.25 * a.token_counts.visual_tokens, abs=6)
+    for a, b in zip(
+        single.loglikelihood(_loglikelihood_requests(docs)), batched.loglikelihood(_loglikelihood_requests(docs))
+    ):
+        assert a.text == (pytest.approx(b.text[0], abs=1e-4), b.text[1])

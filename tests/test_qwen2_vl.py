@@ -218,26 +218,15 @@ def test_cls_scores_each_token_by_the_attention_its_patches_receive(qwen):
 
 
 def real_processor():
-    """Qwen2-VL's own processor (image processor, video processor, a word-level tokenizer with its
-    special tokens): prompts with <|vision_start|> ... <|vision_end|> and mm_token_type_ids."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from vtprune.testing import tiny_qwen2_vl_processor
 
-    from vtprune.testing import word_tokenizer
-
-    tokenizer, vocab = word_tokenizer(["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"])
-    tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
-    images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
-    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor()), vocab
+    return tiny_qwen2_vl_processor()
 
 
 def model_for(vocab):
-    from vtprune.testing import tiny_qwen2_vl
+    from vtprune.testing import tiny_qwen2_vl_for
 
-    model = tiny_qwen2_vl(vocab=len(vocab))
-    model.config.image_token_id = vocab["<|image_pad|>"]
-    model.config.video_token_id = vocab["<|video_pad|>"]
-    model.config.vision_start_token_id = vocab["<|vision_start|>"]
-    return model
+    return tiny_qwen2_vl_for(vocab)
 
 
 def test_the_processors_batches_prune_like_single_prompts():

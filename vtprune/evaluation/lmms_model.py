@@ -58,6 +58,28 @@ class PrunedTokenCounts(TokenCounts):
         return out
 
 
+class _ForcedTokens:
+    """A logits processor that makes ``generate()`` emit each row's given tokens, one per step (rows
+    with fewer tokens are left free after theirs); ``steps``: one more than the longest row, so the
+    distribution after each row's last forced token is computed too."""
+
+    def __init__(self, rows: list[list[int]]):
+        self.rows = rows
+        self.steps = max(len(r) for r in rows) + 1
+        self.step = 0
+
+    def __call__(self, input_ids, scores):
+        forced = scores
+        for b, row in enumerate(self.rows):
+            if self.step < len(row):
+                if forced is scores:
+                    forced = scores.clone()
+                forced[b] = float("-inf")
+                forced[b, row[self.step]] = 0.0
+        self.step += 1
+        return forced
+
+
 class _FirstForwardTimer:
     """Seconds from ``start()`` to the end of the model's first forward after it."""
 
@@ -152,6 +174,11 @@ class VtpruneLMM(lmms):
             batches += [indices[s : s + self.batch_size] for s in range(0, len(indices), self.batch_size)]
         return batches
 
+    def _progress(self, batches: list, what: str):
+        from tqdm import tqdm
+
+        return tqdm(batches, desc=f"vtprune {what}", unit="batch", disable=self.rank != 0)
+
     def _inputs(self, texts: list[str], images: list[list]) -> dict:
         flat = [image for sample in images for image in sample]
         inputs = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
@@ -239,7 +266,8 @@ class VtpruneLMM(lmms):
         results: list = [None] * len(items)
         counts_all = []
         start = time.perf_counter()
-        for batch in self._batches(items, key=lambda item: json.dumps(item["gen_kwargs"], sort_keys=True, default=str)):
+        batches = self._batches(items, key=lambda item: json.dumps(item["gen_kwargs"], sort_keys=True, default=str))
+        for batch in self._progress(batches, "generate_until"):
             kwargs, until = self._generation_kwargs(items[batch[0]]["gen_kwargs"])
             inputs = self._inputs([items[i]["text"] for i in batch], [items[i]["images"] for i in batch])
             before = self.handle.last if self.handle is not None else None
@@ -271,6 +299,8 @@ class VtpruneLMM(lmms):
         text-guided pruners decide from the prompt, not from the answer being scored), then the
         continuation's tokens are fed after it through the (pruned) cache. Requests that share a
         prompt and all but their last continuation token (e.g. one-token answer choices) share one row.
+        A continuation holding the end-of-sequence token before its last token is refused (generate()
+        would stop the row there).
         """
         rows: dict[tuple, dict] = {}  # (prompt, document, continuation[:-1]) -> one prefill + chunk
         wanted = []  # per request: (row key, continuation ids)
@@ -279,6 +309,8 @@ class VtpruneLMM(lmms):
             images = self._images(doc_to_visual, task, split, doc_id)
             prompt = chat_prompt(self.processor, context, len(images))
             ids = self._continuation_ids(prompt, continuation)
+            if self.tokenizer.eos_token_id in ids[:-1]:
+                raise ValueError(f"continuation {continuation!r} holds the end-of-sequence token before its end")
             key = (prompt, task, split, doc_id, tuple(ids[:-1]))
             rows.setdefault(key, {"text": prompt, "images": images, "chunk": ids[:-1]})
             wanted.append((key, ids))
@@ -288,29 +320,24 @@ class VtpruneLMM(lmms):
         counts_of: dict[tuple, PrunedTokenCounts] = {}
         counts_all = []
         start = time.perf_counter()
-        for batch in self._batches(items, key=lambda item: ""):
+        for batch in self._progress(self._batches(items, key=lambda item: ""), "loglikelihood"):
             inputs = self._inputs([items[i]["text"] for i in batch], [items[i]["images"] for i in batch])
             before = self.handle.last if self.handle is not None else None
             self._timer.start()
-            prefill = self.model(**inputs, use_cache=True, logits_to_keep=1)
+            # generate() itself feeds the continuation (forced token by token), so positions, masks
+            # and the pruned cache follow every model family's own decoding path.
+            forcing = _ForcedTokens([items[i]["chunk"] for i in batch])
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=forcing.steps,
+                do_sample=False,
+                logits_processor=[forcing],
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
             counts = self._counts(inputs, before, self._timer.seconds)
-            steps = [torch.log_softmax(prefill.logits[:, -1].float(), -1)[:, None]]  # (B, 1, vocab)
-            longest = max(len(items[i]["chunk"]) for i in batch)
-            if longest:
-                # Right-padded continuations after left-padded prompts: causal attention keeps the
-                # padding after a row's last token from reaching it.
-                chunk = torch.full((len(batch), longest), self.tokenizer.pad_token_id, dtype=torch.long)
-                chunk_mask = torch.zeros_like(chunk)
-                for row, i in enumerate(batch):
-                    n = len(items[i]["chunk"])
-                    chunk[row, :n] = torch.tensor(items[i]["chunk"])
-                    chunk_mask[row, :n] = 1
-                mask = torch.cat([inputs["attention_mask"], chunk_mask.to(self._device)], 1)
-                out = self.model(
-                    input_ids=chunk.to(self._device), attention_mask=mask, past_key_values=prefill.past_key_values
-                )
-                steps.append(torch.log_softmax(out.logits.float(), -1))
-            steps = torch.cat(steps, 1)
+            steps = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)  # (B, steps, vocab), unprocessed
             for row, i in enumerate(batch):
                 log_probs[keys[i]] = steps[row]
                 counts_of[keys[i]] = counts[row]
