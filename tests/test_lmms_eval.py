@@ -264,8 +264,8 @@ def test_other_families_batch_like_single_requests(tmp_path, docs, family):
         model_dir = testing.save_tiny_qwen2_vl_hf(tmp_path / family, version="2.5" if family == "qwen2_5_vl" else "2")
     single = _lmm(model_dir, docs, pruner="divprune", keep=0.25)
     batched = _lmm(model_dir, docs, pruner="divprune", keep=0.25, batch_size=4)
-    assert type(single.model).__name__ == {"llava_next": "LlavaNextForConditionalGeneration",
-        "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[family]  # fmt: skip
+    classes = {"llava_next": "LlavaNext", "qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}
+    assert type(single.model).__name__ == f"{classes[family]}ForConditionalGeneration"
     one, four = single.generate_until(_generate_requests(docs)), batched.generate_until(_generate_requests(docs))
     assert [r.text for r in four] == [r.text for r in one]
     for a, b in zip(one, four):

@@ -34,7 +34,9 @@ def setup(tmp_path_factory):
     return root, save_tiny_llava_hf(root / "tiny")
 
 
-def run_lmms_eval(root: Path, model_dir: Path, model_args: str, batch_size: int, out: Path, tasks=TASKS) -> dict:
+def run_lmms_eval(
+    root: Path, model_dir: Path, model_args: str, batch_size: int, out: Path, tasks=TASKS, launcher=None
+) -> dict:
     """Run the CLI; return {"results": the results JSON, "samples": {task: [sample, ...]}}."""
     env = {
         **os.environ,
@@ -44,7 +46,8 @@ def run_lmms_eval(root: Path, model_dir: Path, model_args: str, batch_size: int,
         "HF_DATASETS_CACHE": str(root / "datasets_cache"),
     }
     command = [
-        *(sys.executable, "-m", "lmms_eval", "--model", "vtprune"),
+        *(launcher or [sys.executable]),
+        *("-m", "lmms_eval", "--model", "vtprune"),
         *("--model_args", f"pretrained={model_dir},device=cpu,{model_args}"),
         *("--tasks", ",".join(tasks), "--include_path", str(ROOT / "eval" / "tasks")),
         *("--batch_size", str(batch_size), "--output_path", str(out), "--log_samples"),
@@ -58,7 +61,7 @@ def run_lmms_eval(root: Path, model_dir: Path, model_args: str, batch_size: int,
     for task in tasks:
         (path,) = out.rglob(f"*_samples_{task}.jsonl")
         samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
-    return {"results": json.loads(results[-1].read_text()), "samples": samples, "log": done.stderr}
+    return {"results": json.loads(results[-1].read_text()), "samples": samples, "log": done.stdout + done.stderr}
 
 
 @pytest.mark.parametrize("pruner", ["divprune", "fastv"])
@@ -108,3 +111,26 @@ def test_unpruned_runs_and_bad_pruner_options_are_refused_by_vtprune(setup, tmp_
     with pytest.raises(AssertionError, match="lmms-eval wrote no results") as error:
         run_lmms_eval(root, model_dir, "pruner=divprune,keep=0", 1, tmp_path / "bad", tasks=TASKS[:1])
     assert "keep must be >= 1 when an int" in str(error.value)
+
+
+def test_accelerate_launch_shards_the_requests_over_two_cpu_processes(setup, tmp_path):
+    """``accelerate launch --multi_gpu`` on a machine without GPUs starts CPU processes (gloo);
+    lmms-eval gives each rank its share of the documents and gathers the samples on rank 0."""
+    root, model_dir = setup
+    args = f"pruner=divprune,keep={KEEP}"
+    alone = run_lmms_eval(root, model_dir, args, 2, tmp_path / "one", tasks=TASKS[:2])
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = run_lmms_eval(root, model_dir, args, 2, tmp_path / "two", tasks=TASKS[:2], launcher=launcher)
+    assert "Running on rank 1" in two["log"]
+    for task in TASKS[:2]:
+        by_doc = {s["doc_id"]: s for s in two["samples"][task]}
+        assert sorted(by_doc) == list(range(N_IMAGES))
+        for sample in alone["samples"][task]:
+            other = by_doc[sample["doc_id"]]["filtered_resps"]
+            if task == "vtprune_shapes_yes_no":
+                assert other == sample["filtered_resps"]
+            else:
+                assert [float(x) for x, _ in other] == pytest.approx(
+                    [float(x) for x, _ in sample["filtered_resps"]], abs=1e-4
+                )
