@@ -30,6 +30,10 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the commands of unfinished cells only")
     p.add_argument("--report-only", action="store_true", help="write the table and plot from finished cells")
     args = p.parse_args(argv)
+    from loguru import logger  # lmms-eval's logger: its task index is chatty at DEBUG
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
     from vtprune.evaluation import sweep as sweeps
 
     try:

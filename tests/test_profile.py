@@ -92,7 +92,7 @@ def test_profile_loads_a_model_directory(tmp_path, capsys):
     [
         (["--pruners", "divprnue"], "unknown pruner(s) divprnue; available: adaptive"),
         (["--keeps", "0"], "--keeps: keep must be >= 1"),
-        (["--keeps", "many"], "--keeps: 'many' is not an int"),
+        (["--keeps", "many"], "--keeps: must be an int or a fraction in (0, 1], got 'many'"),
         (["--keeps", "1000"], "--keeps [1000]: more than the 576 visual tokens"),
         (["--model", "/no/such/model"], "--model '/no/such/model': not tiny, proxy, or a model directory"),
         (["--repeats", "0"], "--repeats must be >= 1"),

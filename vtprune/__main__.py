@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import vtprune
-from vtprune.pruners.base import _checked_keep
+from vtprune.pruners.base import keep_from_text
 from vtprune.testing import batch_inputs, make_prompt, tiny_llava
 from vtprune.timing import paired_median_seconds
 
@@ -173,15 +173,8 @@ def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max
 def _parse_keep(text: str):
     """``--keep``: an int (tokens per image) or a float in (0, 1] (a fraction), as ``vtprune.apply`` takes."""
     try:
-        value = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an int or a fraction in (0, 1], got {text!r}") from None
-    try:
-        return _checked_keep(value)
-    except (TypeError, ValueError) as error:
+        return keep_from_text(text)
+    except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 

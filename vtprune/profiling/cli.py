@@ -59,18 +59,11 @@ def parse_args(argv):
 
 
 def _keep(text: str):
-    from vtprune.pruners.base import _checked_keep
+    from vtprune.pruners.base import keep_from_text
 
     try:
-        value = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ProfileError(f"--keeps: {text!r} is not an int or a fraction in (0, 1]") from None
-    try:
-        return _checked_keep(value)
-    except (TypeError, ValueError) as error:
+        return keep_from_text(text)
+    except ValueError as error:
         raise ProfileError(f"--keeps: {error}") from None
 
 

@@ -82,6 +82,21 @@ def _checked_keep(keep) -> int | float:
     return float(keep)
 
 
+def keep_from_text(text: str) -> int | float:
+    """``keep`` written on a command line: an int, or a float in (0, 1]; a ValueError saying which."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"must be an int or a fraction in (0, 1], got {text!r}") from None
+    try:
+        return _checked_keep(value)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+
+
 BUDGETS = ("per_frame", "per_video")
 
 
