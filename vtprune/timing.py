@@ -60,6 +60,15 @@ def _return_freed_memory_to_the_os() -> None:
         pass
 
 
+def _trim_heap() -> None:
+    # Blocks freed before the threshold was set stay resident in the heap and would serve later
+    # allocations unseen; malloc_trim hands the free ones back to the OS.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_available() -> bool:
     """Whether :func:`peak_memory_growth` can measure here (Linux lets a process reset its peak RSS)."""
     try:
@@ -79,6 +88,9 @@ def peak_memory_growth(fn) -> int:
     if not peak_memory_available():
         raise RuntimeError("peak memory measurement needs Linux's /proc/self/clear_refs")
     _return_freed_memory_to_the_os()
+    _trim_heap()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the peak is now the current size
     before = _status_bytes("VmRSS")
     fn()
     return _status_bytes("VmHWM") - before
