@@ -15,19 +15,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 
-def lmms_predictions(run: Path) -> list[dict]:
+def lmms_predictions(run: Path, data_dir: Path) -> list[dict]:
+    """The run's documents (from the task's JSON lines; the samples log names them by index) with the
+    answer lmms-eval chose: the best log-likelihood among the 13."""
     paths = sorted(run.rglob("*_samples_vtprune_easyvqa*.jsonl"))
     if not paths:
         raise SystemExit(f"no vtprune_easyvqa samples log under {run}")
+    task = paths[-1].stem.split("_samples_")[1]
+    data = data_dir / ("easyvqa_image_reading.jsonl" if task.endswith("image_reading") else "easyvqa.jsonl")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
     out = []
     for line in paths[-1].read_text().splitlines():
         sample = json.loads(line)
-        doc = sample["doc"]
+        doc = rows[sample["doc_id"]]
+        if doc["answer"] != sample["target"]:
+            raise SystemExit(f"{data} is not the data of {run} (document {sample['doc_id']} differs)")
         scores = [float(ll) for ll, _ in sample["filtered_resps"]]
         best = max(range(len(scores)), key=scores.__getitem__)
         out.append({**doc, "lmms": doc["choices"][best]})
@@ -40,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--pruner", default=None)
     p.add_argument("--keep", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", type=Path, default=os.environ.get("VTPRUNE_EVAL_DATA"), help="the tasks' data directory")
     args = p.parse_args(argv)
     import torch
 
@@ -48,7 +57,9 @@ def main(argv=None) -> int:
     from vtprune.proxy.evaluate import predict
 
     torch.set_num_threads(args.threads)
-    docs = lmms_predictions(args.run)
+    if args.data is None:
+        p.error("set VTPRUNE_EVAL_DATA or pass --data")
+    docs = lmms_predictions(args.run, args.data)
     questions = [data.Question(d["question"], d["answer"], int(Path(d["image"]).stem), "test") for d in docs]
     model, processor = load_proxy()
     if args.pruner:

@@ -13,6 +13,7 @@ results JSON there is skipped, so an interrupted sweep continues where it stoppe
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         cells = sweeps.run(sweep, runs_dir, ROOT, dry_run=args.dry_run)
     if args.dry_run:
         return 0
-    header = f"`python scripts/sweep.py {args.sweep}` on {platform.machine()} ({platform.processor() or 'cpu'}).\n\n"
+    header = f"`python scripts/sweep.py {args.sweep}`, {platform.machine()} with {os.cpu_count()} CPU cores.\n\n"
     print(f"wrote {sweeps.report(sweep, cells, args.results, header)}")
     return 0
 

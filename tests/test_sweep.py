@@ -91,3 +91,16 @@ def test_a_tiny_sweep_runs_resumes_and_writes_table_and_plot(tmp_path, monkeypat
         assert f"({100 * pruned / base:.1f}%)" in text
     assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == cells
     assert (tmp_path / "results" / "tiny.png").stat().st_size > 10_000
+
+
+def test_cell_commands_run_lmms_eval_directly_or_through_a_launcher(tmp_path):
+    sweep = sweeps.load_sweep(ROOT / "eval" / "sweeps" / "llava15_7b.yaml")
+    cmd = sweeps.command(sweep, "fastv", 64, tmp_path / "out", ROOT)
+    assert cmd[1:3] == ["-m", "lmms_eval"] and "--model_args" in cmd
+    assert cmd[cmd.index("--model_args") + 1] == (
+        "pretrained=llava-hf/llava-1.5-7b-hf,dtype=float16,attn_implementation=sdpa,pruner=fastv,layer=2,keep=64"
+    )
+    sweep.launcher = ["accelerate", "launch", "--num_processes", "8"]
+    cmd = sweeps.command(sweep, "none", None, tmp_path / "out", ROOT)
+    assert cmd[:6] == ["accelerate", "launch", "--num_processes", "8", "-m", "lmms_eval"]
+    assert cmd[cmd.index("--model_args") + 1].endswith("pruner=none")

@@ -14,96 +14,21 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
-from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from PIL import Image
 
 import vtprune
+from vtprune.evaluation.generation_hooks import FirstForwardTimer, ForcedTokens
 from vtprune.evaluation.options import parse_model_args
 from vtprune.evaluation.prompts import chat_prompt, truncate_at_stops
+from vtprune.evaluation.records import PrunedTokenCounts
 from vtprune.patches.loading import load_model
 
 GENERATION_KEYS = ("until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample")
-
-
-@dataclass
-class PrunedTokenCounts(TokenCounts):
-    """lmms-eval's per-sample token counts plus what pruning did to the sample.
-
-    visual_tokens: the sample's visual tokens before pruning.
-    kept_visual_tokens: those reaching the last decoder layer (merged tokens count as one each).
-    mean_layer_visual_tokens: the mean over decoder layers of the visual tokens entering each (what
-        prefill compute scales with): kept_visual_tokens for vision-stage pruners, more for pruners
-        that drop inside the LLM.
-    prefill_ms: from the start of the call to the end of the first forward (vision tower and LLM
-        prefill), for the whole batch the sample ran in.
-    batch_size: how many samples shared that forward.
-    """
-
-    visual_tokens: int | None = None
-    kept_visual_tokens: int | None = None
-    mean_layer_visual_tokens: float | None = None
-    prefill_ms: float | None = None
-    batch_size: int | None = None
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        for name in ("visual_tokens", "kept_visual_tokens", "mean_layer_visual_tokens", "prefill_ms", "batch_size"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        return out
-
-
-class _ForcedTokens:
-    """A logits processor that makes ``generate()`` emit each row's given tokens, one per step (rows
-    with fewer tokens are left free after theirs); ``steps``: one more than the longest row, so the
-    distribution after each row's last forced token is computed too."""
-
-    def __init__(self, rows: list[list[int]]):
-        self.rows = rows
-        self.steps = max(len(r) for r in rows) + 1
-        self.step = 0
-
-    def __call__(self, input_ids, scores):
-        forced = scores
-        for b, row in enumerate(self.rows):
-            if self.step < len(row):
-                if forced is scores:
-                    forced = scores.clone()
-                forced[b] = float("-inf")
-                forced[b, row[self.step]] = 0.0
-        self.step += 1
-        return forced
-
-
-class _FirstForwardTimer:
-    """Seconds from ``start()`` to the end of the model's first forward after it."""
-
-    def __init__(self, model, device):
-        self._device = torch.device(device)
-        self._handle = model.register_forward_hook(self._done)
-        self._start = None
-        self.seconds = None
-
-    def _sync(self):
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-
-    def start(self):
-        self._sync()
-        self.seconds, self._start = None, time.perf_counter()
-
-    def _done(self, *_):
-        if self.seconds is None and self._start is not None:
-            self._sync()
-            self.seconds = time.perf_counter() - self._start
-
-    def close(self):
-        self._handle.remove()
 
 
 class VtpruneLMM(lmms):
@@ -136,7 +61,7 @@ class VtpruneLMM(lmms):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         pruner = options.pruner_config()
         self.handle = vtprune.apply(self.model, pruner) if pruner is not None else None
-        self._timer = _FirstForwardTimer(self.model, device)
+        self._timer = FirstForwardTimer(self.model, device)
 
     # lmms-eval reads these
     @property
@@ -326,7 +251,7 @@ class VtpruneLMM(lmms):
             self._timer.start()
             # generate() itself feeds the continuation (forced token by token), so positions, masks
             # and the pruned cache follow every model family's own decoding path.
-            forcing = _ForcedTokens([items[i]["chunk"] for i in batch])
+            forcing = ForcedTokens([items[i]["chunk"] for i in batch])
             out = self.model.generate(
                 **inputs,
                 max_new_tokens=forcing.steps,

@@ -208,16 +208,17 @@ def table(sweep: Sweep, cells: dict[str, dict]) -> str:
                 row.append(f"{score:.4f}{share}")
             lines.append(f"| {pruner} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += [
-        "Score (% of unpruned). Kept tokens: the visual tokens reaching the last decoder layer; pruners that",
-        "drop inside the LLM (fastv, pdrop, ...) process more in the layers before (see the JSON's",
-        "mean_layer_visual_tokens).",
-    ]
+    lines += ["Score (% of unpruned). Visual tokens, means over the documents (timings: `vtprune profile`):", ""]
+    lines += ["| cell | reaching the last layer | per decoder layer |", "|---|---|---|"]
+    for name, cell in cells.items():
+        tokens = [cell.get(k) for k in ("kept_visual_tokens", "mean_layer_visual_tokens")]
+        lines.append(f"| {name} | " + " | ".join("-" if t is None else f"{t:.1f}" for t in tokens) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(sweep: Sweep, cells: dict[str, dict], path: Path) -> None:
-    """Score vs kept visual tokens, one line per pruner (and the unpruned score as a dashed line)."""
+    """Score vs visual tokens per decoder layer (what prefill compute follows; the kept tokens for
+    vision-stage pruners), one line per pruner, and the unpruned score as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,7 +228,7 @@ def plot(sweep: Sweep, cells: dict[str, dict], path: Path) -> None:
     for ax, task in zip(axes[0], sweep.tasks):
         for pruner in sweep.pruners:
             points = [
-                (cells[n]["kept_visual_tokens"], cells[n]["scores"][task])
+                (cells[n]["mean_layer_visual_tokens"], cells[n]["scores"][task])
                 for n in (cell_name(pruner, k) for k in sweep.keeps)
                 if n in cells
             ]
@@ -237,7 +238,7 @@ def plot(sweep: Sweep, cells: dict[str, dict], path: Path) -> None:
         if "unpruned" in cells:
             ax.axhline(cells["unpruned"]["scores"][task], color="black", linestyle="--", label="unpruned")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("visual tokens kept (reaching the last decoder layer)")
+        ax.set_xlabel("visual tokens per decoder layer (mean over layers)")
         ax.set_ylabel(sweep.metrics[task])
         ax.set_title(task)
         ax.grid(alpha=0.3)
@@ -250,7 +251,8 @@ def plot(sweep: Sweep, cells: dict[str, dict], path: Path) -> None:
 
 
 def report(sweep: Sweep, cells: dict[str, dict], results_dir: Path, header: str = "") -> Path:
-    """Write <results_dir>/<name>.md, .json and .png; returns the .md path."""
+    """Write <results_dir>/<name>.md, .json and .png; returns the .md path. The .md's plot link is
+    relative: the three files stay together."""
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{sweep.name}.json").write_text(json.dumps(cells, indent=1) + "\n")
     plot(sweep, cells, results_dir / f"{sweep.name}.png")

@@ -54,7 +54,7 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", help="model directories: auto, float32, float16, bfloat16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--csv", type=Path, default=None, help="write the rows here")
-    p.add_argument("--plot", type=Path, default=None, help="write latency and FLOPs vs kept tokens here (PNG)")
+    p.add_argument("--plot", type=Path, default=None, help="write prefill time and FLOPs vs tokens per layer (PNG)")
     return p.parse_args(argv)
 
 
@@ -181,15 +181,15 @@ def plot(rows, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     base = next((r for r in rows if r.pruner == "none"), None)
     for pruner in dict.fromkeys(r.pruner for r in rows if r.pruner != "none"):
-        mine = sorted((r for r in rows if r.pruner == pruner), key=lambda r: r.kept_tokens)
-        xs = [r.kept_tokens for r in mine]
+        mine = sorted((r for r in rows if r.pruner == pruner), key=lambda r: r.mean_layer_tokens)
+        xs = [r.mean_layer_tokens for r in mine]
         axes[0].plot(xs, [r.prefill_ms for r in mine], marker="o", label=pruner)
         axes[1].plot(xs, [r.prefill_gflops for r in mine], marker="o", label=pruner)
     if base is not None:
         axes[0].axhline(base.prefill_ms, color="black", linestyle="--", label="unpruned")
         axes[1].axhline(base.prefill_gflops, color="black", linestyle="--", label="unpruned")
     for ax, label in zip(axes, ("prefill ms (median)", "LLM prefill GFLOPs")):
-        ax.set_xlabel("visual tokens kept (reaching the last decoder layer)")
+        ax.set_xlabel("visual tokens per decoder layer (mean over layers)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
