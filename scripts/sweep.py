@@ -45,11 +45,7 @@ def main(argv=None) -> int:
         sweep.launcher = shlex.split(args.launcher)
     runs_dir = args.runs / sweep.name
     if args.report_only:
-        cells = {}
-        for pruner, keep in sweep.cells():
-            out = runs_dir / sweeps.cell_name(pruner, keep)
-            if sweeps.results_file(out) is not None:
-                cells[sweeps.cell_name(pruner, keep)] = sweeps.read_cell(sweep, out)
+        cells = sweeps.finished_cells(sweep, runs_dir)
     else:
         cells = sweeps.run(sweep, runs_dir, ROOT, dry_run=args.dry_run)
     if args.dry_run:

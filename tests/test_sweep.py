@@ -82,6 +82,7 @@ def test_a_tiny_sweep_runs_resumes_and_writes_table_and_plot(tmp_path, monkeypat
     logged = []
     assert sweeps.run(sweep, runs, ROOT, log=logged.append) == cells
     assert logged == ["[unpruned] done, skipped", "[divprune@16] done, skipped"]
+    assert sweeps.finished_cells(sweep, runs) == cells
     md = sweeps.report(sweep, cells, tmp_path / "results")
     text = md.read_text()
     base = cells["unpruned"]["scores"]["vtprune_shapes_choice"]

@@ -38,6 +38,36 @@ def paired_median_seconds(fn_a, fn_b, repeats: int = 5, warmup: int = 1) -> tupl
     return statistics.median(a), statistics.median(b)
 
 
+class ForwardClock:
+    """``perf_counter()`` at the end of every forward of ``model`` since ``start()`` (CUDA-synchronised
+    on GPUs): in ``generate()``, the first end is the prefill's, the later ones the decode steps'."""
+
+    def __init__(self, model):
+        self._device = next(model.parameters()).device
+        self._handle = model.register_forward_hook(lambda *_: self.ends.append(self.now()))
+        self.started: float | None = None
+        self.ends: list[float] = []
+
+    def now(self) -> float:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.ends = []
+        self.started = self.now()
+
+    @property
+    def first_seconds(self) -> float:
+        """From ``start()`` to the end of the first forward after it."""
+        if self.started is None or not self.ends:
+            raise RuntimeError("no forward has ended since start()")
+        return self.ends[0] - self.started
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
 
 

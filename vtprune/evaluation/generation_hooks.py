@@ -1,11 +1,6 @@
-"""Two small hooks the lmms-eval model puts around ``generate()``: a timer of the first forward
-(the prefill) and a logits processor that makes ``generate()`` emit given tokens."""
+"""The logits processor with which the lmms-eval model makes ``generate()`` emit given tokens."""
 
 from __future__ import annotations
-
-import time
-
-import torch
 
 
 class ForcedTokens:
@@ -28,29 +23,3 @@ class ForcedTokens:
                 forced[b, row[self.step]] = 0.0
         self.step += 1
         return forced
-
-
-class FirstForwardTimer:
-    """Seconds from ``start()`` to the end of the model's first forward after it."""
-
-    def __init__(self, model, device):
-        self._device = torch.device(device)
-        self._handle = model.register_forward_hook(self._done)
-        self._start = None
-        self.seconds = None
-
-    def _sync(self):
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-
-    def start(self):
-        self._sync()
-        self.seconds, self._start = None, time.perf_counter()
-
-    def _done(self, *_):
-        if self.seconds is None and self._start is not None:
-            self._sync()
-            self.seconds = time.perf_counter() - self._start
-
-    def close(self):
-        self._handle.remove()

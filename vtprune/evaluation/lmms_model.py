@@ -22,11 +22,13 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from PIL import Image
 
 import vtprune
-from vtprune.evaluation.generation_hooks import FirstForwardTimer, ForcedTokens
+from vtprune.evaluation.generation_hooks import ForcedTokens
 from vtprune.evaluation.options import parse_model_args
 from vtprune.evaluation.prompts import chat_prompt, truncate_at_stops
 from vtprune.evaluation.records import PrunedTokenCounts
+from vtprune.patches import visual_token_counts
 from vtprune.patches.loading import load_model
+from vtprune.timing import ForwardClock
 
 GENERATION_KEYS = ("until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample")
 
@@ -61,7 +63,7 @@ class VtpruneLMM(lmms):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         pruner = options.pruner_config()
         self.handle = vtprune.apply(self.model, pruner) if pruner is not None else None
-        self._timer = FirstForwardTimer(self.model, device)
+        self._clock = ForwardClock(self.model)  # its first forward end after start(): the prefill
 
     # lmms-eval reads these
     @property
@@ -113,17 +115,9 @@ class VtpruneLMM(lmms):
                 inputs[name] = inputs[name].to(self.model.dtype)
         return inputs
 
-    def _visual_counts(self, input_ids: torch.Tensor) -> list[int]:
-        ids = [getattr(self.model.config, name, None) for name in ("image_token_id", "video_token_id")]
-        visual = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token in ids:
-            if token is not None:
-                visual |= input_ids == token
-        return visual.sum(-1).tolist()
-
     def _counts(self, inputs, before, seconds: float, output_tokens=None) -> list[PrunedTokenCounts]:
         """Per sample of the batch just run: visual tokens before/after pruning and the prefill time."""
-        visual = self._visual_counts(inputs["input_ids"])
+        visual = visual_token_counts(self.model.config, inputs["input_ids"])
         stats = self.handle.last if self.handle is not None else None
         fresh = stats is not None and stats is not before
         kept = stats.token_counts if fresh else visual
@@ -196,12 +190,12 @@ class VtpruneLMM(lmms):
             kwargs, until = self._generation_kwargs(items[batch[0]]["gen_kwargs"])
             inputs = self._inputs([items[i]["text"] for i in batch], [items[i]["images"] for i in batch])
             before = self.handle.last if self.handle is not None else None
-            self._timer.start()
+            self._clock.start()
             output = self.model.generate(**inputs, **kwargs, pad_token_id=self.tokenizer.pad_token_id)
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
             texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             lengths = (new_tokens != self.tokenizer.pad_token_id).sum(-1).tolist()
-            counts = self._counts(inputs, before, self._timer.seconds, lengths)
+            counts = self._counts(inputs, before, self._clock.first_seconds, lengths)
             counts_all += counts
             for i, text, count in zip(batch, texts, counts):
                 results[i] = GenerationResult(text=truncate_at_stops(text, until), token_counts=count)
@@ -248,7 +242,7 @@ class VtpruneLMM(lmms):
         for batch in self._progress(self._batches(items, key=lambda item: ""), "loglikelihood"):
             inputs = self._inputs([items[i]["text"] for i in batch], [items[i]["images"] for i in batch])
             before = self.handle.last if self.handle is not None else None
-            self._timer.start()
+            self._clock.start()
             # generate() itself feeds the continuation (forced token by token), so positions, masks
             # and the pruned cache follow every model family's own decoding path.
             forcing = ForcedTokens([items[i]["chunk"] for i in batch])
@@ -261,7 +255,7 @@ class VtpruneLMM(lmms):
                 return_dict_in_generate=True,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-            counts = self._counts(inputs, before, self._timer.seconds)
+            counts = self._counts(inputs, before, self._clock.first_seconds)
             steps = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)  # (B, steps, vocab), unprocessed
             for row, i in enumerate(batch):
                 log_probs[keys[i]] = steps[row]
@@ -283,5 +277,5 @@ class VtpruneLMM(lmms):
         raise NotImplementedError("vtprune's lmms-eval model does not run multi-round tasks")
 
     def clean(self):
-        self._timer.close()
+        self._clock.close()
         super().clean()

@@ -67,8 +67,7 @@ def parse_model_args(pretrained=None, pruner=NO_PRUNER, **kwargs) -> HarnessOpti
     batch_size = kwargs.pop("batch_size", 1)
     if isinstance(batch_size, str) and batch_size.startswith("auto"):
         raise ValueError("batch_size=auto is not supported; give a number of requests per forward")
-    max_batch_size = kwargs.pop("max_batch_size", None)  # lmms-eval passes it; only meaningful with "auto"
-    del max_batch_size
+    kwargs.pop("max_batch_size", None)  # lmms-eval passes it; only meaningful with "auto"
     max_new_tokens = _positive_int("max_new_tokens", kwargs.pop("max_new_tokens", 128))
     harness = HarnessOptions(
         pretrained=str(pretrained),

@@ -161,6 +161,12 @@ def read_cell(sweep: Sweep, out: Path) -> dict:
     }
 
 
+def finished_cells(sweep: Sweep, runs_dir: Path) -> dict[str, dict]:
+    """The results of the cells that have finished, by cell name (nothing is run)."""
+    names = [cell_name(p, k) for p, k in sweep.cells()]
+    return {name: read_cell(sweep, runs_dir / name) for name in names if results_file(runs_dir / name) is not None}
+
+
 def run(sweep: Sweep, runs_dir: Path, root: Path, dry_run: bool = False, log=print) -> dict[str, dict]:
     """Run every unfinished cell; return the finished cells' results by cell name."""
     check_tasks(sweep, root)

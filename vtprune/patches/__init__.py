@@ -22,3 +22,16 @@ def adapter_for(model):
     raise TypeError(
         f"vtprune does not support {type(model).__name__}; supported model classes: {', '.join(supported_classes())}"
     )
+
+
+def visual_token_counts(config, input_ids) -> list[int]:
+    """Per row of ``input_ids`` (B, L), the image and video placeholder tokens (``config.image_token_id``,
+    ``config.video_token_id``): the visual tokens before any pruning."""
+    import torch
+
+    visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    for name in ("image_token_id", "video_token_id"):
+        token = getattr(config, name, None)
+        if token is not None:
+            visual |= input_ids == token
+    return visual.sum(-1).tolist()

@@ -210,7 +210,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, inputs, description = workload(args, device)
-    n_visual = int(sum(inputs["input_ids"][0] == model.config.image_token_id))
+    from vtprune.patches import visual_token_counts
+
+    n_visual = visual_token_counts(model.config, inputs["input_ids"][:1])[0]
     too_many = [k for k in keeps if isinstance(k, int) and k > n_visual]
     if too_many:
         raise ProfileError(f"--keeps {too_many}: more than the {n_visual} visual tokens of this model's image")

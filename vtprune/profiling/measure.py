@@ -14,14 +14,14 @@ Every time is the median of ``repeats`` runs after ``warmup`` runs, CUDA-synchro
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
 import vtprune
+from vtprune.patches import visual_token_counts
 from vtprune.profiling.flops import prefill_flops
-from vtprune.timing import peak_memory_available, peak_memory_growth
+from vtprune.timing import ForwardClock, peak_memory_available, peak_memory_growth
 
 
 @dataclass
@@ -37,32 +37,6 @@ class Measurement:
     peak_memory_mb: float | None
     kv_cache_mb: float
     prefill_gflops: float
-
-
-class _StepClock:
-    """perf_counter() at the end of every forward of ``model`` (synchronised on CUDA)."""
-
-    def __init__(self, model, device: torch.device):
-        self.device = device
-        self.ends: list[float] = []
-        self._handle = model.register_forward_hook(lambda *_: self.ends.append(self.now()))
-
-    def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def close(self):
-        self._handle.remove()
-
-
-def _visual_counts(model, input_ids) -> list[int]:
-    visual = torch.zeros_like(input_ids, dtype=torch.bool)
-    for name in ("image_token_id", "video_token_id"):
-        token = getattr(model.config, name, None)
-        if token is not None:
-            visual |= input_ids == token
-    return visual.sum(-1).tolist()
 
 
 def _cache_bytes(cache) -> int:
@@ -104,29 +78,26 @@ def measure(
     pruner, keep=keep, **options)``; see the module docstring. ``progress()`` is called after each run."""
     device = next(model.parameters()).device
     handle = vtprune.apply(model, pruner, keep=keep, **options) if pruner is not None else None
-    clock = _StepClock(model, device)
+    clock = ForwardClock(model)
     generate_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     try:
         ttft, prefill, decode = [], [], []
         for run in range(warmup + repeats):
-            clock.ends.clear()
-            start = clock.now()
+            clock.start()
             model.generate(**inputs, **generate_kwargs)
-            steps = list(clock.ends)
-            clock.ends.clear()
-            prefill_start = clock.now()
+            first_token, steps = clock.first_seconds, clock.ends
+            clock.start()
             out = model(**inputs, use_cache=True, logits_to_keep=1)
-            prefill_end = clock.ends[-1]
             if run >= warmup:
-                ttft.append(steps[0] - start)
-                prefill.append(prefill_end - prefill_start)
+                ttft.append(first_token)
+                prefill.append(clock.first_seconds)
                 decode.extend(b - a for a, b in zip(steps, steps[1:]))
             if progress is not None:
                 progress()
         kv_bytes = _cache_bytes(out.past_key_values)
         del out
         peak = _peak_bytes(lambda: model.generate(**inputs, **generate_kwargs), device)
-        visual = _visual_counts(model, inputs["input_ids"])
+        visual = visual_token_counts(model.config, inputs["input_ids"])
         stats = handle.last if handle is not None else None
     finally:
         clock.close()
