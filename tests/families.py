@@ -198,7 +198,7 @@ def assert_processor_batches_prune_like_single_prompts(
 def assert_sdpa_equals_eager(family, name, samples, **options) -> None:
     """Under pruner ``name``, the family's SDPA and eager models keep the same tokens, give the same
     logits and generate the same tokens."""
-    from conftest import apply, greedy, logits
+    from helpers import apply, greedy, logits
 
     results = []
     for attn in ("sdpa", "eager"):

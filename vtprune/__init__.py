@@ -7,9 +7,9 @@ handle.remove()
 """
 
 from vtprune.api import apply, handle_of
+from vtprune.core.stats import PruneStats
 from vtprune.handle import PruneHandle
 from vtprune.patches import supported_classes
-from vtprune.pipeline import Pipeline
 from vtprune.pruners import (
     AdaptivePrune,
     CLSPrune,
@@ -26,8 +26,8 @@ from vtprune.pruners import (
     VisionPruner,
     VisionZip,
 )
+from vtprune.pruners.pipeline import Pipeline
 from vtprune.registry import available
-from vtprune.stats import PruneStats
 
 __version__ = "0.1.0"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from vtprune.handle import HANDLE_ATTR, PruneHandle
 from vtprune.patches import adapter_for
-from vtprune.pipeline import Pipeline
 from vtprune.pruners.base import Pruner
+from vtprune.pruners.pipeline import Pipeline
 from vtprune.registry import pruner_class
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from vtprune.core.stats import PruneStats
 from vtprune.pruners.base import Pruner
-from vtprune.stats import PruneStats
 
 HANDLE_ATTR = "_vtprune_handle"
 

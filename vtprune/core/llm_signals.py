@@ -1,35 +1,115 @@
-"""The scores LLM-stage pruners rank visual tokens by, computed at a decoder layer's input.
+"""The signals LLM-stage pruners rank visual tokens by: one table, one place to add a signal.
 
-Attention signals are recomputed from the layer's own queries and keys (``query_key``) for the few
-query rows they need, so SDPA and flash attention never have to return attention weights. All
-results are (B, L) fp32 over the layer's current (possibly compacted) sequence.
+``SIGNALS`` maps a name a pruner lists in ``signals`` to the ``PromptTokens`` field it fills and to
+how it is computed. Attention signals are recomputed at the scoring layer's input from the layer's
+own queries and keys (``DecoderAccess.query_key``) for the few query rows they need, so SDPA and flash
+attention never have to return attention weights; their results are (B, L') fp32 over the layer's
+current (possibly compacted) sequence. Accumulated signals (``compute`` None) are summed by the
+stage's sub-layer hooks over the pruner's ``transition_layers``.
+
+To add a signal: a field on ``PromptTokens``, a ``compute`` here (or, for an accumulated one, the
+hooks in ``llm_stage.py``), and a row in ``SIGNALS``.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
+from torch import nn
+
+from vtprune.core.decoder import DecoderAccess
 from vtprune.ops import attention_rows
 
 
-def last_token_attention(query_key, layer, hidden, position_embeddings, row: int, key_mask) -> torch.Tensor:
-    """Head-mean attention of query ``row`` (the same position in every sample) over all keys."""
-    rows = torch.tensor([row], device=hidden.device)
+@dataclass
+class ScoringInput:
+    """What an attention signal reads at its scoring layer.
+
+    hidden: (B, L', D) the layer's input over the current sequence; position_embeddings: (cos, sin)
+    for those tokens; key_mask: (B, L') bool padding mask of the current sequence, or None.
+    last: original position of the last prompt token (the same in every sample: left padding);
+    length: L, the prompt's original length; instruction_starts: per sample, the original position
+    after its last image; prompt_mask: (B, L) bool padding mask of the original prompt, or None.
+    """
+
+    decoder: DecoderAccess
+    layer: nn.Module
+    hidden: torch.Tensor
+    position_embeddings: tuple
+    key_mask: torch.Tensor | None
+    last: int
+    length: int
+    instruction_starts: list[int]
+    prompt_mask: torch.Tensor | None
+
+    def row(self, position: int) -> int:
+        """Current index of an original position after the last visual token (those tokens all stay,
+        and samples stay right-aligned)."""
+        return self.hidden.shape[1] - (self.length - position)
+
+    def instruction_rows(self) -> list[torch.Tensor]:
+        """Per sample, the current indices of the prompt tokens after its last image (the instruction),
+        or of the last token when there are none."""
+        rows = []
+        for b, start in enumerate(self.instruction_starts):
+            real = range(start, self.last + 1)
+            if self.prompt_mask is not None:
+                real = [p for p in real if bool(self.prompt_mask[b, p])]
+            rows.append(torch.tensor([self.row(p) for p in real] or [self.row(self.last)]))
+        return rows
+
+
+def last_token_attention(s: ScoringInput) -> torch.Tensor:
+    """Head-mean attention of the last prompt token over all keys."""
+    rows = torch.tensor([s.row(s.last)], device=s.hidden.device)
     with torch.no_grad():
-        q, k, scale = query_key(layer, hidden, position_embeddings, rows)
-        return attention_rows(q, k, rows, key_mask=key_mask, scale=scale)[:, 0]
+        q, k, scale = s.decoder.query_key(s.layer, s.hidden, s.position_embeddings, rows)
+        return attention_rows(q, k, rows, key_mask=s.key_mask, scale=scale)[:, 0]
 
 
-def instruction_attention(
-    query_key, layer, hidden, position_embeddings, rows: list[torch.Tensor], key_mask
-) -> torch.Tensor:
-    """Head- and query-mean attention of each sample's instruction rows (``rows[b]``, (R_b,)) over all keys."""
+def instruction_attention(s: ScoringInput) -> torch.Tensor:
+    """Head- and query-mean attention of each sample's instruction tokens over all keys."""
+    hidden = s.hidden
     out = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
-        for b, r in enumerate(rows):
-            pe = tuple(t[b : b + 1] if t.shape[0] > 1 else t for t in position_embeddings)
+        for b, r in enumerate(s.instruction_rows()):
+            pe = tuple(t[b : b + 1] if t.shape[0] > 1 else t for t in s.position_embeddings)
             r = r.to(hidden.device)
-            q, k, scale = query_key(layer, hidden[b : b + 1], pe, r)
-            mask = None if key_mask is None else key_mask[b : b + 1]
+            q, k, scale = s.decoder.query_key(s.layer, hidden[b : b + 1], pe, r)
+            mask = None if s.key_mask is None else s.key_mask[b : b + 1]
             out[b] = attention_rows(q, k, r, key_mask=mask, scale=scale)[0].mean(dim=0)
     return out
+
+
+@dataclass(frozen=True)
+class Signal:
+    field: str  # the PromptTokens field it fills
+    compute: Callable[[ScoringInput], torch.Tensor] | None  # None: accumulated by sub-layer hooks
+    meaning: str
+
+
+TRANSITION = "transition"
+
+SIGNALS: dict[str, Signal] = {
+    "last": Signal("attention", last_token_attention, "head-mean attention from the last prompt token"),
+    "instruction": Signal(
+        "instruction_attention",
+        instruction_attention,
+        "head- and token-mean attention from the instruction (the text after the last image)",
+    ),
+    TRANSITION: Signal(
+        "transition", None, "transition variation summed over the pruner's transition layers before the drop"
+    ),
+}
+
+
+def check_signals(name: str, signals) -> None:
+    """Raise ValueError unless every one of a pruner's ``signals`` is in ``SIGNALS``."""
+    if isinstance(signals, str) or not all(isinstance(s, str) for s in signals):
+        raise ValueError(f"the {name!r} pruner's signals must be a tuple of signal names, got {signals!r}")
+    unknown = [s for s in signals if s not in SIGNALS]
+    if unknown:
+        valid = "; ".join(f"{n!r}: {s.meaning}" for n, s in SIGNALS.items())
+        raise ValueError(f"the {name!r} pruner asks for unknown signals {unknown}; valid signals: {valid}")

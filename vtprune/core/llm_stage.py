@@ -18,61 +18,23 @@ Per-call state is kept per thread, so one model can serve several threads at onc
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from vtprune.core.cache_state import CacheState
 from vtprune.core.compaction import Compaction, scatter_attention
+from vtprune.core.decoder import DecoderAccess
 from vtprune.core.layout import VisualLayout
-from vtprune.core.llm_signals import instruction_attention, last_token_attention
+from vtprune.core.llm_call import CallState, ImageState, LLMPruner, call_stats, plan
+from vtprune.core.llm_signals import SIGNALS, TRANSITION, ScoringInput
 from vtprune.core.masks import compact_mask
 from vtprune.core.patching import PerThread
-from vtprune.core.schedule import DropPoint, check_llm_order
+from vtprune.core.schedule import DropPoint
+from vtprune.core.stats import PruneStats
+from vtprune.core.tokens import ModelInfo, PromptTokens
 from vtprune.ops import transition_variation
-from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens
-from vtprune.stats import PruneStats
-
-QueryKeyFn = Callable[[nn.Module, torch.Tensor, tuple, torch.Tensor], tuple]
-SublayersFn = Callable[[nn.Module], tuple[nn.Module, nn.Module]]
-
-
-@dataclass
-class _Image:
-    """One image of one sample in a prefill."""
-
-    sample: int
-    span: torch.Tensor  # (N,) its tokens' positions in the prompt
-    points: dict[int, tuple[DropPoint, LLMPruner]]  # drop layer -> (point, the pruner that owns it)
-    grid: tuple[int, int] | None
-    present: torch.Tensor  # ascending indices into the image's tokens still in the sequence
-    counts: list[tuple[int, int]] = field(default_factory=list)  # (layer, tokens from then on)
-
-
-@dataclass
-class _Call:
-    """State of one forward call through the decoder."""
-
-    layout: VisualLayout | None  # None: no images in this call (decode step or text only)
-    key_mask: torch.Tensor | None = None  # (B, L) bool padding mask of the prompt
-    score_row: int | None = None  # position of the last prompt token; None: the last position
-    restore_outputs: bool = False  # the caller collects every layer's hidden states or attention weights
-    reuse: dict | None = None  # drop layer -> presents per image, an earlier choice to repeat
-    images: list[_Image] = field(default_factory=list)
-    scored_at: dict = field(default_factory=dict)  # scoring layer -> [(drop layer, signals)]
-    signals: dict = field(default_factory=dict)  # drop layer -> {signal: (B, L) fp32, original positions}
-    transition: torch.Tensor | None = None  # (B, L) fp32 accumulated transition variation
-    transition_layers: frozenset = frozenset()
-    compaction: Compaction | None = None  # original positions still present; None: nothing dropped yet
-    full_hidden: torch.Tensor | None = None
-    layer_compactions: list | None = None  # per decoder layer, stored on the cache for decode steps
-    choices: dict = field(default_factory=dict)  # drop layer -> presents per image
-    decode_columns: dict = field(default_factory=dict)  # decode steps: layer -> (kv_index, kv_valid, kv_len)
-    converted: dict = field(default_factory=dict)  # (id(kwarg), id(compaction)) -> (kwarg, compaction, converted)
-    stats: PruneStats | None = None  # what this call kept, once it has run
 
 
 class LLMStage:
@@ -81,15 +43,13 @@ class LLMStage:
         pruners: list[LLMPruner],
         layers: nn.ModuleList,
         info: ModelInfo,
-        query_key: QueryKeyFn,
-        sublayers: SublayersFn,
+        decoder: DecoderAccess,
         flash: bool,
     ):
         self.pruners = pruners
         self.layers = layers
         self.info = info
-        self.query_key = query_key
-        self.sublayers = sublayers
+        self.decoder = decoder
         self.flash = flash
         self._calls = PerThread()
         self._caches = CacheState("llm_stage")
@@ -98,7 +58,7 @@ class LLMStage:
     def install(self) -> list:
         handles = []
         for i, layer in enumerate(self.layers):
-            attention, mlp = self.sublayers(layer)
+            attention, mlp = self.decoder.sublayers(layer)
             handles.append(layer.register_forward_pre_hook(functools.partial(self._before, i), with_kwargs=True))
             # Prepended so that output-capturing hooks (transformers installs them on the first forward,
             # possibly before vtprune) see the restored full-length tensors.
@@ -126,7 +86,7 @@ class LLMStage:
         (or None) of each image in layout order. ``reuse`` repeats an earlier call's ``choices``
         instead of scoring again (the full forwards of ``generate(use_cache=False)``)."""
         has_images = layout is not None and layout.has_images
-        state = _Call(
+        state = CallState(
             layout=layout if has_images else None,
             key_mask=key_mask,
             score_row=score_row,
@@ -134,51 +94,11 @@ class LLMStage:
             restore_outputs=restore_outputs,
         )
         if has_images:
-            self._plan(state, grids)
+            plan(state, self.pruners, self.info, grids)
         with self._calls.set(state) as call:
             yield call
             if call.layout is not None:
-                call.stats = self.last = self._stats(call)
-
-    # -- planning ------------------------------------------------------------------------------------
-    def _plan(self, call: _Call, grids: list | None) -> None:
-        """Each image's drop points, the layers that score for them, and the transition window."""
-        flat = 0
-        for b, spans in enumerate(call.layout.spans):
-            for span in spans:
-                grid = grids[flat] if grids is not None else None
-                flat += 1
-                check_llm_order(self.pruners, self.info, span.numel())
-                points = {
-                    point.layer: (point, pruner)
-                    for pruner in self.pruners
-                    for point in pruner.drop_points(self.info, span.numel())
-                }
-                present = torch.arange(span.numel(), device=span.device)
-                call.images.append(_Image(sample=b, span=span, points=points, grid=grid, present=present))
-        last = call.score_row if call.score_row is not None else call.layout.length - 1
-        if call.key_mask is not None and not bool(call.key_mask[:, last].all()):
-            raise ValueError(
-                "LLM-stage pruners score with each sample's last prompt token, which must be the same position "
-                "in every sample: pad batches on the left (tokenizer/processor padding_side='left')"
-            )
-        if any(int(spans[-1][-1]) >= last for spans in call.layout.spans if spans):
-            raise ValueError(
-                "LLM-stage pruners score visual tokens with the text after the last image; this prompt ends "
-                "with image tokens (add the question or the chat template's assistant prefix after the image)"
-            )
-        if call.reuse is not None:
-            return
-        drops = {layer: pruner for image in call.images for layer, (_, pruner) in image.points.items()}
-        for layer, pruner in sorted(drops.items()):
-            call.scored_at.setdefault(layer - pruner.score_offset, []).append((layer, pruner.signals))
-        window = set()
-        for image in call.images:
-            owners = {id(pruner): pruner for _, pruner in image.points.values() if "transition" in pruner.signals}
-            for pruner in owners.values():
-                points = [point for point, owner in image.points.values() if owner is pruner]
-                window.update(i for i in pruner.transition_layers(self.info, points) if i < points[-1].layer)
-        call.transition_layers = frozenset(window)
+                call.stats = self.last = call_stats(state, len(self.layers))
 
     # -- hooks -------------------------------------------------------------------------------------
     def _before(self, i: int, layer, args, kwargs):
@@ -263,7 +183,7 @@ class LLMStage:
             self._accumulate_transition(call, args[0], output)
 
     # -- prefill steps --------------------------------------------------------------------------------
-    def _current_key_mask(self, call: _Call) -> torch.Tensor | None:
+    def _current_key_mask(self, call: CallState) -> torch.Tensor | None:
         comp = call.compaction
         if comp is None:
             return call.key_mask
@@ -272,7 +192,7 @@ class LLMStage:
         )
         return comp.gather(mask, fill=False) & comp.valid
 
-    def _to_original(self, call: _Call, scores: torch.Tensor) -> torch.Tensor:
+    def _to_original(self, call: CallState, scores: torch.Tensor) -> torch.Tensor:
         """(B, L') scores over the current sequence as (B, L) over original positions (0 where dropped)."""
         comp = call.compaction
         if comp is None:
@@ -280,46 +200,37 @@ class LLMStage:
         out = scores.new_zeros(scores.shape[0], comp.length)
         return out.scatter_(1, comp.index, scores.masked_fill(~comp.valid, 0.0))
 
-    def _row(self, call: _Call, position: int, length: int) -> int:
-        """Current index of an original position after the last visual token (all such tokens stay, and
-        samples stay right-aligned)."""
-        original_length = call.layout.length
-        return length - (original_length - position)
-
-    def _score(self, call: _Call, layer, hidden, original: dict, drop_layer: int, signals) -> None:
+    def _score(self, call: CallState, layer, hidden, original: dict, drop_layer: int, signals) -> None:
         comp = call.compaction
         inputs = self._inputs(call, comp, original) if comp is not None else original
-        pe, key_mask = inputs["position_embeddings"], self._current_key_mask(call)
-        length = hidden.shape[1]
         last = call.score_row if call.score_row is not None else call.layout.length - 1
+        scoring = ScoringInput(
+            decoder=self.decoder,
+            layer=layer,
+            hidden=hidden,
+            position_embeddings=inputs["position_embeddings"],
+            key_mask=self._current_key_mask(call),
+            last=last,
+            length=call.layout.length,
+            instruction_starts=[int(spans[-1][-1]) + 1 if spans else last for spans in call.layout.spans],
+            prompt_mask=call.key_mask,
+        )
         out = call.signals.setdefault(drop_layer, {})
-        if "last" in signals:
-            scores = last_token_attention(self.query_key, layer, hidden, pe, self._row(call, last, length), key_mask)
-            out["last"] = self._to_original(call, scores)
-        if "instruction" in signals:
-            rows = [torch.tensor([self._row(call, p, length) for p in r]) for r in self._instruction_rows(call, last)]
-            scores = instruction_attention(self.query_key, layer, hidden, pe, rows, key_mask)
-            out["instruction"] = self._to_original(call, scores)
+        for name in signals:
+            compute = SIGNALS[name].compute
+            if compute is not None:
+                out[name] = self._to_original(call, compute(scoring))
 
-    def _instruction_rows(self, call: _Call, last: int) -> list[list[int]]:
-        """Per sample, the prompt positions after its last image (the instruction), else the last token."""
-        rows = []
-        for b, spans in enumerate(call.layout.spans):
-            start = int(spans[-1][-1]) + 1 if spans else last
-            r = [p for p in range(start, last + 1) if call.key_mask is None or bool(call.key_mask[b, p])]
-            rows.append(r or [last])
-        return rows
-
-    def _accumulate_transition(self, call: _Call, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _accumulate_transition(self, call: CallState, x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.no_grad():
             weights = self._to_original(call, transition_variation(x, y, self._current_key_mask(call)))
         call.transition = weights if call.transition is None else call.transition + weights
 
-    def _drop(self, call: _Call, i: int, hidden: torch.Tensor, cache) -> torch.Tensor:
+    def _drop(self, call: CallState, i: int, hidden: torch.Tensor, cache) -> torch.Tensor:
         signals = call.signals.pop(i, {})
-        if any("transition" in image.points[i][1].signals for image in call.images if i in image.points):
+        if any(TRANSITION in image.points[i][1].signals for image in call.images if i in image.points):
             length = call.layout.length
-            signals["transition"] = (
+            signals[TRANSITION] = (
                 call.transition
                 if call.transition is not None
                 else hidden.new_zeros(len(call.layout.spans), length, dtype=torch.float32)
@@ -359,13 +270,13 @@ class LLMStage:
             call.layer_compactions[i:] = [new] * (len(self.layers) - i)
         return hidden
 
-    def _select(self, pruner: LLMPruner, image: _Image, point: DropPoint, signals: dict) -> torch.Tensor:
+    def _select(self, pruner: LLMPruner, image: ImageState, point: DropPoint, signals: dict) -> torch.Tensor:
         positions = image.span[image.present]
         tokens = PromptTokens(
             keep=point.keep,
             positions=image.present,
             grid=image.grid,
-            **{_FIELDS[s]: signals[s][image.sample, positions] for s in pruner.signals},
+            **{SIGNALS[s].field: signals[s][image.sample, positions] for s in pruner.signals},
         )
         idx = pruner.select(tokens)
         n = image.present.numel()
@@ -383,7 +294,7 @@ class LLMStage:
             )
         return idx
 
-    def _inputs(self, call: _Call, comp: Compaction, original: dict) -> dict:
+    def _inputs(self, call: CallState, comp: Compaction, original: dict) -> dict:
         """The layer kwargs for the tokens ``comp`` keeps, converted once per call and compaction."""
         out = {
             "position_embeddings": self._convert(
@@ -409,41 +320,12 @@ class LLMStage:
         )
         return out
 
-    def _convert(self, call: _Call, value, comp: Compaction, fn):
+    def _convert(self, call: CallState, value, comp: Compaction, fn):
         key = (id(value), id(comp))
         if key not in call.converted:
             # Holding both keeps their ids from being reused by new objects during the call.
             call.converted[key] = (value, comp, fn(value))
         return call.converted[key][2]
-
-    def _stats(self, call: _Call) -> PruneStats:
-        n_layers = len(self.layers)
-        spans = call.layout.spans
-        kept = call.layout.sample_kept(
-            [[im.present for im in call.images if im.sample == b] for b in range(len(spans))]
-        )
-        layer_tokens = []
-        for b in range(len(spans)):
-            totals = [0] * n_layers
-            for image in (im for im in call.images if im.sample == b):
-                count, steps = image.span.numel(), dict(image.counts)
-                for layer in range(n_layers):
-                    count = steps.get(layer, count)
-                    totals[layer] += count
-            layer_tokens.append(totals)
-        drops = [
-            (
-                layer,
-                call.layout.sample_kept(
-                    [[p for p, im in zip(presents, call.images) if im.sample == b] for b in range(len(spans))]
-                ),
-            )
-            for layer, presents in sorted(call.choices.items())
-        ]
-        return PruneStats(kept=kept, layer_tokens=layer_tokens, drops=drops)
-
-
-_FIELDS = {"last": "attention", "instruction": "instruction_attention", "transition": "transition"}
 
 
 def _hidden(args, kwargs) -> torch.Tensor:

@@ -1,23 +1,162 @@
-"""The vision stage: the LLM receives a shorter prompt that holds only the kept visual tokens.
+"""The vision stage: choose each image's visual tokens before the LLM, and shorten the prompt to them.
 
-Dropped placeholders leave ``input_ids`` together with their mask, label and position entries, and
-the positions after them close up, so the language model sees exactly the prompt a user would have
-written with fewer image tokens (families with M-RoPE keep every token's original position instead;
-the adapter passes those). Decode steps that follow a shortened prefill arrive with masks and
-positions of the original length; ``DecodeTranslation`` maps them onto the shortened cache.
+One call, ``VisionStage.run``, takes a forward's images (``Visual``: features and layout) and where
+their placeholders sit (``VisualLayout``), and returns everything the model then needs
+(``VisionOutcome``): the features to scatter (kept and fixed tokens, and merged ones), the shortened
+prompt tensors, what was kept (``PruneStats``), the layout of what stays (for LLM-stage pruners
+after it) and the translation later decode steps need. The model-family adapter only wraps the
+features in the model's output objects and runs the forward.
+
+Three index spaces are in play (see ``image_parts.py``): prunable indices (what pruners return and
+``PruneStats`` reports), token positions within an image, and positions in the prompt.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from vtprune.core.compaction import Compaction
 from vtprune.core.image_parts import ImagePart, ImageParts, crop_weights, split_budget
-from vtprune.pruners.base import Reduction, VisionPruner, VisionTokens
+from vtprune.core.layout import VisualLayout
+from vtprune.core.shortening import DecodeTranslation, shorten_prompt
+from vtprune.core.stats import PruneStats
+from vtprune.core.tokens import Reduction, VisionTokens
 
-IGNORE_INDEX = -100
+
+class VisionPruner(Protocol):
+    """What the stage asks of a vision-stage pruner (``vtprune.VisionPruner`` documents each member)."""
+
+    name: str
+    crop_budget: str
+
+    def keep_count(self, n: int) -> int: ...
+
+    def reduce(self, tokens: VisionTokens) -> Reduction: ...
+
+
+@dataclass(frozen=True)
+class Visual:
+    """One image, or one video frame (or whole video), as the stage prunes it: ``features`` (n, D) its
+    tokens as the model scatters them, ``parts`` their layout; ``number``: the image's (video's)
+    index among the encoder's outputs of its ``modality``."""
+
+    modality: str
+    number: int
+    features: torch.Tensor
+    parts: ImageParts
+
+
+def visuals_of(modality: str, features: list[torch.Tensor], layouts: list, budget: str) -> list[Visual]:
+    """What the stages prune as one image each: every image, or every frame of a video (``budget``
+    ``"per_frame"``) or every whole video (``"per_video"``); ``layouts``: per feature tensor, its
+    ``ImageParts`` (images) or ``VideoFrames`` (videos)."""
+    out = []
+    for number, (f, layout) in enumerate(zip(features, layouts)):
+        if modality == "image":
+            out.append(Visual(modality, number, f, layout))
+            continue
+        start = 0
+        for parts in layout.items(budget):
+            out.append(Visual(modality, number, f[start : start + parts.n_tokens], parts))
+            start += parts.n_tokens
+    return out
+
+
+@dataclass
+class Prompt:
+    """The prompt tensors a forward received, all (B, L): what the stage shortens.
+
+    position_ids: (B or 1, L) positions that close up over dropped tokens, or None; kept_positions,
+    for families whose kept tokens keep their original positions (M-RoPE): computes the (R, B, L)
+    positions of the full prompt, called only when tokens drop. aligned: other per-token inputs
+    shortened with ``input_ids`` (e.g. ``mm_token_type_ids``).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    pad_token_id: int
+    labels: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    kept_positions: Callable[[], torch.Tensor] | None = None
+    aligned: dict = field(default_factory=dict)
+
+
+@dataclass
+class VisionOutcome:
+    """What the vision stage made of one forward's images.
+
+    tokens: per modality, per image (video) number, the (n_i, D) features the model scatters into
+        the placeholders that stay; None when nothing was dropped (the encoder's output stands).
+    prompt: the shortened prompt tensors (``input_ids``, ``attention_mask``, ``position_ids``,
+        ``labels`` and the aligned inputs, each (B, L') or (R, B, L')), None when nothing was dropped.
+    full_positions: (R, B, L) the full prompt's positions when ``Prompt.kept_positions`` gave them.
+    remaining: per visual, (modality, layout of its tokens that stay), for LLM-stage pruners after.
+    translation: how later decode steps map onto the shortened cache, None when nothing was dropped.
+    """
+
+    stats: PruneStats
+    compaction: Compaction
+    tokens: dict | None
+    prompt: dict | None
+    full_positions: torch.Tensor | None
+    remaining: list[tuple[str, ImageParts]]
+    translation: DecodeTranslation | None
+
+
+class VisionStage:
+    """``keeps_positions``: kept (and merged) tokens keep their original positions (M-RoPE families)
+    instead of closing up as in a prompt written with fewer image tokens; a merged token then sits
+    at its anchor's place."""
+
+    def __init__(self, pruner: VisionPruner, num_decoder_layers: int, keeps_positions: bool):
+        self.pruner = pruner
+        self.num_decoder_layers = num_decoder_layers
+        self.keeps_positions = keeps_positions
+
+    def run(self, visuals: list[Visual], layout: VisualLayout, prompt: Prompt) -> VisionOutcome:
+        reductions = [select_in_parts(self.pruner, v.features, v.parts) for v in visuals]
+        kept = [r.kept for r in reductions]
+        # Placeholders that stay: the kept tokens' and, for each merged token, its anchor's.
+        slots = layout.per_sample([_slots(r) for r in reductions])
+        comp = Compaction.from_keep(layout.keep_mask(slots, prompt.input_ids.device))
+        sample_kept = layout.sample_kept(layout.per_sample(kept))
+        merged = layout.sample_groups(layout.per_sample([r.groups for r in reductions]))
+        stats = PruneStats(
+            kept=sample_kept,
+            layer_tokens=[[int(k.numel()) + len(m)] * self.num_decoder_layers for k, m in zip(sample_kept, merged)],
+            merged=merged,
+        )
+        remaining = [(v.modality, v.parts.after_keep(k)) for v, k in zip(visuals, kept)]
+        if comp.is_identity:
+            return VisionOutcome(stats, comp, None, None, None, remaining, None)
+        tokens: dict = {}
+        for v, r in zip(visuals, reductions):
+            mine = _image_tokens(v, r, merged_at_anchor=self.keeps_positions)
+            tokens.setdefault(v.modality, {}).setdefault(v.number, []).append(mine)
+        tokens = {m: [torch.cat(parts) for parts in per_number.values()] for m, per_number in tokens.items()}
+        short, full_positions = self._shorten(comp, prompt)
+        mask = short["attention_mask"]
+        translation = DecodeTranslation(
+            comp, None if mask is None or bool(mask.all()) else mask, shift_positions=not self.keeps_positions
+        )
+        return VisionOutcome(stats, comp, tokens, short, full_positions, remaining, translation)
+
+    def _shorten(self, comp: Compaction, prompt: Prompt) -> tuple[dict, torch.Tensor | None]:
+        positions = None if self.keeps_positions else prompt.position_ids
+        short = shorten_prompt(
+            comp, prompt.input_ids, prompt.attention_mask, positions, prompt.labels, prompt.pad_token_id
+        )
+        full_positions = None
+        if self.keeps_positions:
+            full_positions = prompt.kept_positions()
+            short["position_ids"] = torch.stack([comp.gather(row, fill=0) for row in full_positions])
+        for name, value in prompt.aligned.items():
+            short[name] = comp.gather(value, fill=0)
+        return short, full_positions
 
 
 def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImageParts) -> Reduction:
@@ -64,63 +203,27 @@ def _global_crop_budgets(parts: ImageParts, keep: int) -> list[tuple[ImagePart, 
     return list(zip(parts.crops, split_budget(keep, sizes, weights)))
 
 
-def shorten_prompt(
-    comp: Compaction,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    pad_token_id: int,
-) -> dict:
-    """The prompt tensors with the dropped tokens removed (samples re-left-padded to one length).
-
-    All inputs are (B, L) (``position_ids`` may be (1, L)); returns the same keys, (B, L').
-    """
-    short_mask = comp.gather(attention_mask if attention_mask is not None else torch.ones_like(input_ids), fill=0)
-    out = {
-        "input_ids": comp.gather(input_ids, fill=pad_token_id),
-        "attention_mask": short_mask if attention_mask is not None or comp.has_padding else None,
-        "labels": None if labels is None else comp.gather(labels, fill=IGNORE_INDEX),
-        "position_ids": None,
-    }
-    if position_ids is not None:
-        keep = torch.zeros(comp.index.shape[0], comp.length, dtype=torch.bool, device=input_ids.device)
-        keep.scatter_(1, comp.index, comp.valid)
-        dropped_before = (~keep).long().cumsum(1)
-        out["position_ids"] = comp.gather(position_ids.expand_as(keep) - dropped_before, fill=0)
-    return out
+def _slots(r: Reduction) -> torch.Tensor:
+    """Prunable indices whose placeholders stay for a reduction: kept tokens and merged tokens' anchors."""
+    if not r.groups:
+        return r.kept
+    return torch.cat([r.kept, r.anchors.to(r.kept.device)]).sort().values
 
 
-@dataclass
-class DecodeTranslation:
-    """Maps the original-length mask and positions of later steps onto a shortened prefill's cache."""
-
-    comp: Compaction
-    short_mask: torch.Tensor | None  # (B, L') mask of the shortened prompt, None if all ones
-    shift_positions: bool = True  # False where kept tokens kept their original positions (M-RoPE)
-
-    @property
-    def shrink(self) -> int:
-        """Prompt positions the shortened cache no longer holds (L - L')."""
-        return self.comp.length - self.comp.index.shape[1]
-
-    def attention_mask(self, mask: torch.Tensor | None, total_short: int) -> torch.Tensor | None:
-        """mask: (B, L + t) in the original layout, or None; total_short: cache length after this step."""
-        if mask is not None and mask.dim() != 2:
-            raise ValueError(
-                f"vtprune maps 2-D attention masks onto a cache its pruning shortened; got a {mask.dim()}-D mask"
-            )
-        if mask is not None:
-            head = (
-                self.short_mask if self.short_mask is not None else torch.ones_like(self.comp.valid, dtype=mask.dtype)
-            )
-            return torch.cat([head.to(mask.dtype), mask[:, self.comp.length :]], dim=1)
-        if self.short_mask is None:
-            return None
-        tail = self.short_mask.new_ones(self.short_mask.shape[0], total_short - self.short_mask.shape[1])
-        return torch.cat([self.short_mask, tail], dim=1)
-
-    def position_ids(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
-        if position_ids is None or not self.shift_positions:
-            return position_ids
-        return position_ids - self.comp.dropped[:, None].to(position_ids.device)
+def _image_tokens(v: Visual, r: Reduction, merged_at_anchor: bool) -> torch.Tensor:
+    """(k + fixed + merged, D): what the model gets for one image: kept and fixed tokens in prompt
+    order, then each merged token (the mean of its group), or, with ``merged_at_anchor``, each merged
+    token at its anchor's place."""
+    f = v.features
+    staying = v.parts.token_positions(r.kept)
+    kept = f[staying.to(f.device)]
+    if not r.groups:
+        return kept
+    prunable = v.parts.prunable
+    merged = torch.stack([f[prunable[g.cpu()].to(f.device)].float().mean(0) for g in r.groups]).to(f.dtype)
+    tokens = torch.cat([kept, merged])
+    if not merged_at_anchor:
+        return tokens
+    # Order by place in the prompt: the anchors' token positions next to the kept and fixed ones.
+    places = torch.cat([staying, prunable[r.anchors.cpu()]])
+    return tokens[places.argsort().to(f.device)]

@@ -10,33 +10,10 @@ from __future__ import annotations
 import torch
 
 from vtprune.ops._backend import resolve_backend
+from vtprune.ops.common import as_fp32_batch, check_selection_args, inverse_norms
 
 # Elements of the (block, N) similarity slice materialised at once for the first pick (16 MiB fp32).
 _SLICE_ELEMENTS = 1 << 22
-
-
-def check_selection_args(x: torch.Tensor, k: int) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a float tensor of shape (N, D) or (B, N, D), got {shape}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if x.shape[-2] == 0:
-        raise ValueError("x has no rows to select from")
-
-
-def as_fp32_batch(x: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) fp32 view of ``x``; copies only when ``x`` is in another dtype.
-
-    fp32 whatever the model dtype: fp16 similarities tie far too often to rank thousands of tokens.
-    """
-    x = x[None] if x.dim() == 2 else x
-    return x.float()
-
-
-def inverse_norms(x: torch.Tensor) -> torch.Tensor:
-    """(B, N) fp32 reciprocal L2 norms of the rows of ``x`` (B, N, D); zero rows count as norm 1e-12."""
-    return 1.0 / torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(1e-12)
 
 
 def nearest_similarity(x: torch.Tensor, inv: torch.Tensor, block: int | None = None) -> torch.Tensor:

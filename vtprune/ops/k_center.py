@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from vtprune.ops._backend import resolve_backend
-from vtprune.ops.diversity import as_fp32_batch, check_selection_args, greedy_farthest, inverse_norms
+from vtprune.ops.common import as_fp32_batch, check_selection_args, inverse_norms
+from vtprune.ops.diversity import greedy_farthest
 
 
 def _check_first(first: int | torch.Tensor | None, b: int, n: int, device: torch.device) -> torch.Tensor | None:

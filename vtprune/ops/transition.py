@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from vtprune.ops._backend import resolve_backend
-
-EPS = 1e-8
+from vtprune.ops.common import EPS
 
 
 def _check(h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor | None) -> None:

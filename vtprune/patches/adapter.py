@@ -22,36 +22,31 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from dataclasses import dataclass
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vtprune.core.cache_state import CacheState
 from vtprune.core.compaction import Compaction
-from vtprune.core.generation import GenerateCall, continuation_length, prompt_length
+from vtprune.core.decoder import DecoderAccess
+from vtprune.core.generation import Generation, is_static
 from vtprune.core.image_parts import ImageParts
 from vtprune.core.layout import VisualLayout
 from vtprune.core.llm_stage import LLMStage
-from vtprune.core.patching import MethodPatch, PerThread
+from vtprune.core.patching import MethodPatch
+from vtprune.core.stats import PruneStats
+from vtprune.core.tokens import ModelInfo
 from vtprune.core.tower_signals import TowerSignals
 from vtprune.core.video_frames import VideoFrames
-from vtprune.core.vision_stage import DecodeTranslation, select_in_parts, shorten_prompt
-from vtprune.patches import llama, towers
-from vtprune.pipeline import Pipeline, as_pipeline
-from vtprune.pruners.base import ModelInfo, Reduction
+from vtprune.core.vision_stage import Prompt, VisionStage, Visual, visuals_of
+from vtprune.patches import towers
+from vtprune.patches.llama import LLAMA
+from vtprune.pruners.pipeline import Pipeline, as_pipeline
 from vtprune.registry import available, pruner_class
-from vtprune.stats import PruneStats
 
 # Attribute set on each image's (video's) feature tensor: its ImageParts (VideoFrames); on the encoder
 # output too, for models whose videos come as one (videos, tokens, D) tensor.
 _LAYOUT = "_vtprune_layout"
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
-
-
-def _is_static(cache) -> bool:
-    """Caches with fixed slots (``cache_implementation="static"``, ``StaticCache``)."""
-    return bool(getattr(cache, "is_compileable", False))
 
 
 def _requested(a: dict, config, name: str) -> bool:
@@ -109,6 +104,11 @@ class Adapter:
     def vision_tower(self):
         return self.model.model.vision_tower
 
+    def decoder_access(self) -> DecoderAccess:
+        """How the LLM stage reaches a decoder layer's queries, keys and sub-layers (Llama-shaped by
+        default: Llama, Mistral, Qwen2, ...); a family with another decoder overrides this."""
+        return LLAMA
+
     def feature_layers(self, n_tower: int) -> tuple[int, ...]:
         """Encoder layers (0-based) whose outputs are the selected image features."""
         return _feature_layers(self.config, n_tower)
@@ -137,9 +137,9 @@ class Adapter:
         )
         self.last: PruneStats | None = None
         self._pipeline: Pipeline | None = None
+        self._vision: VisionStage | None = None
         self._llm: LLMStage | None = None
-        self._decode = CacheState("decode")
-        self._generation = PerThread()  # GenerateCall of the generate() running in this thread
+        self._generation = Generation()
         has_videos = hasattr(model.model, "get_video_features") and getattr(self.config, "video_token_id", None)
         self.modalities = ("image", "video") if has_videos else ("image",)
 
@@ -172,15 +172,15 @@ class Adapter:
             for modality in self.modalities:
                 encode = functools.partial(self._encoded_features, modality)
                 undo.append(MethodPatch(self.model.model, f"get_{modality}_features", encode).undo)
+            if pipeline.vision is not None:
+                self._vision = VisionStage(pipeline.vision, self.info.num_decoder_layers, self.keeps_positions)
             if pipeline.llm:
                 flash = "flash" in self.attn_implementation
-                self._llm = LLMStage(
-                    pipeline.llm, self.decoder_layers, self.info, llama.query_key, llama.sublayers, flash
-                )
+                self._llm = LLMStage(pipeline.llm, self.decoder_layers, self.info, self.decoder_access(), flash)
                 undo += [h.remove for h in self._llm.install()]
             undo.append(MethodPatch(self.model, "forward", self._patched_forward).undo)
-            undo.append(MethodPatch(self.model, "generate", self._generate).undo)
-            undo.append(MethodPatch(self.model, "prepare_inputs_for_generation", self._prepare_inputs).undo)
+            undo.append(MethodPatch(self.model, "generate", self._generation.generate).undo)
+            undo.append(MethodPatch(self.model, "prepare_inputs_for_generation", self._generation.prepare_inputs).undo)
         except Exception:
             for u in reversed(undo):
                 u()
@@ -236,33 +236,10 @@ class Adapter:
         a.update(a.pop("kwargs", {}))
         return self._forward(original, a)
 
-    # -- generate() ----------------------------------------------------------------------------------
-    def _generate(self, original, *args, **kwargs):
-        length = prompt_length(inspect.signature(original).bind_partial(*args, **kwargs).arguments)
-        if length is None:
-            return original(*args, **kwargs)
-        with self._generation.set(GenerateCall(prompt_length=length)):
-            return original(*args, **kwargs)
-
-    def _prepare_inputs(self, original, input_ids, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
-        translation = self._decode.get(cache)
-        if translation is not None:
-            kwargs["next_sequence_length"] = continuation_length(
-                kwargs.get("next_sequence_length"), input_ids, cache, translation.shrink
-            )
-        inputs = original(input_ids, *args, **kwargs)
-        mask = kwargs.get("attention_mask")
-        if _is_static(cache) and (mask is None or mask.dim() == 2):
-            # generate() builds 4-D masks for static caches in the prompt's original layout; the
-            # forward maps the 2-D one onto the shortened prompt and the model builds its own.
-            inputs["attention_mask"] = mask
-        return inputs
-
     # -- the forward -------------------------------------------------------------------------------
     def _forward(self, original, a: dict):
         cache = a.get("past_key_values")
-        if self._llm is not None and _is_static(cache):
+        if self._llm is not None and is_static(cache):
             raise ValueError(
                 f"the {self._llm.pruners[0].name!r} pruner drops tokens inside the decoder, so its pruned layers hold "
                 f"fewer tokens than a static cache's fixed slots: cache_implementation='static' (or a "
@@ -289,27 +266,21 @@ class Adapter:
         visuals = self._visuals(encoded)
         layout = self._layout(input_ids, [(v.modality, v.parts) for v in visuals])
         tail = self._tail_after_prompt(input_ids.shape[1])
-        if self._pipeline.vision is None:
+        if self._vision is None:
             grids = [visuals[i].parts.grid for items in layout.items for i in items]
             out, stats = self._llm_forward(original, a, layout, grids, tail)
             self.last = stats
             return out
         return self._vision_forward(original, a, encoded, visuals, layout, tail)
 
-    def _visuals(self, encoded: dict) -> list[_Visual]:
+    def _visuals(self, encoded: dict) -> list[Visual]:
         """What the stages prune as one image each, images first, then videos (per frame or whole)."""
-        out = []
-        for modality, output in encoded.items():
-            features = list(output.pooler_output)
-            for number, (f, layout) in enumerate(zip(features, self._layouts_of(output, modality))):
-                if modality == "image":
-                    out.append(_Visual(modality, number, f, layout))
-                    continue
-                start = 0
-                for parts in layout.items(self._pipeline.budget):
-                    out.append(_Visual(modality, number, f[start : start + parts.n_tokens], parts))
-                    start += parts.n_tokens
-        return out
+        budget = self._pipeline.budget
+        return [
+            visual
+            for modality, output in encoded.items()
+            for visual in visuals_of(modality, list(output.pooler_output), self._layouts_of(output, modality), budget)
+        ]
 
     def _layout(self, input_ids: torch.Tensor, items: list[tuple[str, ImageParts]]) -> VisualLayout:
         """Where each item's (modality, parts) tokens sit in the prompt, items numbered in list order."""
@@ -339,7 +310,7 @@ class Adapter:
     def _tail_after_prompt(self, length: int) -> int | None:
         """Tokens after the last prompt token in this forward (assisted decoding's candidates, the
         tokens of ``use_cache=False``), when a ``generate()`` says where its prompt ends."""
-        generating = self._generation.get()
+        generating = self._generation.current()
         if generating is None or self._llm is None:
             return None
         if generating.prompt_length > length:
@@ -353,7 +324,7 @@ class Adapter:
     def _llm_forward(self, original, a: dict, layout: VisualLayout, grids: list, tail: int | None) -> tuple:
         """Run the forward with the LLM stage's drops; returns the output and the stage's stats."""
         mask = a.get("attention_mask")
-        generating = self._generation.get()
+        generating = self._generation.current()
         score_row = None if tail is None else a["input_ids"].shape[1] - 1 - tail
         reuse = generating.kept if generating is not None else None
         restore = _requested(a, self.config, "output_hidden_states") or _requested(a, self.config, "output_attentions")
@@ -367,12 +338,7 @@ class Adapter:
         return out, call.stats
 
     def _forward_without_images(self, original, a: dict):
-        translation = self._decode.get(a.get("past_key_values"))
-        if translation is not None:
-            cache = a["past_key_values"]
-            q_len = a["input_ids"].shape[1] if a.get("input_ids") is not None else a["inputs_embeds"].shape[1]
-            a["attention_mask"] = translation.attention_mask(a.get("attention_mask"), cache.get_seq_length() + q_len)
-            a["position_ids"] = translation.position_ids(a.get("position_ids"))
+        self._generation.map_decode_step(a)
         if self._llm is not None:
             restore = _requested(a, self.config, "output_attentions")
             with self._llm.call(None, None, restore_outputs=restore):
@@ -380,62 +346,30 @@ class Adapter:
         return original(**a)
 
     def _vision_forward(self, original, a: dict, encoded: dict, visuals: list, layout: VisualLayout, tail):
-        vision = self._pipeline.vision
-        reductions = [select_in_parts(vision, v.features, v.parts) for v in visuals]
-        per_item = [r.kept for r in reductions]
-        # Placeholders that stay: the kept tokens' and, for each merged token, its anchor's.
-        slots = [_slots(r) for r in reductions]
-        input_ids = a["input_ids"]
-        comp = Compaction.from_keep(layout.keep_mask(layout.per_sample(slots), input_ids.device))
-        sample_kept = layout.sample_kept(layout.per_sample(per_item))
-        merged = layout.sample_groups(layout.per_sample([r.groups for r in reductions]))
-        self.last = PruneStats(
-            kept=sample_kept,
-            layer_tokens=[
-                [int(k.numel()) + len(m)] * self.info.num_decoder_layers for k, m in zip(sample_kept, merged)
-            ],
-            merged=merged,
+        prompt = Prompt(
+            input_ids=a["input_ids"],
+            attention_mask=a.get("attention_mask"),
+            pad_token_id=self._pad_token_id(),
+            labels=a.get("labels"),
+            position_ids=a.get("position_ids"),
+            kept_positions=(lambda: self.original_positions(a)) if self.keeps_positions else None,
+            aligned={name: a[name] for name in self.token_aligned if a.get(name) is not None},
         )
-        short = None
-        if not comp.is_identity:
-            positions = self.original_positions(a) if self.keeps_positions else a.get("position_ids")
-            short = shorten_prompt(
-                comp,
-                input_ids,
-                a.get("attention_mask"),
-                None if self.keeps_positions else positions,
-                a.get("labels"),
-                self._pad_token_id(),
-            )
-            if self.keeps_positions:
-                short["position_ids"] = torch.stack([comp.gather(row, fill=0) for row in positions])
-                self.shortened(comp, positions, a.get("attention_mask"))
-            for name in self.token_aligned:
-                if a.get(name) is not None:
-                    short[name] = comp.gather(a[name], fill=0)
-            a.update({k: v for k, v in short.items() if k != "labels" or "labels" in a})
-            pruned = _pruned_outputs(encoded, visuals, reductions, merged_at_anchor=self.keeps_positions)
-            a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], **pruned}
+        outcome = self._vision.run(visuals, layout, prompt)
+        self.last = outcome.stats
+        if outcome.prompt is not None:
+            if outcome.full_positions is not None:
+                self.shortened(outcome.compaction, outcome.full_positions, a.get("attention_mask"))
+            a.update({k: v for k, v in outcome.prompt.items() if k != "labels" or "labels" in a})
+            a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], **_encoder_outputs(encoded, outcome.tokens)}
         if self._llm is None:
             out = original(**a)
         else:
-            remaining = [(v.modality, v.parts.after_keep(k)) for v, k in zip(visuals, per_item)]
-            short_layout = self._layout(a["input_ids"], remaining)
-            out, stats = self._llm_forward(original, a, short_layout, None, tail)
-            # The LLM stage indexes the tokens that entered the LLM; report them among the original ones.
-            self.last = PruneStats(
-                kept=[v[k] for v, k in zip(sample_kept, stats.kept)],
-                layer_tokens=stats.layer_tokens,
-                # the vision stage is the first drop: before layer 0
-                drops=[(0, sample_kept)]
-                + [(layer, [v[k] for v, k in zip(sample_kept, kept)]) for layer, kept in stats.drops],
-            )
+            out, stats = self._llm_forward(original, a, self._layout(a["input_ids"], outcome.remaining), None, tail)
+            self.last = outcome.stats.followed_by(stats)
         cache = getattr(out, "past_key_values", None)
-        if cache is not None and short is not None:
-            mask = short["attention_mask"]
-            self._decode[cache] = DecodeTranslation(
-                comp, None if mask is None or bool(mask.all()) else mask, shift_positions=not self.keeps_positions
-            )
+        if cache is not None and outcome.translation is not None:
+            self._generation.decode[cache] = outcome.translation
         return out
 
     def _pad_token_id(self) -> int:
@@ -450,54 +384,12 @@ def _vision_pruner_names() -> list[str]:
     return [name for name in available() if pruner_class(name).stage == "vision"]
 
 
-@dataclass(frozen=True)
-class _Visual:
-    """One image, or one video frame (or whole video), as the stages prune it: ``features`` (n, D)
-    its tokens as the model scatters them, ``parts`` their layout; ``number``: the image's (video's)
-    index among the encoder's outputs."""
-
-    modality: str
-    number: int
-    features: torch.Tensor
-    parts: ImageParts
-
-
-def _slots(r: Reduction) -> torch.Tensor:
-    """Prunable indices whose placeholders stay for a reduction: kept tokens and merged tokens' anchors."""
-    if not r.groups:
-        return r.kept
-    return torch.cat([r.kept, r.anchors.to(r.kept.device)]).sort().values
-
-
-def _image_tokens(v: _Visual, r: Reduction, merged_at_anchor: bool) -> torch.Tensor:
-    """(k + fixed + merged, D): what the model gets for one image: kept and fixed tokens in prompt
-    order, then each merged token (the mean of its group), or, with ``merged_at_anchor``, each merged
-    token at its anchor's place."""
-    f = v.features
-    staying = v.parts.token_positions(r.kept)
-    kept = f[staying.to(f.device)]
-    if not r.groups:
-        return kept
-    prunable = v.parts.prunable
-    merged = torch.stack([f[prunable[g.cpu()].to(f.device)].float().mean(0) for g in r.groups]).to(f.dtype)
-    tokens = torch.cat([kept, merged])
-    if not merged_at_anchor:
-        return tokens
-    # Order by place in the prompt: the anchors' token positions next to the kept and fixed ones.
-    places = torch.cat([staying, prunable[r.anchors.cpu()]])
-    return tokens[places.argsort().to(f.device)]
-
-
-def _pruned_outputs(encoded: dict, visuals: list[_Visual], reductions: list[Reduction], merged_at_anchor: bool) -> dict:
-    """The encoder outputs holding what each image (video) keeps and merges, one (n_i, D) tensor per
-    image (video) as the models take them; where the encoder gave one (videos, tokens, D) tensor, a
-    (1, total, D) tensor instead (the models flatten it)."""
-    tokens = {m: {} for m in encoded}
-    for v, r in zip(visuals, reductions):
-        tokens[v.modality].setdefault(v.number, []).append(_image_tokens(v, r, merged_at_anchor))
+def _encoder_outputs(encoded: dict, tokens: dict) -> dict:
+    """The vision stage's tokens as the encoder outputs the model takes: one (n_i, D) tensor per image
+    (video), or, where the encoder gave one (videos, tokens, D) tensor, a (1, total, D) tensor (the
+    models flatten it)."""
     out = {}
-    for modality, per_number in tokens.items():
-        pooler = [torch.cat(parts) for parts in per_number.values()]
+    for modality, pooler in tokens.items():
         if isinstance(encoded[modality].pooler_output, torch.Tensor):
             pooler = torch.cat(pooler)[None]
         out[modality] = BaseModelOutputWithPooling(pooler_output=pooler)

@@ -11,6 +11,8 @@ import sys
 import torch
 from torch import nn
 
+from vtprune.core.decoder import DecoderAccess
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     # Use the model's own rotary function so variants (partial rotary, scaling) stay exact.
@@ -48,3 +50,6 @@ def sublayers(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
     """A decoder layer's attention and MLP sub-layers. Each is called on its own normed input and
     returns what is added to the residual stream (the attention as ``(output, weights)``)."""
     return layer.self_attn, layer.mlp
+
+
+LLAMA = DecoderAccess(query_key, sublayers)

@@ -11,62 +11,8 @@ import torch
 
 from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_explicit, explicit, fit_average
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a pruner may know of the model it is applied to (filled in by the model-family adapter)."""
-
-    num_decoder_layers: int
-    num_tower_layers: int
-    tower_has_cls: bool
-    tower_name: str
-    feature_layers: tuple[int, ...]  # encoder layers (0-based) whose output feeds the projector
-    visual_tokens: int | None = None  # visual tokens of one image, when every image has the same number
-
-
-@dataclass
-class VisionTokens:
-    """One image's visual tokens, as the vision stage scores them.
-
-    features: (N, D) tokens after the projector, in the model's dtype.
-    keep: how many of them to keep (the pruner's ``keep_count(N)``, or this part's share of an image's
-        budget when a model splits one image into parts).
-    grid: (rows, cols) of the patch grid when the N tokens are exactly that grid in raster order.
-    cls_attention: (N,) fp32 attention from the tower's CLS token, summed over the layers the pruner
-        asked for (``tower_attention_layers``); None unless the pruner asked.
-    keys: (N, d) fp32 head-mean keys of the tower, averaged over the layers the pruner asked for
-        (``tower_key_layers``), following the model's pooling and merging of patches into tokens;
-        None unless the pruner asked.
-    """
-
-    features: torch.Tensor
-    keep: int
-    grid: tuple[int, int] | None = None
-    cls_attention: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
-
-
-@dataclass
-class PromptTokens:
-    """One image's visual tokens still inside the language model at a drop point, as LLM-stage pruners
-    score them. Only the signals the pruner lists in ``signals`` are filled in.
-
-    keep: how many of these tokens the schedule keeps from this drop point on.
-    positions: (N,) ascending indices of these tokens among the image's tokens as they entered the LLM.
-    grid: (rows, cols) of the image's patch grid when its tokens entering the LLM formed one, else None.
-    attention: (N,) fp32 head-mean attention from the last prompt token (signal ``"last"``).
-    instruction_attention: (N,) fp32 attention from the instruction tokens (the text after the last
-        image), head- and token-mean (signal ``"instruction"``).
-    transition: (N,) fp32 transition variation summed over the pruner's transition layers up to this
-        drop point (signal ``"transition"``).
-    """
-
-    keep: int
-    positions: torch.Tensor
-    grid: tuple[int, int] | None = None
-    attention: torch.Tensor | None = None
-    instruction_attention: torch.Tensor | None = None
-    transition: torch.Tensor | None = None
+# What the stages hand a pruner, re-exported here: a pruner's file imports everything it needs from base.
+from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, VisionTokens
 
 
 def _checked_keep(keep) -> int | float:
@@ -96,6 +42,19 @@ def keep_from_text(text: str) -> int | float:
     except TypeError as error:
         raise ValueError(str(error)) from None
 
+
+__all__ = [
+    "LLMPruner",
+    "ModelInfo",
+    "PromptTokens",
+    "Pruner",
+    "Reduction",
+    "ScheduledPruner",
+    "VisionPruner",
+    "VisionTokens",
+    "keep_from_text",
+    "top_k_sorted",
+]
 
 BUDGETS = ("per_frame", "per_video")
 
@@ -131,27 +90,22 @@ class Pruner:
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def score(self, tokens) -> torch.Tensor:
+        """(N,) one score per token of ``tokens`` (``VisionTokens`` or ``PromptTokens``), higher is kept
+        first. A pruner whose rule is a ranking defines only this; ``select`` keeps the top ``keep``."""
+        raise NotImplementedError(f"{type(self).__name__} must define score() or select()")
+
+    def select(self, tokens) -> torch.Tensor:
+        """Ascending (k,) long indices into ``tokens`` of the tokens that stay (k <= ``tokens.keep``): by
+        default the ``tokens.keep`` highest of ``score(tokens)``, in original order."""
+        scores = self.score(tokens)
+        if not isinstance(scores, torch.Tensor) or scores.shape != (len(tokens),):
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise TypeError(f"the {self.name!r} pruner's score() must return a ({len(tokens)},) tensor, got {got}")
+        return top_k_sorted(scores, tokens.keep)
+
 
 CROP_BUDGETS = ("proportional", "global")
-
-
-@dataclass(frozen=True)
-class Reduction:
-    """What a vision pruner makes of one image's (or part's) tokens.
-
-    kept: (k,) ascending long indices of the tokens kept as they are.
-    groups: per merged token, the (g,) long indices of the tokens it stands for (disjoint, none of them
-        kept); the merged token is their features' mean. Its first index is its anchor: on models that
-        keep original positions (M-RoPE), the merged token takes that token's place.
-    """
-
-    kept: torch.Tensor
-    groups: tuple[torch.Tensor, ...] = ()
-
-    @property
-    def anchors(self) -> torch.Tensor:
-        """(m,) the first index of each group: where its merged token sits on position-keeping models."""
-        return torch.stack([g[0] for g in self.groups]) if self.groups else self.kept.new_zeros(0)
 
 
 @dataclass
@@ -188,24 +142,18 @@ class VisionPruner(Pruner):
         """Whether this pruner scores with anything read inside the vision tower (attention or keys)."""
         return bool(self.tower_attention_layers(info) or self.tower_key_layers(info))
 
-    def select(self, tokens: VisionTokens) -> torch.Tensor:
-        """Ascending (k,) long indices into ``tokens.features`` of the tokens to keep."""
-        raise NotImplementedError
-
     def reduce(self, tokens: VisionTokens) -> Reduction:
         """The tokens kept and the groups merged (at most ``tokens.keep`` in all). Pruners that only
         select keep ``select``'s tokens; merging pruners override this."""
         return Reduction(self.select(tokens))
 
 
-SIGNALS = ("last", "instruction", "transition")
-
-
 @dataclass
 class LLMPruner(Pruner):
     """Drops visual tokens inside the language model at one or more drop points (``drop_points``).
 
-    ``signals`` names the scores a drop point needs (see ``PromptTokens``); attention signals are
+    ``signals`` names the scores a drop point needs (the table ``vtprune.core.llm_signals.SIGNALS``,
+    checked by ``vtprune.apply``, says which ``PromptTokens`` field each fills); attention signals are
     computed from the queries and keys of decoder layer ``drop layer - score_offset`` (FastV: the layer
     before the drop; PyramidDrop and TransPrune: the drop layer itself, before it runs).
     """
@@ -225,10 +173,6 @@ class LLMPruner(Pruner):
         """Decoder layers whose sub-layer transition variation accumulates (signal ``"transition"``),
         given this image's drop points; a drop point sees the sum over the window's layers before it."""
         return range(0)
-
-    def select(self, tokens: PromptTokens) -> torch.Tensor:
-        """Ascending indices into ``tokens.positions`` of the tokens that stay (at most ``tokens.keep``)."""
-        raise NotImplementedError
 
 
 @dataclass

@@ -54,14 +54,15 @@ class CLSPrune(VisionPruner):
         n = info.num_tower_layers
         return sorted({i % n for i in self.layers}) if self.layers is not None else list(info.feature_layers)
 
+    def score(self, tokens: VisionTokens) -> torch.Tensor:
+        return tokens.cls_attention
+
     def select(self, tokens: VisionTokens) -> torch.Tensor:
-        scores = tokens.cls_attention
-        k = tokens.keep
         if self.strategy == "rank":
-            return top_k_sorted(scores, k)
+            return super().select(tokens)
         if tokens.grid is None:
             raise ValueError("strategy='row' needs visual tokens that form a patch grid")
-        return _best_rows(scores, tokens.grid, k)
+        return _best_rows(tokens.cls_attention, tokens.grid, tokens.keep)
 
 
 def warn_without_cls(info: ModelInfo, pruner: str) -> None:

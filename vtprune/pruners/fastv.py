@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.core.schedule import DropPoint
-from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens, top_k_sorted
+from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens
 from vtprune.registry import register
 
 
@@ -43,5 +43,5 @@ class FastV(LLMPruner):
     def drop_points(self, info: ModelInfo, n_tokens: int) -> list[DropPoint]:
         return [DropPoint(self.layer, self.keep_count(n_tokens))]
 
-    def select(self, tokens: PromptTokens) -> torch.Tensor:
-        return top_k_sorted(tokens.attention, tokens.keep)
+    def score(self, tokens: PromptTokens) -> torch.Tensor:
+        return tokens.attention

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.pruners.base import PromptTokens, ScheduledPruner, top_k_sorted
+from vtprune.pruners.base import PromptTokens, ScheduledPruner
 from vtprune.registry import register
 
 
@@ -40,5 +40,5 @@ class PyramidDrop(ScheduledPruner):
     def ratios(self) -> tuple[float, ...]:
         return tuple(self.ratio ** (j + 1) for j in range(len(self.depths)))
 
-    def select(self, tokens: PromptTokens) -> torch.Tensor:
-        return top_k_sorted(tokens.attention, tokens.keep)
+    def score(self, tokens: PromptTokens) -> torch.Tensor:
+        return tokens.attention

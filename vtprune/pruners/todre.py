@@ -11,9 +11,9 @@ import torch
 
 from vtprune.core.schedule import DropPoint
 from vtprune.ops import k_center
-from vtprune.pipeline import Pipeline
 from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens, VisionPruner, VisionTokens
 from vtprune.pruners.cls import warn_without_cls
+from vtprune.pruners.pipeline import Pipeline
 from vtprune.registry import register
 
 
@@ -24,7 +24,7 @@ class ToDREDiversity(VisionPruner):
 
     backend: str = "auto"
 
-    name: ClassVar[str] = "todre"
+    name: ClassVar[str] = "todre.diversity"
 
     def check(self, info: ModelInfo) -> None:
         warn_without_cls(info, self.name)
@@ -47,7 +47,7 @@ class ToDRERelevance(LLMPruner):
     layer: int | None = None
     threshold: float = 0.1
 
-    name: ClassVar[str] = "todre"
+    name: ClassVar[str] = "todre.relevance"
     signals: ClassVar[tuple[str, ...]] = ("instruction",)
     score_offset: ClassVar[int] = 1
     always_selects: ClassVar[bool] = True

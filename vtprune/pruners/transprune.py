@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.core.schedule import DropPoint
-from vtprune.pruners.base import ModelInfo, PromptTokens, ScheduledPruner, top_k_sorted
+from vtprune.pruners.base import ModelInfo, PromptTokens, ScheduledPruner
 from vtprune.registry import register
 
 EPS = 1e-8
@@ -58,6 +58,3 @@ class TransPrune(ScheduledPruner):
             return ttv
         iga = tokens.instruction_attention.float()
         return self.alpha * ttv + (1 - self.alpha) * iga / (iga.sum() + EPS)
-
-    def select(self, tokens: PromptTokens) -> torch.Tensor:
-        return top_k_sorted(self.score(tokens), tokens.keep)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vtprune.ops.diversity import inverse_norms
+from vtprune.ops.common import inverse_norms
 from vtprune.ops.triton._util import pow2
 
 

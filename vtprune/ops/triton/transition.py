@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vtprune.ops.transition import EPS
+from vtprune.ops.common import EPS
 from vtprune.ops.triton._util import pow2
 
 

@@ -1,0 +1,102 @@
+"""Helpers shared by the integration tests: the pruner options of the test matrix, running a model,
+and the expected results of a pruned forward. Lists of pruners come from the registry."""
+
+import torch
+
+import vtprune
+
+# Options of the test matrix where a pruner's defaults would not exercise it on the tiny models;
+# every registered pruner is in the matrix, with its defaults unless listed here.
+_OPTIONS = {
+    "random": {"seed": 3},
+    "fastv": {"layer": 2},
+    "adaptive": {"mass": 0.6},
+    "todre": {"threshold": 0.0},  # the late drop-all depends on the data: tests/integration/test_todre.py
+}
+PRUNER_OPTIONS = {name: _OPTIONS.get(name, {}) for name in vtprune.available()}
+VISION = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "vision")
+LLM = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "llm")
+
+
+PIPELINE = "divprune+fastv"  # a Pipeline in the test matrix: DivPrune keeps twice FastV's keep
+
+
+def _twice(keep):
+    return min(1.0, 2 * keep) if isinstance(keep, float) else 2 * keep
+
+
+def apply(model, name, **options):
+    if name == PIPELINE:
+        keep = options.pop("keep")
+        pruners = [vtprune.DivPrune(keep=_twice(keep), **options), vtprune.FastV(keep=keep, layer=2, **options)]
+        return vtprune.apply(model, pruners)
+    return vtprune.apply(model, name, **{**PRUNER_OPTIONS[name], **options})
+
+
+def greedy(model, inputs, n=8):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def hooks_of(model):
+    """Every hook on every submodule. transformers installs its own output-capturing hooks lazily on
+    the first forward, so tests compare against a snapshot instead of expecting none."""
+    return {
+        (name, kind, key)
+        for name, m in model.named_modules()
+        for kind, hooks in (("pre", m._forward_pre_hooks), ("post", m._forward_hooks), ("back", m._backward_hooks))
+        for key in hooks
+    }
+
+
+def scheduled_count(model, name, keep, n=576):
+    """Visual tokens of an n-token image that reach the last decoder layer under pruner ``name``
+    (for ``adaptive``, the most it may keep)."""
+    from vtprune.api import make_pruner
+    from vtprune.patches import adapter_for
+
+    if name == PIPELINE:
+        entering = vtprune.DivPrune(keep=_twice(keep)).keep_count(n)
+        return vtprune.FastV(keep=keep).keep_count(entering)
+    pruner = make_pruner(name, **{**PRUNER_OPTIONS[name], "keep": keep})
+    if isinstance(pruner, vtprune.Pipeline):  # a registered pipeline (todre): its vision stage, then drops
+        entering = pruner.vision.keep_count(n)
+        info = adapter_for(model).info
+        return min((pt.keep for p in pruner.llm for pt in p.drop_points(info, entering)), default=entering)
+    if pruner.stage == "vision":
+        return pruner.keep_count(n)
+    points = pruner.drop_points(adapter_for(model).info, n)
+    return points[-1].keep if points else n
+
+
+def assert_kept_as_scheduled(model, handle, name, keep, n=576):
+    expected = scheduled_count(model, name, keep, n)
+    for count, layers in zip(handle.last.token_counts, handle.last.layer_tokens):
+        assert count == layers[-1]
+        assert count <= expected if name == "adaptive" else count == expected
+
+
+def pruned_image_tokens(features, fixed, kept, groups, at_anchor: bool) -> tuple:
+    """The reference for one image under a vision-stage pruner: which of its placeholders stay
+    ((n,) bool) and the (stay, D) tokens they receive, from the features (n, D), the fixed tokens
+    ((n,) bool), the kept prunable indices and the merged groups (prunable indices, anchor first).
+    Merged tokens (their group's mean) follow the kept and fixed ones, or take their anchor's place."""
+    prunable = (~fixed).nonzero().flatten()
+    stays = fixed.clone()
+    stays[prunable[kept]] = True
+    tokens = features[stays]
+    if not groups:
+        return stays, tokens
+    anchors = prunable[torch.stack([g[0] for g in groups])]
+    merged = torch.stack([features[prunable[g]].mean(0) for g in groups])
+    stays[anchors] = True
+    if not at_anchor:
+        return stays, torch.cat([tokens, merged])
+    placed = features.clone()
+    placed[anchors] = merged
+    return stays, placed[stays]

@@ -1,0 +1,114 @@
+"""Reference implementations the tests compare vtprune against: each published rule written the
+straightforward (slow) way, from the model's own eager attention or a plain loop, and inputs whose
+scores fp32 rounding cannot reorder. Helpers only: no tests here."""
+
+import torch
+
+from vtprune.testing import IMAGE_TOKEN_ID
+
+
+def image_features(model, inputs):
+    with torch.no_grad():
+        return model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+
+
+def naive_max_min_diversity(x, k):
+    """DivPrune's rule with the full distance matrix and a Python loop."""
+    x = x.double()
+    u = x / x.norm(dim=1, keepdim=True)
+    dist = 1 - u @ u.T
+    n = x.shape[0]
+    nearest = [min((dist[i, j].item() for j in range(n) if j != i), default=float("inf")) for i in range(n)]
+    chosen = [max(range(n), key=lambda i: (nearest[i], -i))]
+    while len(chosen) < k:
+        closest = dist[:, chosen].min(dim=1).values.tolist()
+        rest = [i for i in range(n) if i not in chosen]
+        chosen.append(max(rest, key=lambda i: (closest[i], -i)))
+    return torch.tensor(sorted(chosen))
+
+
+def eager_cls_scores(model, inputs, layers):
+    """Head-mean CLS -> patch attention read off an eager tower's returned attention maps."""
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        out = tower(inputs["pixel_values"], output_attentions=True)
+    return sum(out.attentions[i][0, :, 0, 1:].mean(0) for i in layers)
+
+
+def fastv_reference_kept(eager_model, inputs, layer, keep):
+    """FastV's rule on an eager model's returned attention: last token, layer K-1, head mean."""
+    with torch.no_grad():
+        out = eager_model(**inputs, output_attentions=True)
+    image = (inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().flatten()
+    scores = out.attentions[layer - 1][0, :, -1, image].mean(0)
+    return scores.topk(keep).indices.sort().values
+
+
+def reference_generate(model, inputs, drops, n, features=None):
+    """Greedy decoding with no cache, recomputing everything each step: from each drop point's layer
+    on, only that drop's kept image tokens (``drops``: [(layer, kept indices), ...], kept as in
+    ``PruneStats``) plus all text and generated tokens go on, at their original positions.
+    ``features``: the image tokens to place in the prompt (default: the image's features)."""
+    lm = model.model.language_model
+    ids = inputs["input_ids"]
+    image = (ids[0] == IMAGE_TOKEN_ID).nonzero().flatten()
+    features = image_features(model, inputs) if features is None else features
+    drops = dict(drops)
+    for _ in range(n):
+        length = ids.shape[1]
+        with torch.no_grad():
+            h = model.get_input_embeddings()(ids)
+            h[0, image] = features
+            positions = torch.arange(length)
+            cos, sin = lm.rotary_emb(h, positions[None])
+            for i, decoder_layer in enumerate(lm.layers):
+                if i in drops:
+                    keep = torch.ones(length, dtype=torch.bool)
+                    dropped = torch.ones(image.numel(), dtype=torch.bool)
+                    dropped[drops[i]] = False
+                    keep[image[dropped]] = False
+                    keep = keep[positions]  # of the tokens still here
+                    h, cos, sin, positions = h[:, keep], cos[:, keep], sin[:, keep], positions[keep]
+                allowed = positions[None, :] <= positions[:, None]
+                mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+                h = decoder_layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions[None])
+            next_token = model.lm_head(lm.norm(h[:, -1])).argmax(-1)
+        ids = torch.cat([ids, next_token[:, None]], dim=1)
+    return ids
+
+
+def fastv_reference_generate(model, inputs, kept, layer, n):
+    return reference_generate(model, inputs, [(layer, kept)], n)
+
+
+def sparse_sign_rows(b, n, d, nonzero, seed):
+    """(B, N, D) rows with ``nonzero`` entries of +-1 (a perfect square): cosine similarities are exact
+    multiples of 1/nonzero in any summation order, so fp32 rounding cannot decide a comparison."""
+    g = torch.Generator().manual_seed(seed)
+    where = torch.rand(b, n, d, generator=g).argsort(dim=-1)[..., :nonzero]
+    signs = torch.randint(0, 2, (b, n, nonzero), generator=g).float() * 2 - 1
+    return torch.zeros(b, n, d).scatter_(-1, where, signs)
+
+
+def full_matrix_max_min_diversity(x, k):
+    """DivPrune's rule with the whole N x N distance matrix in memory and a Python loop over picks."""
+    u = x / x.norm(dim=1, keepdim=True)
+    dist = 1 - u @ u.T
+    dist.fill_diagonal_(float("inf"))
+    chosen = [int(dist.min(dim=1).values.argmax())]
+    closest = dist[chosen[0]].clone()
+    for _ in range(k - 1):
+        closest[chosen] = -float("inf")
+        chosen.append(int(closest.argmax()))
+        closest = torch.minimum(closest, dist[chosen[-1]])
+    return torch.tensor(chosen)
+
+
+def naive_k_center(x, k, first):
+    u = (x / x.norm(dim=1, keepdim=True)).double()
+    chosen = [first]
+    while len(chosen) < k:
+        nearest_centre = (u @ u[chosen].T).max(dim=1).values  # similarity to the closest centre
+        nearest_centre[chosen] = float("inf")
+        chosen.append(int(nearest_centre.argmin()))
+    return torch.tensor(chosen)

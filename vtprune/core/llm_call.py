@@ -1,0 +1,129 @@
+"""One forward through the decoder, as the LLM stage sees it: the plan (each image's drop points, the
+layers that score for them, the transition window), the state the hooks carry from layer to layer,
+and, once the forward has run, what it kept (``PruneStats``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from vtprune.core.compaction import Compaction
+from vtprune.core.layout import VisualLayout
+from vtprune.core.llm_signals import TRANSITION
+from vtprune.core.schedule import DropPoint, check_llm_order
+from vtprune.core.stats import PruneStats
+from vtprune.core.tokens import ModelInfo, PromptTokens
+
+
+class LLMPruner(Protocol):
+    """What the stage asks of an LLM-stage pruner (``vtprune.LLMPruner`` documents each member)."""
+
+    name: str
+    signals: tuple[str, ...]
+    score_offset: int
+    always_selects: bool
+
+    def drop_points(self, info: ModelInfo, n_tokens: int) -> list[DropPoint]: ...
+
+    def transition_layers(self, info: ModelInfo, points: list[DropPoint]) -> range: ...
+
+    def select(self, tokens: PromptTokens) -> torch.Tensor: ...
+
+
+@dataclass
+class ImageState:
+    """One image of one sample in a prefill."""
+
+    sample: int
+    span: torch.Tensor  # (N,) its tokens' positions in the prompt
+    points: dict[int, tuple[DropPoint, LLMPruner]]  # drop layer -> (point, the pruner that owns it)
+    grid: tuple[int, int] | None
+    present: torch.Tensor  # ascending indices into the image's tokens still in the sequence
+    counts: list[tuple[int, int]] = field(default_factory=list)  # (layer, tokens from then on)
+
+
+@dataclass
+class CallState:
+    """State of one forward call through the decoder."""
+
+    layout: VisualLayout | None  # None: no images in this call (decode step or text only)
+    key_mask: torch.Tensor | None = None  # (B, L) bool padding mask of the prompt
+    score_row: int | None = None  # position of the last prompt token; None: the last position
+    restore_outputs: bool = False  # the caller collects every layer's hidden states or attention weights
+    reuse: dict | None = None  # drop layer -> presents per image, an earlier choice to repeat
+    images: list[ImageState] = field(default_factory=list)
+    scored_at: dict = field(default_factory=dict)  # scoring layer -> [(drop layer, signals)]
+    signals: dict = field(default_factory=dict)  # drop layer -> {signal: (B, L) fp32, original positions}
+    transition: torch.Tensor | None = None  # (B, L) fp32 accumulated transition variation
+    transition_layers: frozenset = frozenset()
+    compaction: Compaction | None = None  # original positions still present; None: nothing dropped yet
+    full_hidden: torch.Tensor | None = None
+    layer_compactions: list | None = None  # per decoder layer, stored on the cache for decode steps
+    choices: dict = field(default_factory=dict)  # drop layer -> presents per image
+    decode_columns: dict = field(default_factory=dict)  # decode steps: layer -> (kv_index, kv_valid, kv_len)
+    converted: dict = field(default_factory=dict)  # (id(kwarg), id(compaction)) -> (kwarg, compaction, converted)
+    stats: PruneStats | None = None  # what this call kept, once it has run
+
+
+def plan(call: CallState, pruners: list, info: ModelInfo, grids: list | None) -> None:
+    """Each image's drop points, the layers that score for them, and the transition window."""
+    flat = 0
+    for b, spans in enumerate(call.layout.spans):
+        for span in spans:
+            grid = grids[flat] if grids is not None else None
+            flat += 1
+            check_llm_order(pruners, info, span.numel())
+            points = {
+                point.layer: (point, pruner) for pruner in pruners for point in pruner.drop_points(info, span.numel())
+            }
+            present = torch.arange(span.numel(), device=span.device)
+            call.images.append(ImageState(sample=b, span=span, points=points, grid=grid, present=present))
+    last = call.score_row if call.score_row is not None else call.layout.length - 1
+    if call.key_mask is not None and not bool(call.key_mask[:, last].all()):
+        raise ValueError(
+            "LLM-stage pruners score with each sample's last prompt token, which must be the same position "
+            "in every sample: pad batches on the left (tokenizer/processor padding_side='left')"
+        )
+    if any(int(spans[-1][-1]) >= last for spans in call.layout.spans if spans):
+        raise ValueError(
+            "LLM-stage pruners score visual tokens with the text after the last image; this prompt ends "
+            "with image tokens (add the question or the chat template's assistant prefix after the image)"
+        )
+    if call.reuse is not None:
+        return
+    drops = {layer: pruner for image in call.images for layer, (_, pruner) in image.points.items()}
+    for layer, pruner in sorted(drops.items()):
+        call.scored_at.setdefault(layer - pruner.score_offset, []).append((layer, pruner.signals))
+    window = set()
+    for image in call.images:
+        owners = {id(pruner): pruner for _, pruner in image.points.values() if TRANSITION in pruner.signals}
+        for pruner in owners.values():
+            points = [point for point, owner in image.points.values() if owner is pruner]
+            window.update(i for i in pruner.transition_layers(info, points) if i < points[-1].layer)
+    call.transition_layers = frozenset(window)
+
+
+def call_stats(call: CallState, n_layers: int) -> PruneStats:
+    spans = call.layout.spans
+    kept = call.layout.sample_kept([[im.present for im in call.images if im.sample == b] for b in range(len(spans))])
+    layer_tokens = []
+    for b in range(len(spans)):
+        totals = [0] * n_layers
+        for image in (im for im in call.images if im.sample == b):
+            count, steps = image.span.numel(), dict(image.counts)
+            for layer in range(n_layers):
+                count = steps.get(layer, count)
+                totals[layer] += count
+        layer_tokens.append(totals)
+    drops = [
+        (
+            layer,
+            call.layout.sample_kept(
+                [[p for p, im in zip(presents, call.images) if im.sample == b] for b in range(len(spans))]
+            ),
+        )
+        for layer, presents in sorted(call.choices.items())
+    ]
+    return PruneStats(kept=kept, layer_tokens=layer_tokens, drops=drops)

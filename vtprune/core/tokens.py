@@ -1,0 +1,90 @@
+"""The containers the stages hand to pruners: what a pruner may know of the model, the tokens it
+scores in each stage, and what a vision pruner makes of them. Pure data, no behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a pruner may know of the model it is applied to (filled in by the model-family adapter)."""
+
+    num_decoder_layers: int
+    num_tower_layers: int
+    tower_has_cls: bool
+    tower_name: str
+    feature_layers: tuple[int, ...]  # encoder layers (0-based) whose output feeds the projector
+    visual_tokens: int | None = None  # visual tokens of one image, when every image has the same number
+
+
+@dataclass
+class VisionTokens:
+    """One image's visual tokens, as the vision stage scores them.
+
+    features: (N, D) tokens after the projector, in the model's dtype.
+    keep: how many of them to keep (the pruner's ``keep_count(N)``, or this part's share of an image's
+        budget when a model splits one image into parts).
+    grid: (rows, cols) of the patch grid when the N tokens are exactly that grid in raster order.
+    cls_attention: (N,) fp32 attention from the tower's CLS token, summed over the layers the pruner
+        asked for (``tower_attention_layers``); None unless the pruner asked.
+    keys: (N, d) fp32 head-mean keys of the tower, averaged over the layers the pruner asked for
+        (``tower_key_layers``), following the model's pooling and merging of patches into tokens;
+        None unless the pruner asked.
+    """
+
+    features: torch.Tensor
+    keep: int
+    grid: tuple[int, int] | None = None
+    cls_attention: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass
+class PromptTokens:
+    """One image's visual tokens still inside the language model at a drop point, as LLM-stage pruners
+    score them. Only the signals the pruner lists in ``signals`` are filled in.
+
+    keep: how many of these tokens the schedule keeps from this drop point on.
+    positions: (N,) ascending indices of these tokens among the image's tokens as they entered the LLM.
+    grid: (rows, cols) of the image's patch grid when its tokens entering the LLM formed one, else None.
+    attention: (N,) fp32 head-mean attention from the last prompt token (signal ``"last"``).
+    instruction_attention: (N,) fp32 attention from the instruction tokens (the text after the last
+        image), head- and token-mean (signal ``"instruction"``).
+    transition: (N,) fp32 transition variation summed over the pruner's transition layers up to this
+        drop point (signal ``"transition"``).
+    """
+
+    keep: int
+    positions: torch.Tensor
+    grid: tuple[int, int] | None = None
+    attention: torch.Tensor | None = None
+    instruction_attention: torch.Tensor | None = None
+    transition: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.positions.numel()
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What a vision pruner makes of one image's (or part's) tokens.
+
+    kept: (k,) ascending long indices of the tokens kept as they are.
+    groups: per merged token, the (g,) long indices of the tokens it stands for (disjoint, none of them
+        kept); the merged token is their features' mean. Its first index is its anchor: on models that
+        keep original positions (M-RoPE), the merged token takes that token's place.
+    """
+
+    kept: torch.Tensor
+    groups: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def anchors(self) -> torch.Tensor:
+        """(m,) the first index of each group: where its merged token sits on position-keeping models."""
+        return torch.stack([g[0] for g in self.groups]) if self.groups else self.kept.new_zeros(0)

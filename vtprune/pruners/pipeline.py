@@ -1,0 +1,101 @@
+"""Composition: one vision-stage pruner, then LLM-stage pruners at increasing decoder layers.
+
+    vtprune.apply(model, vtprune.Pipeline([vtprune.DivPrune(keep=192), vtprune.FastV(layer=2, keep=64)]))
+    vtprune.apply(model, [vtprune.DivPrune(keep=192), vtprune.FastV(layer=2, keep=64)])   # the same
+
+LLM-stage budgets count the visual tokens that enter the language model (after the vision stage);
+``handle.last.kept`` indexes the original visual tokens.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vtprune.core.llm_signals import check_signals
+from vtprune.core.schedule import check_llm_order
+from vtprune.core.tokens import ModelInfo
+from vtprune.pruners.base import LLMPruner, Pruner, ScheduledPruner, VisionPruner
+
+
+@dataclass
+class Pipeline:
+    pruners: list
+
+    name: ClassVar[str] = "pipeline"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pruners, (list, tuple)) or not self.pruners:
+            raise TypeError(f"a Pipeline takes a non-empty list of pruner objects, got {self.pruners!r}")
+        self.pruners = list(self.pruners)
+        bad = [p for p in self.pruners if not isinstance(p, Pruner) or isinstance(p, Pipeline)]
+        if bad:
+            raise TypeError(f"a Pipeline takes pruner objects such as vtprune.DivPrune(keep=192); got {bad!r}")
+        vision = [p for p in self.pruners if isinstance(p, VisionPruner)]
+        if len(vision) > 1:
+            raise ValueError(f"a Pipeline takes at most one vision-stage pruner, got {[p.name for p in vision]}")
+        if vision and self.pruners[0] is not vision[0]:
+            raise ValueError(
+                f"the vision-stage pruner ({vision[0].name!r}) must come first in a Pipeline: it runs before "
+                f"the language model"
+            )
+        if vision and vision[0].merges and len(self.pruners) > 1:
+            raise ValueError(
+                f"{vision[0].name!r} merges tokens; LLM-stage pruners after a merging pruner are not supported yet"
+            )
+        budgets = {p.budget for p in self.pruners}
+        if len(budgets) > 1:
+            raise ValueError(
+                f"the pruners of a Pipeline must count a video's tokens the same way; got budget="
+                f"{[p.budget for p in self.pruners]} (give every pruner budget='per_frame' or every one 'per_video')"
+            )
+        for earlier, later in zip(self.pruners, self.pruners[1:]):
+            # Scheduled pruners' keep is a mean per layer: their drop points are checked in check().
+            if isinstance(later, ScheduledPruner) or isinstance(earlier, ScheduledPruner):
+                continue
+            if _comparable(earlier.keep, later.keep) and later.keep > earlier.keep:
+                raise ValueError(
+                    f"in a Pipeline a later pruner cannot keep more than an earlier one: {later.name!r} keeps "
+                    f"{later.keep} after {earlier.name!r} kept {earlier.keep}"
+                )
+        for earlier, later in zip(self.llm, self.llm[1:]):
+            if isinstance(later, ScheduledPruner) and later.schedule is None:
+                raise ValueError(
+                    f"{later.name!r} after {earlier.name!r}: a multi-drop pruner fits its drop points to a mean "
+                    f"over all decoder layers, which another LLM-stage pruner before it would break; give it "
+                    f"an explicit schedule=[(layer, keep), ...] after {earlier.name!r}'s layers"
+                )
+
+    @property
+    def vision(self) -> VisionPruner | None:
+        return self.pruners[0] if isinstance(self.pruners[0], VisionPruner) else None
+
+    @property
+    def budget(self) -> str:
+        return self.pruners[0].budget
+
+    @property
+    def llm(self) -> list[LLMPruner]:
+        return [p for p in self.pruners if isinstance(p, LLMPruner)]
+
+    def check(self, info: ModelInfo) -> None:
+        for p in self.pruners:
+            p.check(info)
+        for p in self.llm:
+            check_signals(p.name, p.signals)
+        if info.visual_tokens is None:
+            return
+        n = info.visual_tokens if self.vision is None else self.vision.keep_count(info.visual_tokens)
+        check_llm_order(self.llm, info, n)
+
+    def options(self) -> dict:
+        return {"pruners": [f"{p.name}({p.options()})" for p in self.pruners]}
+
+
+def _comparable(a, b) -> bool:
+    return isinstance(a, numbers.Integral) == isinstance(b, numbers.Integral)
+
+
+def as_pipeline(config) -> Pipeline:
+    return config if isinstance(config, Pipeline) else Pipeline([config])

@@ -1,0 +1,149 @@
+"""Tiny models saved in the Hugging Face checkpoint layout (config, weights, tokenizer, processor), so
+``from_pretrained`` loads them like real checkpoints: for the quickstart, the lmms-eval model and the
+profiler's tests, all offline."""
+
+from __future__ import annotations
+
+from vtprune.testing.models import tiny_llava, tiny_llava_next, tiny_qwen2_vl
+
+# A chat template of the llava-1.5-hf shape: "USER: <image>\n{question} ASSISTANT:".
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+_WORDS = (
+    "USER ASSISTANT : ? . , what which is are the a an in on of this that image picture photo shown show "
+    "describe colour color shape red green blue yellow black white gray orange circle square triangle "
+    "rectangle cat dog person man woman yes no there it A B C D"
+).split()
+
+
+def word_tokenizer(specials: list[str], words=_WORDS):
+    """A word-level fast tokenizer (left padding) over ``words`` with ``<s>``, ``</s>``, ``<unk>``,
+    ``<pad>`` and the model's own special tokens; returns it and its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *specials, *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=specials,
+        padding_side="left",
+    )
+    return tokenizer, vocab
+
+
+def save_tiny_llava_hf(directory, *, attn: str = "sdpa"):
+    """Write a random tiny LLaVA in the llava-hf checkpoint layout to ``directory``: config and weights,
+    a word-level tokenizer with ``<image>`` and a chat template, and a CLIP image processor (336 px),
+    so ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` load it
+    like a real checkpoint. Returns the directory."""
+    from pathlib import Path
+
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer, vocab = word_tokenizer(["<image>"])
+    images = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=_CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    model = tiny_llava(attn=attn, vocab=len(vocab), image_token_id=vocab["<image>"])
+    model.config.pad_token_id = model.config.text_config.pad_token_id = vocab["<pad>"]
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def _save(model, processor, directory, vocab):
+    from pathlib import Path
+
+    model.config.pad_token_id = vocab["<pad>"]
+    if hasattr(model.config, "text_config"):
+        model.config.text_config.pad_token_id = vocab["<pad>"]
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def tiny_llava_next_processor():
+    """(``LlavaNextProcessor``, vocabulary) for ``tiny_llava_next``: anyres crops of 112 px tower inputs,
+    a word-level tokenizer with ``<image>`` and a chat template."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    tokenizer, vocab = word_tokenizer(["<image>"])
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": 112},
+        crop_size={"height": 112, "width": 112},
+        image_grid_pinpoints=[[112, 224], [224, 112], [224, 224]],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=_CHAT_TEMPLATE,
+    )
+    return processor, vocab
+
+
+def save_tiny_llava_next_hf(directory, *, attn: str = "sdpa"):
+    """Write a random tiny LLaVA-NeXT with its processor to ``directory`` (see ``save_tiny_llava_hf``)."""
+    processor, vocab = tiny_llava_next_processor()
+    model = tiny_llava_next(attn=attn, vocab=len(vocab))
+    model.config.image_token_id = vocab["<image>"]
+    return _save(model, processor, directory, vocab)
+
+
+_QWEN_CHAT_TEMPLATE = _CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>")
+
+
+def tiny_qwen2_vl_processor():
+    """(``Qwen2VLProcessor``, vocabulary) for ``tiny_qwen2_vl``: its own image and video processors, a
+    word-level tokenizer with Qwen's vision tokens and a chat template; prompts carry
+    ``<|vision_start|> ... <|vision_end|>`` and ``mm_token_type_ids``."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer, vocab = word_tokenizer(["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"])
+    tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
+    images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
+    processor = Qwen2VLProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+    return processor, vocab
+
+
+def tiny_qwen2_vl_for(vocab, **options):
+    """``tiny_qwen2_vl`` with the token ids of ``tiny_qwen2_vl_processor``'s vocabulary."""
+    model = tiny_qwen2_vl(vocab=len(vocab), **options)
+    model.config.image_token_id = vocab["<|image_pad|>"]
+    model.config.video_token_id = vocab["<|video_pad|>"]
+    model.config.vision_start_token_id = vocab["<|vision_start|>"]
+    return model
+
+
+def save_tiny_qwen2_vl_hf(directory, *, attn: str = "sdpa", version: str = "2"):
+    """Write a random tiny Qwen2-VL (``version="2.5"``: Qwen2.5-VL) with its processor to ``directory``."""
+    processor, vocab = tiny_qwen2_vl_processor()
+    return _save(tiny_qwen2_vl_for(vocab, attn=attn, version=version), processor, directory, vocab)
