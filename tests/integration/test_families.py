@@ -18,6 +18,9 @@ from helpers import (
 import vtprune
 from vtprune.testing import IMAGE_TOKEN_ID
 
+# The whole matrix over six families: the fast lane keeps LLaVA-1.5's equivalences (test_equivalence.py).
+pytestmark = pytest.mark.slow
+
 ALL = sorted(PRUNER_OPTIONS) + [PIPELINE]
 ONE_IMAGE = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 1)]
 

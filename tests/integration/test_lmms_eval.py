@@ -15,6 +15,9 @@ from vtprune.evaluation.prompts import chat_prompt
 from vtprune.evaluation.task_data import COLOURS, SHAPES, draw_shape
 from vtprune.testing import save_tiny_llava_hf
 
+# The lmms-eval model on four families: the full suite (and CI) runs these; the fast lane does not.
+pytestmark = pytest.mark.slow
+
 TASK, SPLIT = "shapes", "test"
 
 

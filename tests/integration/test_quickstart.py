@@ -1,5 +1,7 @@
-"""The README's end-to-end example runs as written, on a tiny LLaVA saved in the llava-hf layout."""
+"""The README's examples run as written: its first block on a tiny LLaVA, and the quickstart on a tiny
+LLaVA saved in the llava-hf layout."""
 
+import ast
 import os
 import re
 import subprocess
@@ -8,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vtprune.testing import save_tiny_llava_hf
+import vtprune
+from vtprune.testing import batch_inputs, make_prompt, save_tiny_llava_hf, tiny_llava
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "quickstart.py"
@@ -41,3 +44,17 @@ def test_quickstart_runs_on_a_local_llava_hf_checkpoint(tmp_path):
     assert {"unpruned", "divprune, keep 64", "visual tokens kept", "unpruned again"} <= lines.keys()
     assert lines["visual tokens kept"].split()[0] == "64"
     assert lines["unpruned"] == lines["unpruned again"]
+
+
+def test_the_readmes_first_example_runs_as_written_and_lists_the_pruners():
+    readme = (ROOT / "README.md").read_text()
+    first = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]
+    shown = re.search(r"vtprune\.available\(\)  # (\[.*\])", first).group(1)
+    assert ast.literal_eval(shown) == vtprune.available()
+    model = tiny_llava(attn="sdpa")
+    inputs = batch_inputs(model, [make_prompt(model, [1, 5], [8, 9, 10])])
+    namespace = {"model": model, "inputs": inputs}
+    exec(compile(first, "README.md", "exec"), namespace)  # the block as a user would paste it
+    handle = vtprune.handle_of(model)
+    assert isinstance(handle.pruner, vtprune.Pipeline)  # the block ends with a Pipeline applied
+    assert namespace["handle"].last is not None and not namespace["handle"].active

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SWEEP_FILES = sorted((ROOT / "eval" / "sweeps").glob("*.yaml"))
 
 
+@pytest.mark.slow  # lmms-eval's task index takes seconds to build
 def test_the_shipped_sweeps_name_known_pruners_tasks_and_metrics():
     assert {p.stem for p in SWEEP_FILES} >= {"proxy", "llava15_7b", "llava_next_7b", "qwen2_vl_7b"}
     for path in SWEEP_FILES:
@@ -45,6 +46,7 @@ def test_bad_sweep_files_are_refused(tmp_path, change, message):
         sweeps.load_sweep(path)
 
 
+@pytest.mark.slow  # lmms-eval's task index takes seconds to build
 def test_unknown_tasks_and_metrics_are_refused_before_anything_runs():
     sweep = sweeps.Sweep("x", "m", ["popee"], {"popee": "acc"}, ["divprune"], [64])
     with pytest.raises(ValueError, match="lmms-eval knows no task 'popee'"):

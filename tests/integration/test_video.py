@@ -22,6 +22,9 @@ import vtprune
 from vtprune.pruners.base import VisionTokens
 from vtprune.testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 
+# The whole video matrix: the fast lane keeps LLaVA-1.5's image equivalences (test_equivalence.py).
+pytestmark = pytest.mark.slow
+
 ALL = sorted(PRUNER_OPTIONS) + [PIPELINE]
 BUDGETS = ("per_frame", "per_video")
 ONE_VIDEO = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 0, 1)]

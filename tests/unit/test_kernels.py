@@ -12,6 +12,9 @@ from references import sparse_sign_rows
 
 from vtprune.ops import attention_rows, k_center, max_min_diversity, transition_variation
 
+# Triton's CPU interpreter takes seconds per kernel launch: the full suite (and CI) runs these.
+pytestmark = pytest.mark.slow
+
 HALF = [torch.float16, torch.bfloat16]
 
 

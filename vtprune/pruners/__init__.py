@@ -1,4 +1,4 @@
-"""The pruners: one file each, each a small dataclass with a ``select``."""
+"""The pruners: one file each, each a small dataclass with a ``score`` (a ranking) or a ``select``."""
 
 from vtprune.pruners.adaptive import AdaptivePrune
 from vtprune.pruners.base import LLMPruner, Pruner, ScheduledPruner, VisionPruner
