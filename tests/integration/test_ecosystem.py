@@ -3,9 +3,11 @@ static caches, accelerate's hooks, threads, output_hidden_states/attentions, sub
 
 import copy
 import threading
+import warnings
 
 import pytest
 import torch
+from families import FAMILIES
 from helpers import PIPELINE, PRUNER_OPTIONS, VISION, apply, greedy, hooks_of, logits
 
 import vtprune
@@ -248,29 +250,47 @@ def test_apply_to_torch_compile_output_prunes_the_wrapped_model(inputs):
 
 
 # -- 7. threads ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["fastv", "divprune", PIPELINE])
+def _in_two_threads(model, a, b) -> None:
+    """Each input's greedy output, three times in each of two overlapping threads, equals its output alone."""
+    expected = {"a": generate(model, a), "b": generate(model, b)}
+    results, errors = {"a": [], "b": []}, []
+
+    def run(key, inputs):
+        try:
+            for _ in range(3):
+                results[key].append(generate(model, inputs))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=item) for item in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for key in expected:
+        assert len(results[key]) == 3 and all(torch.equal(r, expected[key]) for r in results[key])
+
+
+# cls, visionzip and todre read the vision tower while it runs: each thread must read its own images.
+@pytest.mark.parametrize("name", ["fastv", "divprune", PIPELINE, "cls", "visionzip", "todre"])
 def test_one_model_serves_two_threads(model, name):
     a = batch_inputs(model, _prompts(model)[:1], seed=1)
     b = batch_inputs(model, _prompts(model)[1:], seed=2)
     with apply(model, name, keep=16):
-        expected = {"a": generate(model, a), "b": generate(model, b)}
-        results, errors = {"a": [], "b": []}, []
+        _in_two_threads(model, a, b)
 
-        def run(key, inputs):
-            try:
-                for _ in range(3):
-                    results[key].append(generate(model, inputs))
-            except Exception as exc:  # surfaced below
-                errors.append(exc)
 
-        threads = [threading.Thread(target=run, args=item) for item in (("a", a), ("b", b))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors
-    for key in expected:
-        assert len(results[key]) == 3 and all(torch.equal(r, expected[key]) for r in results[key])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cls", "visionzip", "todre"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.name in ("llava_next", "qwen2_vl")], ids=lambda f: f.name)
+def test_threads_with_tower_reading_pruners_on_other_families(family, name):
+    model = family.model()
+    one, _ = family.batch(model, [([1, 5], [8, 9, 10], 1)])
+    two, _ = family.batch(model, [([1, 5], [8, 9, 10], 2)])  # other tower input shapes than one's
+    with warnings.catch_warnings(), apply(model, name, keep=16):
+        warnings.simplefilter("ignore")  # the substitute score's warning on towers without CLS
+        _in_two_threads(model, one, two)
 
 
 # -- 8. hidden states and attentions keep one length ----------------------------------------------------

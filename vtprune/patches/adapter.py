@@ -19,7 +19,6 @@ Instance-level patches (``MethodPatch``), all undone by ``remove()`` and copied 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 
@@ -167,8 +166,15 @@ class Adapter:
     def install(self, config) -> list:
         """Patch the model; returns the undo steps (bound methods, so a deep copy undoes its own)."""
         self._pipeline = pipeline = as_pipeline(config)
+        vision = pipeline.vision
+        self._tower_reader = towers.TowerReader(
+            self.tower,
+            vision.tower_attention_layers(self.info) if vision is not None else [],
+            vision.tower_key_layers(self.info) if vision is not None else [],
+        )
         undo = []
         try:
+            undo += [h.remove for h in self._tower_reader.install()]
             for modality in self.modalities:
                 encode = functools.partial(self._encoded_features, modality)
                 undo.append(MethodPatch(self.model.model, f"get_{modality}_features", encode).undo)
@@ -190,14 +196,9 @@ class Adapter:
     def _encoded_features(self, modality: str, original, *args, **kwargs):
         bound = inspect.signature(original).bind(*args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
-        vision = self._pipeline.vision
-        score_layers = vision.tower_attention_layers(self.info) if vision is not None else []
-        key_layers = vision.tower_key_layers(self.info) if vision is not None else []
-        with contextlib.ExitStack() as stack:
-            scores = stack.enter_context(towers.capture_cls_attention(self.tower, score_layers)) if score_layers else []
-            keys = stack.enter_context(towers.capture_keys(self.tower, key_layers)) if key_layers else []
+        with self._tower_reader.reading() as read:
             out = original(*args, **kwargs)
-        signals = TowerSignals.of(scores, keys)
+        signals = TowerSignals.of(read["scores"], read["keys"])
         if isinstance(out, tuple):
             features = list(out[1])
         else:

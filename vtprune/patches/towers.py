@@ -7,6 +7,7 @@ over heads and over all query tokens.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vtprune.core.patching import PerThread
 from vtprune.ops import attention_rows
 
 
@@ -126,44 +128,45 @@ def _keys(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict)
     return _heads(getattr(attn, spec.key), x, attn.head_dim).mean(1).float()
 
 
-@contextmanager
-def capture_keys(tower: nn.Module, layers: list[int]):
-    """Record, while active, the head-mean keys of the given encoder layers on every tower call.
+class TowerReader:
+    """What a pruner reads inside the vision tower while it encodes: the CLS attention row of
+    ``score_layers`` (on towers without a CLS token, the mean attention each token receives) and the
+    head-mean keys of ``key_layers``.
 
-    Yields a list that receives one (B, T, head_dim) fp32 tensor per layer call ((S, head_dim) for
-    Qwen2-VL towers). Hooks are removed on exit, even when the tower raises.
+    The hooks are installed once (``install``) and read for the thread that asks (``reading``): one
+    model may encode in several threads at once, and each thread collects only its own tower calls.
     """
-    with _capture(tower, layers, _keys) as keys:
-        yield keys
 
+    def __init__(self, tower: nn.Module, score_layers: list[int], key_layers: list[int]):
+        self.tower = tower
+        self.score_layers = score_layers
+        self.key_layers = key_layers
+        self._reading = PerThread()
 
-@contextmanager
-def capture_cls_attention(tower: nn.Module, layers: list[int]):
-    """Record, while active, the CLS attention row of the given encoder layers on every tower call
-    (on towers without a CLS token, the mean attention each token receives).
+    def install(self) -> list:
+        """Register the hooks; returns their handles."""
+        if not self.score_layers and not self.key_layers:
+            return []
+        spec = tower_spec(self.tower)
+        modules = spec.layers(self.tower)
+        score = _cls_row if spec.has_cls else _received
+        handles = []
+        for kind, layers, compute in (("scores", self.score_layers, score), ("keys", self.key_layers, _keys)):
+            hook = functools.partial(self._read, kind, spec, compute)
+            handles += [modules[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
+        return handles
 
-    Yields a list that receives one (B, T) fp32 tensor per layer call ((S,) for Qwen2-VL towers),
-    summed over ``layers`` per tower call by the caller. Hooks are removed on exit, even when the
-    tower raises.
-    """
-    with _capture(tower, layers, _cls_row if tower_spec(tower).has_cls else _received) as rows:
-        yield rows
+    @contextmanager
+    def reading(self):
+        """Collect, in this thread, one tensor per hooked layer call: ``scores`` (B, T) fp32 and ``keys``
+        (B, T, head_dim) fp32 ((S,) and (S, head_dim) for Qwen2-VL towers), layer order per tower call."""
+        with self._reading.set({"scores": [], "keys": []}) as read:
+            yield read
 
-
-@contextmanager
-def _capture(tower: nn.Module, layers: list[int], compute: Callable):
-    spec = tower_spec(tower)
-    modules = spec.layers(tower)
-    out: list[torch.Tensor] = []
-
-    def hook(module, args, kwargs):
+    def _read(self, kind: str, spec: TowerSpec, compute: Callable, module, args, kwargs) -> None:
+        read = self._reading.get()
+        if read is None:
+            return
         hidden = args[0] if args else kwargs["hidden_states"]
         with torch.no_grad():
-            out.append(compute(module, spec, hidden, kwargs))
-
-    handles = [modules[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
-    try:
-        yield out
-    finally:
-        for h in handles:
-            h.remove()
+            read[kind].append(compute(module, spec, hidden, kwargs))
