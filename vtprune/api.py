@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from vtprune.handle import HANDLE_ATTR, PruneHandle
 from vtprune.patches import adapter_for
 from vtprune.pruners.base import Pruner
@@ -24,7 +26,7 @@ def make_pruner(pruner, **options) -> Pruner | Pipeline:
     try:
         return cls(**options)
     except TypeError as exc:
-        fields = [f for f in cls.__dataclass_fields__]
+        fields = [f.name for f in dataclasses.fields(cls) if f.init]  # not class constants (name, stage, ...)
         raise TypeError(f"bad options for pruner {pruner!r}: {exc}; it takes {', '.join(fields)}") from None
 
 
@@ -55,6 +57,14 @@ def apply(model, pruner, **options) -> PruneHandle:
         A handle: ``handle.last`` describes the last pruned forward, ``handle.remove()`` (or leaving a
         ``with`` block) restores the model exactly.
 
+    Raises:
+        TypeError: arguments of the wrong kind (options given with a pruner object, an unknown option),
+            or a model class vtprune does not support.
+        ValueError: an option out of its range or of the wrong type, a pruner this model cannot run
+            (e.g. a layer beyond its decoder), or a model that already has vtprune applied.
+        NotImplementedError: raised later, by a forward or ``generate()``, for a mode a pruner refuses
+            (each message names the mode; see the README's limits).
+
     Everything is validated before the model is touched. A model compiled with ``torch.compile(model)``
     is pruned through the module it wraps; ``copy.deepcopy`` of a pruned model is pruned the same way,
     independently (its handle: ``vtprune.handle_of(copy)``).
@@ -63,7 +73,7 @@ def apply(model, pruner, **options) -> PruneHandle:
     model = _uncompiled(model)
     existing = getattr(model, HANDLE_ATTR, None)
     if existing is not None:
-        raise RuntimeError(
+        raise ValueError(
             f"this model already has vtprune applied ({existing.pruner.name}); call .remove() on that handle first"
         )
     adapter = adapter_for(model)

@@ -78,7 +78,8 @@ def test_config_object_and_name_are_equivalent(model, inputs):
         ("fastv", {"layer": -1}, ValueError, "layer must be an int in [1, 3]"),
         ("cls", {"layers": [7]}, ValueError, "outside the 3-layer vision encoder"),
         ("cls", {"strategy": "best"}, ValueError, "strategy must be one of"),
-        ("divprune", {"kepp": 3}, TypeError, "it takes keep"),
+        ("divprune", {"kepp": 3}, TypeError, "it takes keep, budget, crop_budget, backend"),
+        ("todre", {"kepp": 3}, TypeError, "it takes keep, layer, threshold, backend, budget"),
     ],
 )
 def test_bad_input_fails_before_touching_model(model, name, options, error, message):
@@ -93,7 +94,7 @@ def test_bad_input_fails_before_touching_model(model, name, options, error, mess
 def test_second_apply_is_refused(model):
     with vtprune.apply(model, "random", keep=4):
         before_hooks = hooks_of(model)
-        with pytest.raises(RuntimeError, match="already has vtprune applied"):
+        with pytest.raises(ValueError, match="already has vtprune applied"):
             vtprune.apply(model, "divprune", keep=4)
         assert hooks_of(model) == before_hooks  # the refused call added nothing
     with vtprune.apply(model, "divprune", keep=4):  # after removal it works again

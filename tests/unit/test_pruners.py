@@ -1,6 +1,8 @@
 """Pruners as plain dataclasses, no model: option checks at construction, the scorer base, and rules
 run directly on VisionTokens / PromptTokens."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -136,3 +138,26 @@ def test_options_are_checked():
         vtprune.VisionZip(keep=64, contextual=1.5)
     with pytest.raises(ValueError, match="merges tokens; LLM-stage pruners after"):
         vtprune.Pipeline([vtprune.VisionZip(keep=128), vtprune.FastV(keep=64)])
+
+
+def _option_fields():
+    for name in vtprune.available():
+        cls = vtprune.registry.pruner_class(name)
+        for field in dataclasses.fields(cls):
+            if field.init:
+                yield pytest.param(cls, field.name, id=f"{name}.{field.name}")
+
+
+@pytest.mark.parametrize("cls, option", list(_option_fields()))
+@pytest.mark.parametrize("wrong", [object(), "x"], ids=["object", "str"])
+def test_every_option_of_every_pruner_is_type_checked_at_construction(cls, option, wrong):
+    if option in ("strategy", "budget", "crop_budget", "backend") and wrong == "x":
+        wrong = "no such choice"
+    with pytest.raises((ValueError, TypeError), match=option):
+        cls(**{option: wrong})
+
+
+def test_a_malformed_schedule_is_refused_before_the_model_is_known():
+    with pytest.raises(ValueError, match="schedule must be"):
+        vtprune.PyramidDrop(keep=8, schedule=[(2, 64), (1, 32)])
+    vtprune.PyramidDrop(keep=8, schedule=[(100, 64)])  # the layer range needs the model: checked by apply

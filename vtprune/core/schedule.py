@@ -128,9 +128,10 @@ def explicit(schedule: list[tuple[int, int | float]], n_tokens: int) -> list[Dro
     return points
 
 
-def check_explicit(schedule, num_layers: int) -> None:
+def check_explicit(schedule, num_layers: int | None) -> None:
     """Raise ValueError unless ``schedule`` is ``[(layer, keep), ...]`` with increasing layers in
-    ``[1, num_layers - 1]`` and non-increasing keeps of one kind."""
+    ``[1, num_layers - 1]`` (``num_layers`` None: any layer >= 1, before the model is known) and
+    non-increasing keeps of one kind."""
 
     def bad(why: str):
         return ValueError(f"schedule must be [(layer, keep), ...] with {why}; got {schedule!r}")
@@ -142,7 +143,9 @@ def check_explicit(schedule, num_layers: int) -> None:
         if not isinstance(point, (list, tuple)) or len(point) != 2:
             raise bad("pairs")
         layer, keep = point
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+            raise bad("int layers >= 1")
+        if num_layers is not None and layer >= num_layers:
             raise bad(f"layers in [1, {num_layers - 1}] for this {num_layers}-layer decoder")
         if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
             raise bad("int keeps (tokens per image) or float keeps in (0, 1]")

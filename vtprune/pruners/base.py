@@ -10,9 +10,10 @@ from typing import ClassVar
 import torch
 
 from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_explicit, explicit, fit_average
+from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, VisionTokens
 
 # What the stages hand a pruner, re-exported here: a pruner's file imports everything it needs from base.
-from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, VisionTokens
+from vtprune.ops import BACKENDS
 
 
 def _checked_keep(keep) -> int | float:
@@ -52,6 +53,7 @@ __all__ = [
     "ScheduledPruner",
     "VisionPruner",
     "VisionTokens",
+    "check_backend",
     "keep_from_text",
     "top_k_sorted",
 ]
@@ -188,6 +190,11 @@ class ScheduledPruner(LLMPruner):
     depths: ClassVar[tuple[float, ...]] = ()  # drop layers as fractions of the decoder depth
     ratios: ClassVar[tuple[float, ...]] = ()  # tokens kept from each drop point, fractions of all
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.schedule is not None:
+            check_explicit(self.schedule, None)  # its form now; its layers against the decoder in check()
+
     def check(self, info: ModelInfo) -> None:
         if info.num_decoder_layers < 2:
             raise ValueError(
@@ -202,6 +209,12 @@ class ScheduledPruner(LLMPruner):
             return explicit(self.schedule, n_tokens)
         average = budget_tokens(self.keep, n_tokens)
         return fit_average(list(self.depths), list(self.ratios), info.num_decoder_layers, n_tokens, average)
+
+
+def check_backend(backend) -> None:
+    """Raise ValueError unless ``backend`` is one of the ops' backends (``vtprune.ops.BACKENDS``)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -39,9 +39,10 @@ class CLSPrune(VisionPruner):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.layers is not None:
-            self.layers = list(self.layers)
+            given = self.layers
+            self.layers = list(given) if isinstance(given, (list, tuple, range)) else []
             if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
-                raise ValueError(f"layers must be a non-empty list of ints or None, got {self.layers!r}")
+                raise ValueError(f"layers must be a non-empty list of ints or None, got {given!r}")
 
     def check(self, info: ModelInfo) -> None:
         warn_without_cls(info, self.name)

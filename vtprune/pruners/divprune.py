@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.ops import max_min_diversity
-from vtprune.pruners.base import VisionPruner, VisionTokens
+from vtprune.pruners.base import VisionPruner, VisionTokens, check_backend
 from vtprune.registry import register
 
 
@@ -23,6 +23,10 @@ class DivPrune(VisionPruner):
     backend: str = "auto"
 
     name = "divprune"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_backend(self.backend)
 
     def select(self, tokens: VisionTokens) -> torch.Tensor:
         k = tokens.keep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,11 @@ class RandomPrune(VisionPruner):
     seed: int = 0
 
     name = "random"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     def select(self, tokens: VisionTokens) -> torch.Tensor:
         n = tokens.features.shape[0]

@@ -11,7 +11,7 @@ import torch
 
 from vtprune.core.schedule import DropPoint
 from vtprune.ops import k_center
-from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens, VisionPruner, VisionTokens
+from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens, VisionPruner, VisionTokens, check_backend
 from vtprune.pruners.cls import warn_without_cls
 from vtprune.pruners.pipeline import Pipeline
 from vtprune.registry import register
@@ -25,6 +25,10 @@ class ToDREDiversity(VisionPruner):
     backend: str = "auto"
 
     name: ClassVar[str] = "todre.diversity"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_backend(self.backend)
 
     def check(self, info: ModelInfo) -> None:
         warn_without_cls(info, self.name)
