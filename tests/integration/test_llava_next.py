@@ -1,9 +1,11 @@
 """LLaVA-NeXT specifics: base and crops as parts, newline tokens fixed, CLS attention per tower input."""
 
+import warnings
+
 import pytest
 import torch
 from families import FAMILIES, assert_processor_batches_prune_like_single_prompts, packed_sources
-from helpers import greedy
+from helpers import PIPELINE, apply, greedy, logits
 
 import vtprune
 from vtprune.core.image_parts import split_budget
@@ -12,6 +14,7 @@ from vtprune.testing import IMAGE_TOKEN_ID, image_token_counts
 
 NEXT = next(f for f in FAMILIES if f.name == "llava_next")
 ONE_IMAGE = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 1)]
+WITH_NEWLINES = [f for f in FAMILIES if f.name in ("llava_next", "llava_onevision")]  # fixed image tokens
 
 
 def test_cls_scores_each_part_with_its_own_tower_input():
@@ -145,3 +148,20 @@ def test_global_crop_budget_keeps_all_and_batches_like_single_prompts(family):
             assert torch.equal(together[i, -8:], greedy(model, single)[0, -8:]), f"sample {i} differs"
             if i:
                 assert torch.equal(kept_together[i], handle.last.kept[0])
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "transprune", "adaptive", "todre", PIPELINE])
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES if f.name in ("llava_next", "llava_onevision")], ids=lambda f: f.name
+)
+def test_llm_stage_refuses_a_prompt_whose_image_ends_with_a_newline_token(family, name):
+    # The image's last placeholder is a newline token, never pruned: the prompt still ends with the image.
+    model = family.model()
+    inputs, _ = family.batch(model, [([1, 5, 6, 7], [], 1)])
+    assert int(inputs["input_ids"][0, -1]) == IMAGE_TOKEN_ID
+    expected = logits(model, inputs)
+    with warnings.catch_warnings(), apply(model, name, keep=16):
+        warnings.simplefilter("ignore")  # the substitute score's warning on towers without CLS
+        with pytest.raises(ValueError, match="ends with image tokens"):
+            logits(model, inputs)
+    assert torch.equal(logits(model, inputs), expected)

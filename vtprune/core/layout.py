@@ -12,11 +12,13 @@ class VisualLayout:
     """spans[b][i]: (N_i,) ascending positions of image i's prunable tokens in sample b, in prompt
     order (tokens a model never lets go, such as LLaVA-NeXT's row newlines, are not in any span);
     items[b][i]: which of the images the features describe it is (their index in ``from_placeholders``'
-    order, and in ``merge``'s concatenation)."""
+    order, and in ``merge``'s concatenation); ends[b]: the position of sample b's last placeholder
+    token, fixed ones included (-1 without images): where its last image ends."""
 
     spans: list[list[torch.Tensor]]
     length: int
     items: list[list[int]] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
 
     @classmethod
     def from_placeholders(
@@ -55,7 +57,9 @@ class VisualLayout:
             spans[row].append(span)
             items[row].append(i)
             start += n
-        return cls(spans=spans, length=input_ids.shape[1], items=items)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        ends = torch.where(is_visual, positions, -1).amax(1).tolist() if input_ids.shape[1] else []
+        return cls(spans=spans, length=input_ids.shape[1], items=items, ends=ends)
 
     @classmethod
     def merge(cls, layouts: list[VisualLayout]) -> VisualLayout:
@@ -72,7 +76,8 @@ class VisualLayout:
         for b in range(len(spans)):
             order = sorted(range(len(spans[b])), key=lambda i: int(spans[b][i][0]))
             spans[b], items[b] = [spans[b][i] for i in order], [items[b][i] for i in order]
-        return cls(spans=spans, length=layouts[0].length, items=items)
+        ends = [max(layout.ends[b] for layout in layouts) for b in range(len(spans))]
+        return cls(spans=spans, length=layouts[0].length, items=items, ends=ends)
 
     @property
     def has_images(self) -> bool:

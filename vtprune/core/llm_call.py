@@ -86,7 +86,7 @@ def plan(call: CallState, pruners: list, info: ModelInfo, grids: list | None) ->
             "LLM-stage pruners score with each sample's last prompt token, which must be the same position "
             "in every sample: pad batches on the left (tokenizer/processor padding_side='left')"
         )
-    if any(int(spans[-1][-1]) >= last for spans in call.layout.spans if spans):
+    if any(end >= last for end in call.layout.ends):
         raise ValueError(
             "LLM-stage pruners score visual tokens with the text after the last image; this prompt ends "
             "with image tokens (add the question or the chat template's assistant prefix after the image)"

@@ -212,7 +212,7 @@ class LLMStage:
             key_mask=self._current_key_mask(call),
             last=last,
             length=call.layout.length,
-            instruction_starts=[int(spans[-1][-1]) + 1 if spans else last for spans in call.layout.spans],
+            instruction_starts=[end + 1 if end >= 0 else last for end in call.layout.ends],
             prompt_mask=call.key_mask,
         )
         out = call.signals.setdefault(drop_layer, {})
