@@ -221,7 +221,12 @@ class Adapter:
         if recorded is not None and len(recorded) == len(features):
             return recorded
         if modality == "image":
-            return [ImageParts.single(f.shape[0], None) for f in features]
+            raise NotImplementedError(
+                "vtprune lays out an image's tokens (grid, fixed tokens, tower signals) when it encodes the image: "
+                "these image features were encoded without it (mm_encoder_outputs computed before "
+                "vtprune.apply, or sliced by chunked prefill); pass pixel_values, or compute the features with "
+                "model.model.get_image_features while vtprune is applied"
+            )
         vision = self._pipeline.vision
         if vision is not None and vision.reads_tower(self.info):
             raise NotImplementedError(
@@ -256,11 +261,18 @@ class Adapter:
             raise ValueError(
                 "vtprune locates image tokens by input_ids; pass input_ids instead of inputs_embeds with images"
             )
+        generating = self._generation.current()
+        if generating is not None and generating.prompt_length > input_ids.shape[1]:
+            raise NotImplementedError(
+                f"vtprune prunes a prompt's images in one forward, and this generate() splits its "
+                f"{generating.prompt_length}-token prompt into chunks: chunked prefill (prefill_chunk_size) is not "
+                f"supported with images; pass prefill_chunk_size=None"
+            )
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError(
                 "vtprune cannot prune images in a prompt that continues a non-empty KV cache (a new image in a "
-                "later turn, or prefill_chunk_size); to continue a pruned generate() with more text, pass its "
-                "past_key_values and the full token ids without pixel_values"
+                "later turn); to continue a pruned generate() with more text, pass its past_key_values and the "
+                "full token ids without pixel_values"
             )
         # The model refuses raw pixels of one modality next to encoded features of another: encode all.
         encoded = {m: given.get(m) if given.get(m) is not None else self._encode(a, m, _PIXELS[m]) for m in present}
@@ -314,12 +326,6 @@ class Adapter:
         generating = self._generation.current()
         if generating is None or self._llm is None:
             return None
-        if generating.prompt_length > length:
-            raise NotImplementedError(
-                f"the {self._llm.pruners[0].name!r} pruner scores with the prompt's last token, which this "
-                f"forward ({length} of the prompt's {generating.prompt_length} tokens) does not hold: "
-                f"chunked prefill (prefill_chunk_size) is not supported with it"
-            )
         return length - generating.prompt_length
 
     def _llm_forward(self, original, a: dict, layout: VisualLayout, grids: list, tail: int | None) -> tuple:
