@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from families import FAMILIES
 from helpers import greedy, logits
 
 import vtprune
@@ -55,3 +56,36 @@ def test_numpy_keep_is_accepted(model):
 
     assert vtprune.DivPrune(keep=np.int64(5)).keep == 5
     assert vtprune.DivPrune(keep=np.float32(0.5)).keep == 0.5
+
+
+THREE_FAMILIES = [f for f in FAMILIES if f.name in ("llava", "llava_next", "qwen2_vl")]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES if f.name in ("llava", "llava_next", "qwen2_vl")], ids=lambda f: f.name
+)
+def test_non_finite_pixels_are_refused_by_the_vision_stage_not_miscounted(family, value):
+    model = family.model()
+    inputs, _ = family.batch(model, [([1, 5, 6, 7], [8, 9, 10], 1)])
+    inputs["pixel_values"] = inputs["pixel_values"].clone()
+    inputs["pixel_values"].view(-1)[:50] = value
+    with vtprune.apply(model, "divprune", keep=16):
+        with pytest.raises(ValueError, match="non-finite features"):
+            greedy(model, inputs)
+
+
+@dataclass
+class Repeating(VisionPruner):
+    name = "repeating"
+
+    def select(self, tokens: VisionTokens) -> torch.Tensor:
+        return torch.tensor([0, 0, 1])
+
+
+def test_a_pruner_that_repeats_a_token_is_stopped_with_a_message(model, inputs):
+    expected = logits(model, inputs)
+    with vtprune.apply(model, Repeating(keep=8)):
+        with pytest.raises(ValueError, match="'repeating' pruner must keep at most 8 ascending, distinct indices"):
+            logits(model, inputs)
+    assert torch.equal(logits(model, inputs), expected)

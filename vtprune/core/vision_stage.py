@@ -118,6 +118,13 @@ class VisionStage:
         self.keeps_positions = keeps_positions
 
     def run(self, visuals: list[Visual], layout: VisualLayout, prompt: Prompt) -> VisionOutcome:
+        for v in visuals:
+            if not bool(torch.isfinite(v.features).all()):
+                # Scores of NaN features order arbitrarily (a greedy selection may even repeat a token).
+                raise ValueError(
+                    f"{v.modality} {v.number} has non-finite features (NaN or inf, e.g. from non-finite pixel "
+                    f"values): the {self.pruner.name!r} pruner cannot rank its tokens; check the inputs"
+                )
         reductions = [select_in_parts(self.pruner, v.features, v.parts) for v in visuals]
         kept = [r.kept for r in reductions]
         # Placeholders that stay: the kept tokens' and, for each merged token, its anchor's.
@@ -186,6 +193,7 @@ def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImagePa
             keys=keys,
         )
         reduction = pruner.reduce(tokens)
+        _check_reduction(pruner, reduction, len(tokens), part_keep)
         chosen.append(part.index[reduction.kept.cpu()])
         groups += [part.index[g.cpu()] for g in reduction.groups]
     if len(parts.parts) == 1 and prunable.numel() == parts.n_tokens:
@@ -193,6 +201,22 @@ def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImagePa
     positions = torch.cat(chosen).sort().values
     as_prunable = tuple(torch.searchsorted(prunable, g) for g in groups)
     return Reduction(torch.searchsorted(prunable, positions).to(features.device), as_prunable)
+
+
+def _check_reduction(pruner: VisionPruner, r: Reduction, n: int, keep: int) -> None:
+    """Raise unless ``r`` keeps ascending, distinct indices in [0, n) and merges disjoint groups of the
+    others, at most ``keep`` tokens in all: the placeholders that stay must match the tokens exactly."""
+    kept = r.kept
+    if not isinstance(kept, torch.Tensor) or kept.dim() != 1 or kept.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"the {pruner.name!r} pruner must keep a 1-D integer tensor of indices, got {kept!r}")
+    used = torch.cat([kept.cpu().long(), *[g.cpu().long() for g in r.groups]]) if r.groups else kept.cpu().long()
+    ascending = bool((kept[1:] > kept[:-1]).all())
+    in_range = used.numel() == 0 or (int(used.min()) >= 0 and int(used.max()) < n)
+    if not ascending or not in_range or used.unique().numel() != used.numel() or kept.numel() + len(r.groups) > keep:
+        raise ValueError(
+            f"the {pruner.name!r} pruner must keep at most {keep} ascending, distinct indices in [0, {n}) (merged "
+            f"groups counted, disjoint from them); got kept={kept.tolist()} and {len(r.groups)} merged groups"
+        )
 
 
 def _global_crop_budgets(parts: ImageParts, keep: int) -> list[tuple[ImagePart, int]]:
