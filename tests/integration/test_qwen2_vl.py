@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from families import FAMILIES, assert_processor_batches_prune_like_single_prompts
 from helpers import apply, greedy
 
@@ -267,3 +268,45 @@ def test_the_processors_video_batches_prune_like_single_prompts():
     assert [t for t, _, _ in grids] == [2, 3]
     for counts in kept.values():
         assert counts == [t * max(1, round(0.25 * h * w / 4)) for t, h, w in grids]
+
+
+def _turn(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(
+            **inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True, **kwargs
+        )
+
+
+@pytest.mark.parametrize("types", [True, False], ids=["with_token_types", "without"])
+@pytest.mark.parametrize("prompt", ["image", "image+video"])
+@pytest.mark.parametrize("name", ["divprune", "uniform", "visionzip", "todre"])
+def test_continuing_a_shortened_cache_equals_starting_over(qwen, name, prompt, types):
+    model = qwen.model()
+    inputs, _ = qwen.batch(model, ONE_IMAGE if prompt == "image" else IMAGE_AND_VIDEO)
+    visual = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    with apply(model, name, keep=16):
+        # no placeholder ids among the generated tokens: starting over must see the prompt's images only
+        first = _turn(model, inputs, suppress_tokens=[IMAGE_TOKEN_ID, VIDEO_TOKEN_ID])
+        ids = torch.cat([first.sequences, torch.tensor([[40, 41, 42]])], dim=1)
+        mask = torch.ones_like(ids)
+        token_types = F.pad(inputs["mm_token_type_ids"], (0, ids.shape[1] - inputs["mm_token_type_ids"].shape[1]))
+        more = {"mm_token_type_ids": token_types} if types else {}
+        continued = _turn(
+            model, {"input_ids": ids, "attention_mask": mask, **more}, past_key_values=first.past_key_values
+        )
+        scratch = _turn(model, {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": token_types, **visual})
+    assert torch.equal(continued.sequences, scratch.sequences)
+    for a, b in zip(continued.logits, scratch.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:the '.*' pruner.*has no CLS token")  # the substitute score
+@pytest.mark.parametrize("prompt", ["image", "image+video"])
+@pytest.mark.parametrize("name", ["cls", "divprune", "random", "uniform", "visionzip", "todre"])
+def test_assisted_greedy_equals_greedy(qwen, name, prompt):
+    model, assistant = qwen.model(), qwen.model()
+    inputs, _ = qwen.batch(model, ONE_IMAGE if prompt == "image" else IMAGE_AND_VIDEO)
+    with apply(model, name, keep=16), torch.no_grad():
+        greedy_out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        assisted = model.generate(**inputs, max_new_tokens=6, do_sample=False, assistant_model=assistant)
+    assert torch.equal(assisted, greedy_out)

@@ -360,7 +360,7 @@ class Adapter:
             labels=a.get("labels"),
             position_ids=a.get("position_ids"),
             kept_positions=(lambda: self.original_positions(a)) if self.keeps_positions else None,
-            aligned={name: a[name] for name in self.token_aligned if a.get(name) is not None},
+            aligned={name: _aligned(a[name], a["input_ids"]) for name in self.token_aligned if a.get(name) is not None},
         )
         outcome = self._vision.run(visuals, layout, prompt)
         self.last = outcome.stats
@@ -389,6 +389,13 @@ class Adapter:
 
 def _vision_pruner_names() -> list[str]:
     return [name for name in available() if pruner_class(name).stage == "vision"]
+
+
+def _aligned(values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """A per-token input (B, L0) as long as ``input_ids`` (B, L): ``generate()`` does not extend such
+    inputs over assisted decoding's candidate tokens, which follow the prompt as text (0)."""
+    missing = input_ids.shape[1] - values.shape[1]
+    return torch.nn.functional.pad(values, (0, missing)) if missing > 0 else values
 
 
 def _encoder_outputs(encoded: dict, tokens: dict) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from vtprune.core.image_parts import ImageParts
-from vtprune.core.patching import PerThread
+from vtprune.core.patching import MethodPatch, PerThread
 from vtprune.core.tower_signals import TowerSignals
 from vtprune.core.video_frames import VideoFrames
 from vtprune.patches.adapter import Adapter
@@ -106,6 +106,29 @@ class Qwen2VLAdapter(Adapter):
         valid = torch.ones_like(positions[0], dtype=torch.bool) if mask is None else mask.bool()
         top = positions.amax(0).masked_fill(~valid, -1).amax(1)  # (B,) highest position of each sample
         self._deltas.get()["after"] = (top + 1 - valid.sum(1) + comp.dropped.to(top.device))[:, None]
+
+    def install(self, config) -> list:
+        undo = super().install(config)
+        try:
+            patch = MethodPatch(self.model, "_prepare_position_ids_for_generation", self._positions_for_generation)
+        except Exception:
+            for u in reversed(undo):
+                u()
+            raise
+        return [*undo, patch.undo]
+
+    def _positions_for_generation(self, original, inputs_tensor, model_kwargs):
+        """``generate()``'s position ids; when it continues a cache the vision stage shortened, the
+        positions of the original prompt's continuation (the unpruned model's)."""
+        translation = self._generation.decode.get(model_kwargs.get("past_key_values"))
+        if translation is None:
+            return original(inputs_tensor, model_kwargs)
+        # The model would count the shortened cache in original units: mm_token_type_ids sliced at the
+        # cache's length would show image tokens again. Without them it continues the text positions
+        # (which count every original token) by rope_deltas, which counts the dropped tokens again.
+        text_only = {k: v for k, v in model_kwargs.items() if k != "mm_token_type_ids"}
+        positions = original(inputs_tensor, text_only)
+        return positions - translation.comp.dropped.to(positions.device).view(1, -1, 1)
 
     def _forward(self, original, a: dict):
         saved = self.model.model.rope_deltas
