@@ -219,6 +219,32 @@ def test_accelerate_offload_equals_plain_pruned_model(inputs, tmp_path, name, ap
     handle.remove()
 
 
+@pytest.mark.parametrize("offload", ["cpu_offload", "dispatch_model"])
+@pytest.mark.parametrize("apply_first", [True, False])
+@pytest.mark.parametrize("name", ["divprune", "transprune"])
+def test_llava_next_offloaded_equals_on_device(tmp_path, name, apply_first, offload):
+    # LLaVA-NeXT's image_newline is a parameter of the model itself, which accelerate loads only inside
+    # its forward; vtprune (and generate()) encode images outside it.
+    from accelerate import cpu_offload, dispatch_model
+
+    family = next(f for f in FAMILIES if f.name == "llava_next")
+    reference = family.model()  # shared by the tests; the offloaded model is a fresh one
+    inputs, _ = family.batch(reference, [([1, 5, 6, 7], [8, 9, 10, 11, 12], 1)])
+    with apply(reference, name, keep=16):
+        expected, expected_tokens = logits(reference, inputs), greedy(reference, inputs)
+    model = family.build(attn="sdpa")
+    handle = apply(model, name, keep=16) if apply_first else None
+    if offload == "cpu_offload":
+        cpu_offload(model, execution_device="cpu")
+    else:
+        device_map = {"model": "disk", "lm_head": "cpu"}  # the whole model offloaded to disk
+        dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path), force_hooks=True)
+    handle = handle or apply(model, name, keep=16)
+    torch.testing.assert_close(logits(model, inputs), expected, atol=1e-5, rtol=0)
+    assert torch.equal(greedy(model, inputs), expected_tokens)
+    handle.remove()
+
+
 # -- 6. torch.compile ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_compiled_model_generates_like_eager():

@@ -39,6 +39,7 @@ from vtprune.core.video_frames import VideoFrames
 from vtprune.core.vision_stage import Prompt, VisionStage, Visual, visuals_of
 from vtprune.patches import towers
 from vtprune.patches.llama import LLAMA
+from vtprune.patches.offload import weights_loaded
 from vtprune.pruners.pipeline import Pipeline, as_pipeline
 from vtprune.registry import available, pruner_class
 
@@ -196,7 +197,7 @@ class Adapter:
     def _encoded_features(self, modality: str, original, *args, **kwargs):
         bound = inspect.signature(original).bind(*args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
-        with self._tower_reader.reading() as read:
+        with self._tower_reader.reading() as read, weights_loaded(self.model.model):
             out = original(*args, **kwargs)
         signals = TowerSignals.of(read["scores"], read["keys"])
         if isinstance(out, tuple):
