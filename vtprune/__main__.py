@@ -187,13 +187,19 @@ def main(argv: list[str] | None = None) -> int:
         from vtprune.profiling.cli import main as profile
 
         return profile(argv[1:])
+    if argv[:1] == ["eval"]:
+        from vtprune.evaluation.cli import main as evaluate
+
+        return evaluate(argv[1:])
     parser = argparse.ArgumentParser(
         prog="vtprune",
         description="Visual-token pruning for LLaVA models. 'vtprune demo' runs every pruner on a LLaVA; "
-        "'vtprune profile' measures latency, memory and FLOPs (see 'vtprune profile --help').",
+        "'vtprune profile' measures latency, memory and FLOPs (see 'vtprune profile --help'); 'vtprune eval' runs "
+        "lmms-eval with vtprune's model and an exit status that says whether it worked.",
     )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("profile", help="latency, memory and FLOPs vs kept tokens (vtprune profile --help)", add_help=False)
+    sub.add_parser("eval", help="lmms-eval with vtprune's model; exits non-zero when the run fails", add_help=False)
     d = sub.add_parser(
         "demo",
         help="run every pruner on a LLaVA (the real-weights proxy when installed)",

@@ -134,3 +134,41 @@ def test_accelerate_launch_shards_the_requests_over_two_cpu_processes(setup, tmp
                 assert [float(x) for x, _ in other] == pytest.approx(
                     [float(x) for x, _ in sample["filtered_resps"]], abs=1e-4
                 )
+
+
+def _vtprune_eval(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "VTPRUNE_EVAL_DATA": str(root / "data")}
+    env["HF_DATASETS_CACHE"] = str(root / "datasets_cache")
+    command = [sys.executable, "-m", "vtprune", "eval", "--include_path", str(ROOT / "eval" / "tasks"), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "model_args, message",
+    [
+        ("pruner=bogus", "unknown pruner 'bogus'"),
+        ("pruner=divprune,keep=abc", "keep must be an int"),
+        ("pruner=divprune,keep=0", "keep must be >= 1"),
+        ("pruner=divprune,kep=16", "it takes keep"),
+    ],
+)
+def test_vtprune_eval_refuses_bad_model_args_with_one_line_and_exit_2(setup, tmp_path, model_args, message):
+    root, model_dir = setup
+    done = _vtprune_eval(root, "--model_args", f"pretrained={model_dir},{model_args}", "--tasks", TASKS[0])
+    assert done.returncode == 2 and message in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_vtprune_eval_exits_non_zero_when_lmms_eval_fails_and_zero_when_it_works(setup, tmp_path):
+    root, model_dir = setup
+    missing = _vtprune_eval(root, "--model_args", "pretrained=/nonexistent,pruner=divprune", "--tasks", TASKS[0])
+    assert missing.returncode == 2 and "pretrained=/nonexistent: no such directory" in missing.stderr
+    # a failure only lmms-eval sees (a directory that holds no model), after which lmms-eval itself exits 0
+    (tmp_path / "empty").mkdir()
+    failed = _vtprune_eval(root, "--model_args", f"pretrained={tmp_path / 'empty'},device=cpu", "--tasks", TASKS[0])
+    assert failed.returncode == 1 and "lmms-eval wrote no results" in failed.stderr, failed.stderr[-2000:]
+    args = f"pretrained={model_dir},device=cpu,pruner=divprune,keep={KEEP}"
+    out = tmp_path / "out"
+    done = _vtprune_eval(root, "--model_args", args, "--tasks", TASKS[0], "--output_path", str(out), "--limit", "2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert list(out.rglob("*_results.json"))
