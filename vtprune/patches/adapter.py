@@ -1,20 +1,12 @@
 """The adapter shared by LLaVA-style families: image features scattered into placeholder tokens.
 
 A family (``llava.py``, ``llava_next.py``, ...) subclasses ``Adapter`` and says which model classes it
-takes, how many visual tokens one image has, and how each image's tokens are laid out (``ImageParts``:
-grids, tokens never pruned). Everything else is shared.
-
-Instance-level patches (``MethodPatch``), all undone by ``remove()`` and copied by ``copy.deepcopy``:
-- ``model.model.get_image_features`` also records, on each image's feature tensor, the patch grid and
-  (when the pruner asks) the tower's CLS attention. ``generate()`` calls it before prefill and looks
-  up its signature, which the patch keeps.
-- ``model.forward`` locates each image's placeholder tokens from ``config.image_token_id`` and runs
-  the vision stage (shortens the prompt) or scopes the LLM stage's decoder hooks; decode steps after
-  a shortened prefill get their mask and positions mapped onto the shorter cache.
-- ``model.generate`` records where the prompt ends (the LLM stage scores with the last prompt token
-  even when the first forward holds more, as in assisted decoding or ``use_cache=False``).
-- ``model.prepare_inputs_for_generation`` maps lengths between ``input_ids`` and a shortened cache
-  when a ``generate()`` continues one, and keeps 2-D masks for static caches (mapped in ``forward``).
+takes and how each image's tokens are laid out (``ImageParts``: grids, tokens never pruned). The
+adapter installs instance-level patches (``MethodPatch``; undone by ``remove()``, copied by
+``copy.deepcopy``): ``get_image_features`` (records each image's layout and what the pruner reads in
+the tower), ``forward`` (locates the placeholders from ``config.image_token_id``, runs the vision stage
+or scopes the LLM stage's hooks, maps decode steps onto a shortened cache), and ``generate`` /
+``prepare_inputs_for_generation`` (``core/generation.py``). The stages themselves live in ``core/``.
 """
 
 from __future__ import annotations
