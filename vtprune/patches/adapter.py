@@ -48,15 +48,6 @@ def _requested(a: dict, config, name: str) -> bool:
     return value is not None and value is not False
 
 
-def _feature_layers(config, n_layers: int) -> tuple[int, ...]:
-    """Encoder layers (0-based) whose outputs are the selected hidden states."""
-    selected = config.vision_feature_layer
-    selected = [selected] if isinstance(selected, int) else list(selected)
-    # hidden_states[j] is the output of encoder layer j-1; hidden_states[0] is the embeddings.
-    layers = [(j % (n_layers + 1)) - 1 for j in selected]
-    return tuple(sorted({max(i, 0) for i in layers}))
-
-
 class Adapter:
     """Attach the stages to one model instance. Subclasses set ``supported`` and implement
     ``visual_tokens`` and ``image_parts``."""
@@ -103,7 +94,10 @@ class Adapter:
 
     def feature_layers(self, n_tower: int) -> tuple[int, ...]:
         """Encoder layers (0-based) whose outputs are the selected image features."""
-        return _feature_layers(self.config, n_tower)
+        selected = self.config.vision_feature_layer
+        selected = [selected] if isinstance(selected, int) else list(selected)
+        # hidden_states[j] is the output of encoder layer j-1; hidden_states[0] is the embeddings.
+        return tuple(sorted({max((j % (n_tower + 1)) - 1, 0) for j in selected}))
 
     def original_positions(self, a: dict) -> torch.Tensor | None:
         """(R, B, L) position ids of the full prompt, for families that keep them (``keeps_positions``)."""
