@@ -248,18 +248,18 @@ class Adapter:
             raise ValueError(
                 "vtprune locates image tokens by input_ids; pass input_ids instead of inputs_embeds with images"
             )
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError(
+                "vtprune cannot prune images in a prompt that continues a non-empty KV cache (a new image in a "
+                "later turn); to continue a pruned generate() with more text, pass its past_key_values and the "
+                "full token ids without pixel_values"
+            )
         generating = self._generation.current()
         if generating is not None and generating.prompt_length > input_ids.shape[1]:
             raise NotImplementedError(
                 f"vtprune prunes a prompt's images in one forward, and this generate() splits its "
                 f"{generating.prompt_length}-token prompt into chunks: chunked prefill (prefill_chunk_size) is not "
                 f"supported with images; pass prefill_chunk_size=None"
-            )
-        if cache is not None and cache.get_seq_length() > 0:
-            raise NotImplementedError(
-                "vtprune cannot prune images in a prompt that continues a non-empty KV cache (a new image in a "
-                "later turn); to continue a pruned generate() with more text, pass its past_key_values and the "
-                "full token ids without pixel_values"
             )
         # The model refuses raw pixels of one modality next to encoded features of another: encode all.
         encoded = {m: given.get(m) if given.get(m) is not None else self._encode(a, m, _PIXELS[m]) for m in present}
