@@ -22,6 +22,7 @@ from vtprune.testing import batch_inputs, make_prompt, tiny_llava
 from vtprune.timing import paired_median_seconds
 
 PHOTOS = ("astronaut", "cat")
+TINY_VISUAL_TOKENS = 576  # the tiny demo model's 336 px images in 14 px patches
 N_TEST_IMAGES = 1000  # easy-vqa's test split
 
 
@@ -53,12 +54,14 @@ def tiny_demo(keep, repeats: int) -> None:
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     print(f"tiny random LLaVA: {n_visual} visual tokens per image, prompt of {inputs['input_ids'].shape[1]} tokens")
     print(f"prefill times: medians of {repeats} runs, unpruned and pruned alternately, after a warm-up")
-    print(f"{'pruner':<10} {'kept':>6} {'per decoder layer':<20} {'prefill ms':>10} {'speed-up':>8}")
+    print(
+        f"{'pruner':<10} {'kept':>6} {'per decoder layer':<20} {'unpruned ms':>11} {'prefill ms':>10} {'speed-up':>8}"
+    )
     for name in vtprune.available():
         unpruned, seconds, stats = timed_pair(model, name, keep, lambda: model(**inputs), repeats)
         print(
-            f"{name:<10} {stats.token_counts[0]:>6} {_per_layer(stats):<20} {seconds * 1e3:>10.1f} "
-            f"{unpruned / seconds:>7.2f}x"
+            f"{name:<10} {stats.token_counts[0]:>6} {_per_layer(stats):<20} {unpruned * 1e3:>11.1f} "
+            f"{seconds * 1e3:>10.1f} {unpruned / seconds:>7.2f}x"
         )
 
 
@@ -146,9 +149,10 @@ def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max
     elif image_id is not None:
         print(f"true answer: unknown (easy-vqa does not ask this question about test image {image_id})")
     print(f"prefill times: medians of {repeats} runs, unpruned and pruned alternately, after a warm-up")
-    print(f"{'pruner':<10} {'kept':>8} {'per decoder layer':<20} {'prefill ms':>10} {'speed-up':>8}  answer")
+    columns = f"{'unpruned ms':>11} {'prefill ms':>10} {'speed-up':>8}"
+    print(f"{'pruner':<10} {'kept':>8} {'per decoder layer':<20} {columns}  answer")
     reply = answer()
-    print(f"{'(none)':<10} {f'{grid * grid}':>8} {'':<20} {'':>10} {'':>8}  {_verdict(reply, truth)}")
+    print(f"{'(none)':<10} {f'{grid * grid}':>8} {'':<20} {'':>11} {'':>10} {'':>8}  {_verdict(reply, truth)}")
     panels = [(f"input, {grid * grid} tokens\n-> {_verdict(reply, truth, PANEL_TEXT)}", view)]
     for name in vtprune.available():
         unpruned, seconds, stats = timed_pair(model, name, keep, prefill, repeats)
@@ -156,8 +160,8 @@ def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max
             reply = answer()
         kept = stats.kept[0]
         print(
-            f"{name:<10} {stats.token_counts[0]:>8} {_per_layer(stats):<20} {seconds * 1e3:>10.1f} "
-            f"{unpruned / seconds:>7.2f}x  {_verdict(reply, truth)}"
+            f"{name:<10} {stats.token_counts[0]:>8} {_per_layer(stats):<20} {unpruned * 1e3:>11.1f} "
+            f"{seconds * 1e3:>10.1f} {unpruned / seconds:>7.2f}x  {_verdict(reply, truth)}"
         )
         title, panel = kept_panel(name, view, kept, grid, merged=len(stats.merged[0]) if stats.merged else 0)
         panels.append((f"{title}\n-> {_verdict(reply, truth, PANEL_TEXT)}", panel))
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "'vtprune profile' measures latency, memory and FLOPs (see 'vtprune profile --help'); 'vtprune eval' runs "
         "lmms-eval with vtprune's model and an exit status that says whether it worked.",
     )
+    parser.add_argument("--version", action="version", version=f"vtprune {vtprune.__version__}")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("profile", help="latency, memory and FLOPs vs kept tokens (vtprune profile --help)", add_help=False)
     sub.add_parser("eval", help="lmms-eval with vtprune's model; exits non-zero when the run fails", add_help=False)
@@ -232,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     d.add_argument("--out", type=Path, default=None, help="proxy: overlay PNG to write (default vtprune-demo.png)")
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = d.parse_args(argv or [])
+    if args.command is None:  # bare `vtprune`: say what there is rather than start the minutes-long demo
+        parser.print_help()
+        return 0
     from vtprune import proxy
 
     tiny = args.tiny or not proxy.available()
@@ -242,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         d.error(f"{', '.join(given)} only apply to the proxy demo, not with --tiny")
     if args.repeats < 1:
         d.error(f"--repeats must be >= 1, got {args.repeats}")
+    if isinstance(args.keep, int):
+        from vtprune.proxy.assemble import TOKENS_PER_IMAGE
+
+        n_visual, model_name = (TINY_VISUAL_TOKENS, "tiny model") if tiny else (TOKENS_PER_IMAGE, "proxy")
+        if args.keep > n_visual:
+            d.error(f"--keep {args.keep}: more than the {n_visual} visual tokens of the {model_name}'s image")
     image = args.image if args.image is not None else DEFAULT_IMAGE
     image_id = _easy_vqa_id(image)
     question = args.question

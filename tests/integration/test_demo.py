@@ -1,5 +1,8 @@
 """`python -m vtprune demo` runs every pruner and reports what it kept (and, on the proxy, answered)."""
 
+import subprocess
+import sys
+
 import pytest
 
 import vtprune
@@ -16,6 +19,8 @@ def test_tiny_demo_prints_every_pruner(capsys):
         line = next(row for row in out.splitlines() if row.startswith(name + " "))
         fields = line.split()
         assert fields[-1].endswith("x") and float(fields[-1][:-1]) > 0  # the speed-up column
+        unpruned_ms, pruned_ms = float(fields[-3]), float(fields[-2])  # the unpruned prefill time is shown
+        assert unpruned_ms > 0 and unpruned_ms / pruned_ms == pytest.approx(float(fields[-1][:-1]), rel=0.05)
         if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner):
             # keep is the mean per decoder layer; the tiny model's 4 layers leave few tokens at the end
             assert int(fields[1]) < 32 and "(576.." in line
@@ -101,6 +106,7 @@ def test_verdict_judges_the_first_word_and_shortens_long_replies():
         (["demo", "--question", "  "], "--question"),
         (["demo", "--out", "demo.jpg"], "--out"),
         (["demo", "--keep", "1.5"], "in (0, 1]"),
+        (["demo", "--tiny", "--keep", "1000"], "--keep 1000: more than the 576 visual tokens"),
         (["demo", "--keep", "many"], "must be an int or a fraction"),
         (["demo", "--tiny", "--image", "cat"], "only apply to the proxy demo"),
         (["demo", "--repeats", "0"], "--repeats"),
@@ -113,3 +119,11 @@ def test_demo_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_bare_vtprune_prints_help_instead_of_starting_the_demo_and_knows_its_version():
+    done = subprocess.run([sys.executable, "-m", "vtprune"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage: vtprune" in done.stdout and "demo" in done.stdout
+    assert "prefill" not in done.stdout  # nothing ran
+    done = subprocess.run([sys.executable, "-m", "vtprune", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"vtprune {vtprune.__version__}"

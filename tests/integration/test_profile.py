@@ -98,6 +98,8 @@ def test_profile_loads_a_model_directory(tmp_path, capsys):
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--csv", "out.txt"], "out.txt: must end in .csv"),
         (["--pruners", "fastv", "--keeps", "1.5"], "--keeps: keep must be in (0, 1]"),
+        (["--image", __file__], "--image and --question apply to --model proxy or a model directory"),
+        (["--question", "Which colour?"], "--image and --question apply to --model proxy or a model directory"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(args, message):
@@ -107,3 +109,11 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message):
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == [lines[-1]] and message in lines[-1] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_image_file_pil_cannot_read_gives_one_line_and_exit_2(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # the model is never loaded: the image is checked first
+    args = ["profile", "--model", str(tmp_path), "--image", __file__]
+    done = subprocess.run([sys.executable, "-m", "vtprune", *args], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "not an image file PIL can read" in done.stderr.strip().splitlines()[-1]

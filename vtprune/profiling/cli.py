@@ -33,6 +33,9 @@ COLUMNS = (
 )
 
 
+QUESTION = "What is shown in this image?"
+
+
 class ProfileError(Exception):
     """A bad argument: printed as one line, exit status 2."""
 
@@ -49,7 +52,7 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run (default 16)")
     p.add_argument("--batch-size", type=int, default=1, help="copies of the prompt per batch (default 1)")
     p.add_argument("--image", type=Path, default=None, help="image file (default: a built-in one)")
-    p.add_argument("--question", default="What is shown in this image?", help="the prompt's question")
+    p.add_argument("--question", default=None, help=f"the prompt's question (default {QUESTION!r})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="model directories: auto, float32, float16, bfloat16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -84,8 +87,18 @@ def check_args(args):
             raise ProfileError(f"{name} must be >= {low}, got {value}")
     if args.model not in ("tiny", "proxy") and not (Path(args.model) / "config.json").is_file():
         raise ProfileError(f"--model {args.model!r}: not tiny, proxy, or a model directory with config.json")
+    if args.model == "tiny" and (args.image is not None or args.question is not None):
+        raise ProfileError("--image and --question apply to --model proxy or a model directory, not --model tiny")
     if args.image is not None and not args.image.is_file():
         raise ProfileError(f"--image {args.image}: no such file")
+    if args.image is not None:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(args.image) as opened:
+                opened.verify()
+        except (UnidentifiedImageError, OSError) as error:
+            raise ProfileError(f"--image {args.image}: not an image file PIL can read ({error})") from None
     for path, suffix in ((args.csv, ".csv"), (args.plot, ".png")):
         if path is not None and path.suffix.lower() != suffix:
             raise ProfileError(f"{path}: must end in {suffix}")
@@ -140,7 +153,7 @@ def workload(args, device):
         description = f"{args.model} ({type(model).__name__})"
     from vtprune.evaluation.prompts import chat_prompt
 
-    text = chat_prompt(processor, args.question, 1)
+    text = chat_prompt(processor, args.question or QUESTION, 1)
     image = _image(args)
     inputs = processor(
         text=[text] * args.batch_size, images=[image] * args.batch_size, return_tensors="pt", padding=True
