@@ -121,6 +121,7 @@ def test_demo_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh Python process per case: seconds each
 def test_bare_vtprune_prints_help_instead_of_starting_the_demo_and_knows_its_version():
     done = subprocess.run([sys.executable, "-m", "vtprune"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "usage: vtprune" in done.stdout and "demo" in done.stdout

@@ -87,6 +87,7 @@ def test_profile_loads_a_model_directory(tmp_path, capsys):
     assert "LlavaForConditionalGeneration" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a fresh Python process per case: seconds each
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -111,6 +112,7 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message):
     assert lines == [lines[-1]] and message in lines[-1] and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # a fresh Python process per case: seconds each
 def test_an_image_file_pil_cannot_read_gives_one_line_and_exit_2(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # the model is never loaded: the image is checked first
     args = ["profile", "--model", str(tmp_path), "--image", __file__]

@@ -140,6 +140,7 @@ def test_backend_resolution(monkeypatch):
     assert resolve_backend("auto", on_gpu) == "torch"
 
 
+@pytest.mark.slow  # a fresh Python process per case: seconds each
 def test_ops_work_without_triton():
     script = """
 import sys
