@@ -89,3 +89,17 @@ def test_a_pruner_that_repeats_a_token_is_stopped_with_a_message(model, inputs):
         with pytest.raises(ValueError, match="'repeating' pruner must keep at most 8 ascending, distinct indices"):
             logits(model, inputs)
     assert torch.equal(logits(model, inputs), expected)
+
+
+@dataclass
+class RepeatingFastV(vtprune.FastV):
+    def select(self, tokens: PromptTokens) -> torch.Tensor:
+        return torch.tensor([0, 0])
+
+
+def test_an_llm_stage_pruner_that_repeats_a_token_is_stopped_with_a_message(model, inputs):
+    expected = logits(model, inputs)
+    with vtprune.apply(model, RepeatingFastV(keep=8)):
+        with pytest.raises(ValueError, match=r"pruner's select\(\) must return at most 8 ascending, distinct"):
+            logits(model, inputs)
+    assert torch.equal(logits(model, inputs), expected)

@@ -33,7 +33,7 @@ from vtprune.core.masks import compact_mask
 from vtprune.core.patching import PerThread
 from vtprune.core.schedule import DropPoint
 from vtprune.core.stats import PruneStats
-from vtprune.core.tokens import ModelInfo, PromptTokens
+from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction
 from vtprune.ops import transition_variation
 
 
@@ -283,11 +283,7 @@ class LLMStage:
         if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"the {pruner.name!r} pruner's select() must return a 1-D integer tensor, got {idx!r}")
         idx = idx.to(image.present.device, torch.long)
-        if (
-            idx.numel() > point.keep
-            or (idx.numel() and (idx.min() < 0 or idx.max() >= n))
-            or bool((idx[1:] <= idx[:-1]).any())
-        ):
+        if not Reduction(idx).fits(n, point.keep):
             raise ValueError(
                 f"the {pruner.name!r} pruner's select() must return at most {point.keep} ascending, distinct "
                 f"indices in [0, {n}), got {idx.tolist()}"

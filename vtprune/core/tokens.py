@@ -1,5 +1,5 @@
 """The containers the stages hand to pruners: what a pruner may know of the model, the tokens it
-scores in each stage, and what a vision pruner makes of them. Pure data, no behaviour."""
+scores in each stage, and what a vision pruner makes of them. Data, and the check of its consistency."""
 
 from __future__ import annotations
 
@@ -83,6 +83,15 @@ class Reduction:
 
     kept: torch.Tensor
     groups: tuple[torch.Tensor, ...] = ()
+
+    def fits(self, n: int, keep: int) -> bool:
+        """Whether this is a reduction of ``n`` tokens to at most ``keep``: ascending kept indices in
+        [0, n), groups disjoint from them and from each other (what the stages check of every pruner)."""
+        used = torch.cat([self.kept.cpu().long(), *[g.cpu().long() for g in self.groups]])
+        ascending = bool((self.kept[1:] > self.kept[:-1]).all())
+        in_range = used.numel() == 0 or (int(used.min()) >= 0 and int(used.max()) < n)
+        distinct = used.unique().numel() == used.numel()
+        return ascending and in_range and distinct and self.kept.numel() + len(self.groups) <= keep
 
     @property
     def anchors(self) -> torch.Tensor:

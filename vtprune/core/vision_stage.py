@@ -209,10 +209,7 @@ def _check_reduction(pruner: VisionPruner, r: Reduction, n: int, keep: int) -> N
     kept = r.kept
     if not isinstance(kept, torch.Tensor) or kept.dim() != 1 or kept.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"the {pruner.name!r} pruner must keep a 1-D integer tensor of indices, got {kept!r}")
-    used = torch.cat([kept.cpu().long(), *[g.cpu().long() for g in r.groups]]) if r.groups else kept.cpu().long()
-    ascending = bool((kept[1:] > kept[:-1]).all())
-    in_range = used.numel() == 0 or (int(used.min()) >= 0 and int(used.max()) < n)
-    if not ascending or not in_range or used.unique().numel() != used.numel() or kept.numel() + len(r.groups) > keep:
+    if not r.fits(n, keep):
         raise ValueError(
             f"the {pruner.name!r} pruner must keep at most {keep} ascending, distinct indices in [0, {n}) (merged "
             f"groups counted, disjoint from them); got kept={kept.tolist()} and {len(r.groups)} merged groups"

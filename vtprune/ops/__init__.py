@@ -6,7 +6,7 @@ the oracle in the tests; ``triton`` runs fused kernels (CUDA, or Triton's CPU in
 imported only when a kernel first runs. The merging helpers are plain torch.
 """
 
-from vtprune.ops._backend import BACKENDS, resolve_backend, triton_available
+from vtprune.ops._backend import BACKENDS, check_backend, resolve_backend, triton_available
 from vtprune.ops.attention import attention_rows
 from vtprune.ops.diversity import max_min_diversity
 from vtprune.ops.k_center import k_center
@@ -17,6 +17,7 @@ from vtprune.ops.transition import transition_variation
 __all__ = [
     "BACKENDS",
     "attention_rows",
+    "check_backend",
     "farthest_points",
     "k_center",
     "max_min_diversity",

@@ -25,6 +25,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def check_backend(backend) -> None:
+    """Raise ValueError unless ``backend`` is one of ``BACKENDS``."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """The implementation that will run for ``backend`` on ``tensors``: ``"torch"`` or ``"triton"``.
 
@@ -32,8 +38,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     ``triton`` on CPU tensors is allowed only under Triton's interpreter, which is how the kernels are
     tested on machines without a GPU.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
         return "triton" if on_cuda and triton_available() and not triton_interpreted() else "torch"

@@ -265,7 +265,8 @@ class Adapter:
         encoded = {m: given.get(m) if given.get(m) is not None else self._encode(a, m, _PIXELS[m]) for m in present}
         visuals = self._visuals(encoded)
         layout = self._layout(input_ids, [(v.modality, v.parts) for v in visuals])
-        tail = self._tail_after_prompt(input_ids.shape[1])
+        # Tokens after the last prompt token (assisted decoding's candidates, use_cache=False's tokens).
+        tail = None if generating is None or self._llm is None else input_ids.shape[1] - generating.prompt_length
         if self._vision is None:
             grids = [visuals[i].parts.grid for items in layout.items for i in items]
             out, stats = self._llm_forward(original, a, layout, grids, tail)
@@ -306,14 +307,6 @@ class Adapter:
         a[pixels] = None
         a["mm_encoder_outputs"] = {**(a.get("mm_encoder_outputs") or {}), modality: encoded}
         return encoded
-
-    def _tail_after_prompt(self, length: int) -> int | None:
-        """Tokens after the last prompt token in this forward (assisted decoding's candidates, the
-        tokens of ``use_cache=False``), when a ``generate()`` says where its prompt ends."""
-        generating = self._generation.current()
-        if generating is None or self._llm is None:
-            return None
-        return length - generating.prompt_length
 
     def _llm_forward(self, original, a: dict, layout: VisualLayout, grids: list, tail: int | None) -> tuple:
         """Run the forward with the LLM stage's drops; returns the output and the stage's stats."""

@@ -13,7 +13,6 @@ from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_
 from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, VisionTokens
 
 # What the stages hand a pruner, re-exported here: a pruner's file imports everything it needs from base.
-from vtprune.ops import BACKENDS
 
 
 def _checked_keep(keep) -> int | float:
@@ -53,7 +52,6 @@ __all__ = [
     "ScheduledPruner",
     "VisionPruner",
     "VisionTokens",
-    "check_backend",
     "keep_from_text",
     "top_k_sorted",
 ]
@@ -209,12 +207,6 @@ class ScheduledPruner(LLMPruner):
             return explicit(self.schedule, n_tokens)
         average = budget_tokens(self.keep, n_tokens)
         return fit_average(list(self.depths), list(self.ratios), info.num_decoder_layers, n_tokens, average)
-
-
-def check_backend(backend) -> None:
-    """Raise ValueError unless ``backend`` is one of the ops' backends (``vtprune.ops.BACKENDS``)."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

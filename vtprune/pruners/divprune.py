@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.ops import max_min_diversity
-from vtprune.pruners.base import VisionPruner, VisionTokens, check_backend
+from vtprune.ops import check_backend, max_min_diversity
+from vtprune.pruners.base import VisionPruner, VisionTokens
 from vtprune.registry import register
 
 

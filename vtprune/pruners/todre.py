@@ -10,8 +10,8 @@ from typing import ClassVar
 import torch
 
 from vtprune.core.schedule import DropPoint
-from vtprune.ops import k_center
-from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens, VisionPruner, VisionTokens, check_backend
+from vtprune.ops import check_backend, k_center
+from vtprune.pruners.base import LLMPruner, ModelInfo, PromptTokens, VisionPruner, VisionTokens
 from vtprune.pruners.cls import warn_without_cls
 from vtprune.pruners.pipeline import Pipeline
 from vtprune.registry import register
