@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--cache-dir", type=Path, default=None, help="default: $VTPRUNE_CACHE/proxy or ~/.cache/vtprune/proxy"
     )

@@ -3,6 +3,8 @@
     python scripts/easyvqa_agreement.py eval/runs/proxy/unpruned
     python scripts/easyvqa_agreement.py eval/runs/proxy/divprune@16 --pruner divprune --keep 16
 
+(``eval/runs/proxy/`` holds the lmms-eval outputs of ``scripts/sweep.py eval/sweeps/proxy.yaml``.)
+
 Reads a finished lmms-eval run of ``vtprune_easyvqa`` or ``vtprune_easyvqa_image_reading`` (its samples
 log: the log-likelihood of each of the 13 answers), asks ``vtprune.proxy.evaluate.predict`` the same
 questions on the same model (unpruned, or under ``--pruner``/``--keep``), and prints both accuracies,
@@ -43,7 +45,7 @@ def lmms_predictions(run: Path, data_dir: Path) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="an lmms-eval --output_path of a vtprune_easyvqa run")
     p.add_argument("--pruner", default=None)
     p.add_argument("--keep", type=int, default=None)

@@ -25,7 +25,7 @@ UNPRUNED = "unpruned"
 def parse_args(argv=None):
     import vtprune
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pruners", nargs="+", default=list(vtprune.available()), choices=list(vtprune.available()))
     p.add_argument("--keeps", nargs="+", type=int, default=[8, 16, 32, 64], help="visual tokens kept of 256")
     p.add_argument("--n", type=int, default=1000, help="test questions (the fixed seeded subset)")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_out = os.environ.get("VTPRUNE_EVAL_DATA")
     p.add_argument("--out", type=Path, default=default_out, required=default_out is None, help="data directory")
     p.add_argument("--shapes", type=int, default=200, help="drawn shape images (one yes/no and one choice each)")

@@ -26,7 +26,7 @@ FOREGROUND_SHARE = 0.25
 def parse_args(argv=None):
     import vtprune
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pruners", nargs="+", default=list(vtprune.available()), choices=list(vtprune.available()))
     p.add_argument("--keep", type=int, default=32, help="visual tokens kept of 256")
     p.add_argument("--test-images", nargs="*", type=int, default=[0, 1, 2], help="easy-vqa test image ids")

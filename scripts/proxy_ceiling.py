@@ -21,7 +21,7 @@ from collections import Counter
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=32, help="learned embeddings per image (K)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--images-per-step", type=int, default=4)

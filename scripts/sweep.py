@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="a sweep YAML, e.g. eval/sweeps/proxy.yaml")
     p.add_argument("--runs", type=Path, default=ROOT / "eval" / "runs", help="lmms-eval outputs (default eval/runs)")
     p.add_argument("--results", type=Path, default=ROOT / "eval" / "results", help="tables and plots")

@@ -10,6 +10,7 @@ or with ``--tiny``, it runs a tiny random-weight LLaVA instead (token counts and
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import textwrap
 from pathlib import Path
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 
 import vtprune
+from vtprune.cli_parser import OneLineParser
 from vtprune.pruners.base import keep_from_text
 from vtprune.testing import batch_inputs, make_prompt, tiny_llava
-from vtprune.timing import paired_median_seconds
+from vtprune.timing import Spread, paired_seconds, speedup
 
 PHOTOS = ("astronaut", "cat")
 TINY_VISUAL_TOKENS = 576  # the tiny demo model's 336 px images in 14 px patches
@@ -35,8 +37,8 @@ def _per_layer(stats) -> str:
 
 
 def timed_pair(model, name: str, keep, forward, repeats: int):
-    """Median seconds of ``forward()`` unpruned and under ``name``, run alternately after a warm-up,
-    and the pruned forward's stats. Applying and removing the pruner is part of the pruned run."""
+    """Wall times of ``forward()`` unpruned and under ``name``, run alternately after a warm-up, and
+    the pruned forward's stats. Applying and removing the pruner is part of the pruned run."""
     state = {}
 
     def pruned():
@@ -44,8 +46,41 @@ def timed_pair(model, name: str, keep, forward, repeats: int):
             forward()
         state["stats"] = handle.last
 
-    unpruned, seconds = paired_median_seconds(forward, pruned, repeats=repeats)
+    unpruned, seconds = paired_seconds(forward, pruned, repeats=repeats)
     return unpruned, seconds, state["stats"]
+
+
+def _runs(repeats: int) -> str:
+    return "one run" if repeats == 1 else f"medians of {repeats} runs"
+
+
+TIMING_NOTE = (
+    "prefill times: {runs}, unpruned and pruned alternately, after a warm-up; "
+    "speed-up: the median of the paired ratios and (in parentheses) their interquartile range"
+)
+TIME_COLUMNS = f"{'unpruned ms':>11} {'prefill ms':>10} {'speed-up (IQR)':>20}"
+
+
+def _times(unpruned: list[float], pruned: list[float]) -> tuple[str, Spread]:
+    """The timing columns of a row, and the speed-up they show."""
+    ratio = speedup(unpruned, pruned)
+    shown = f"{ratio.median:.2f}x ({ratio.low:.2f}-{ratio.high:.2f})"
+    return f"{statistics.median(unpruned) * 1e3:>11.1f} {statistics.median(pruned) * 1e3:>10.1f} {shown:>20}", ratio
+
+
+def pruned_nothing(stats, n_visual: int) -> bool:
+    """Whether every decoder layer of the first sample saw all ``n_visual`` visual tokens."""
+    return all(count == n_visual for count in stats.layer_tokens[0])
+
+
+def noise_warning(noisy: list[str]) -> str | None:
+    """The line printed when pruners that pruned nothing still show a speed-up outside their noise."""
+    if not noisy:
+        return None
+    return (
+        f"warning: {', '.join(noisy)} pruned nothing at this keep, yet the interquartile range of the speed-up "
+        "excludes 1.00x: this machine's timings are noisier than the repeats show; raise --repeats"
+    )
 
 
 def tiny_demo(keep, repeats: int) -> None:
@@ -53,16 +88,17 @@ def tiny_demo(keep, repeats: int) -> None:
     inputs = batch_inputs(model, [make_prompt(model, [1, 5, 6, 7], [8, 9, 10, 11])])
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     print(f"tiny random LLaVA: {n_visual} visual tokens per image, prompt of {inputs['input_ids'].shape[1]} tokens")
-    print(f"prefill times: medians of {repeats} runs, unpruned and pruned alternately, after a warm-up")
-    print(
-        f"{'pruner':<10} {'kept':>6} {'per decoder layer':<20} {'unpruned ms':>11} {'prefill ms':>10} {'speed-up':>8}"
-    )
+    print(TIMING_NOTE.format(runs=_runs(repeats)))
+    print(f"{'pruner':<10} {'kept':>6} {'per decoder layer':<20} {TIME_COLUMNS}")
+    noisy = []
     for name in vtprune.available():
         unpruned, seconds, stats = timed_pair(model, name, keep, lambda: model(**inputs), repeats)
-        print(
-            f"{name:<10} {stats.token_counts[0]:>6} {_per_layer(stats):<20} {unpruned * 1e3:>11.1f} "
-            f"{seconds * 1e3:>10.1f} {unpruned / seconds:>7.2f}x"
-        )
+        columns, ratio = _times(unpruned, seconds)
+        print(f"{name:<10} {stats.token_counts[0]:>6} {_per_layer(stats):<20} {columns}")
+        if pruned_nothing(stats, n_visual) and not ratio.contains(1.0):
+            noisy.append(name)
+    if warning := noise_warning(noisy):
+        print(warning)
 
 
 EASY_VQA = "easy-vqa:"
@@ -148,23 +184,26 @@ def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max
         print(f"true answer: {truth}")
     elif image_id is not None:
         print(f"true answer: unknown (easy-vqa does not ask this question about test image {image_id})")
-    print(f"prefill times: medians of {repeats} runs, unpruned and pruned alternately, after a warm-up")
-    columns = f"{'unpruned ms':>11} {'prefill ms':>10} {'speed-up':>8}"
-    print(f"{'pruner':<10} {'kept':>8} {'per decoder layer':<20} {columns}  answer")
+    print(TIMING_NOTE.format(runs=_runs(repeats)))
+    print(f"{'pruner':<10} {'kept':>8} {'per decoder layer':<20} {TIME_COLUMNS}  answer")
     reply = answer()
-    print(f"{'(none)':<10} {f'{grid * grid}':>8} {'':<20} {'':>11} {'':>10} {'':>8}  {_verdict(reply, truth)}")
+    blank = " " * len(TIME_COLUMNS)
+    print(f"{'(none)':<10} {f'{grid * grid}':>8} {'':<20} {blank}  {_verdict(reply, truth)}")
+    noisy = []
     panels = [(f"input, {grid * grid} tokens\n-> {_verdict(reply, truth, PANEL_TEXT)}", view)]
     for name in vtprune.available():
         unpruned, seconds, stats = timed_pair(model, name, keep, prefill, repeats)
         with vtprune.apply(model, name, keep=keep):
             reply = answer()
         kept = stats.kept[0]
-        print(
-            f"{name:<10} {stats.token_counts[0]:>8} {_per_layer(stats):<20} {unpruned * 1e3:>11.1f} "
-            f"{seconds * 1e3:>10.1f} {unpruned / seconds:>7.2f}x  {_verdict(reply, truth)}"
-        )
+        columns, ratio = _times(unpruned, seconds)
+        print(f"{name:<10} {stats.token_counts[0]:>8} {_per_layer(stats):<20} {columns}  {_verdict(reply, truth)}")
+        if pruned_nothing(stats, grid * grid) and not ratio.contains(1.0):
+            noisy.append(name)
         title, panel = kept_panel(name, view, kept, grid, merged=len(stats.merged[0]) if stats.merged else 0)
         panels.append((f"{title}\n-> {_verdict(reply, truth, PANEL_TEXT)}", panel))
+    if warning := noise_warning(noisy):
+        print(warning)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"Q: {question}" + (f"   true answer: {truth}" if truth is not None else ""),
@@ -195,16 +234,22 @@ def main(argv: list[str] | None = None) -> int:
         from vtprune.evaluation.cli import main as evaluate
 
         return evaluate(argv[1:])
-    parser = argparse.ArgumentParser(
+    if argv[:1] == ["checkpoint"]:
+        from vtprune.checkpoint_cli import main as checkpoint
+
+        return checkpoint(argv[1:])
+    parser = OneLineParser(
         prog="vtprune",
         description="Visual-token pruning for LLaVA models. 'vtprune demo' runs every pruner on a LLaVA; "
         "'vtprune profile' measures latency, memory and FLOPs (see 'vtprune profile --help'); 'vtprune eval' runs "
-        "lmms-eval with vtprune's model and an exit status that says whether it worked.",
+        "lmms-eval with vtprune's model and an exit status that says whether it worked; 'vtprune checkpoint' "
+        "writes a local checkpoint (no download).",
     )
     parser.add_argument("--version", action="version", version=f"vtprune {vtprune.__version__}")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("profile", help="latency, memory and FLOPs vs kept tokens (vtprune profile --help)", add_help=False)
     sub.add_parser("eval", help="lmms-eval with vtprune's model; exits non-zero when the run fails", add_help=False)
+    sub.add_parser("checkpoint", help="write a local llava-hf checkpoint: proxy or tiny (no download)", add_help=False)
     d = sub.add_parser(
         "demo",
         help="run every pruner on a LLaVA (the real-weights proxy when installed)",

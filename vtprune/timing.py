@@ -6,6 +6,7 @@ import ctypes
 import functools
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -23,8 +24,9 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def paired_median_seconds(fn_a, fn_b, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
-    """Median wall times of ``fn_a()`` and ``fn_b()``, run alternately so both see the same machine."""
+def paired_seconds(fn_a, fn_b, repeats: int = 5, warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Wall times of ``fn_a()`` and ``fn_b()``, run alternately so both see the same machine: run i
+    of one is paired with run i of the other."""
     with torch.no_grad():
         for _ in range(warmup):
             fn_a()
@@ -35,7 +37,43 @@ def paired_median_seconds(fn_a, fn_b, repeats: int = 5, warmup: int = 1) -> tupl
                 start = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - start)
+    return a, b
+
+
+def paired_median_seconds(fn_a, fn_b, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """Median wall times of ``fn_a()`` and ``fn_b()``, run alternately (:func:`paired_seconds`)."""
+    a, b = paired_seconds(fn_a, fn_b, repeats=repeats, warmup=warmup)
     return statistics.median(a), statistics.median(b)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median and the interquartile range (``low`` to ``high``) of repeated measurements."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values) -> Spread:
+        values = sorted(values)
+        if not values:
+            raise ValueError("no measurements")
+        if len(values) == 1:
+            return cls(values[0], values[0], values[0])
+        low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+        return cls(median, low, high)
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+def speedup(slow: list[float], fast: list[float]) -> Spread:
+    """The speed-up of ``fast`` over ``slow`` from paired runs (:func:`paired_seconds`): the median and
+    interquartile range of the per-pair ratios, so a range that holds 1.0 is no speed-up at all."""
+    if len(slow) != len(fast):
+        raise ValueError(f"paired runs needed, got {len(slow)} and {len(fast)} times")
+    return Spread.of(s / f for s, f in zip(slow, fast))
 
 
 class ForwardClock:

@@ -1,33 +1,75 @@
 """`python -m vtprune demo` runs every pruner and reports what it kept (and, on the proxy, answered)."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 import vtprune
+from vtprune import __main__ as demo
 from vtprune import proxy
 from vtprune.__main__ import main
+
+ROW = re.compile(r"^(\S+)\s+(\d+)\s+(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x \(([\d.]+)-([\d.]+)\)")
+
+
+def rows(out: str) -> dict[str, re.Match]:
+    """The tiny demo's table: pruner -> (name, kept, per layer, unpruned ms, prefill ms, speed-up, IQR)."""
+    return {m.group(1): m for m in map(ROW.match, out.splitlines()) if m}
 
 
 @pytest.mark.slow
 def test_tiny_demo_prints_every_pruner(capsys):
     assert main(["demo", "--tiny", "--keep", "32", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "medians of 1 runs, unpruned and pruned alternately" in out
-    for name in vtprune.available():
-        line = next(row for row in out.splitlines() if row.startswith(name + " "))
-        fields = line.split()
-        assert fields[-1].endswith("x") and float(fields[-1][:-1]) > 0  # the speed-up column
-        unpruned_ms, pruned_ms = float(fields[-3]), float(fields[-2])  # the unpruned prefill time is shown
-        assert unpruned_ms > 0 and unpruned_ms / pruned_ms == pytest.approx(float(fields[-1][:-1]), rel=0.05)
+    assert "prefill times: one run, unpruned and pruned alternately" in out
+    table = rows(out)
+    assert sorted(table) == vtprune.available()
+    for name, row in table.items():
+        _, kept, per_layer, unpruned_ms, pruned_ms, ratio, low, high = row.groups()
+        # one run: the speed-up is that run's ratio and its interquartile range is that one value
+        assert float(unpruned_ms) > 0 and float(unpruned_ms) / float(pruned_ms) == pytest.approx(float(ratio), rel=0.05)
+        assert low == high == ratio
         if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner):
             # keep is the mean per decoder layer; the tiny model's 4 layers leave few tokens at the end
-            assert int(fields[1]) < 32 and "(576.." in line
+            assert int(kept) < 32 and "(576.." in per_layer
         elif name == "fastv":
-            assert fields[1] == "32" and "(576..32)" in line  # its first layers still see all 576
+            assert kept == "32" and "(576..32)" in per_layer  # its first layers still see all 576
         else:
-            assert fields[1] == "32" and fields[2] == "32"
+            assert kept == "32" and per_layer == "32"
+    assert "pruned nothing" not in out
+
+
+def _fixed_times(unpruned_ms: float, pruned_ms: float):
+    """A stand-in for ``paired_seconds`` that runs both sides once and reports fixed times."""
+
+    def paired_seconds(fn_a, fn_b, repeats, warmup=1):
+        fn_a()
+        fn_b()
+        return [unpruned_ms / 1e3] * repeats, [pruned_ms / 1e3] * repeats
+
+    return paired_seconds
+
+
+def test_keep_all_with_a_speed_up_beyond_the_noise_is_flagged(capsys, monkeypatch):
+    monkeypatch.setattr(demo, "paired_seconds", _fixed_times(unpruned_ms=20.0, pruned_ms=10.0))
+    assert main(["demo", "--tiny", "--keep", "1.0", "--repeats", "3"]) == 0
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert {row.group(2) for row in table.values()} == {"576"}  # keep 1.0 prunes nothing
+    assert {row.group(6) for row in table.values()} == {"2.00"}
+    warning = next(line for line in out.splitlines() if line.startswith("warning:"))
+    assert f"{', '.join(vtprune.available())} pruned nothing at this keep" in warning and "raise --repeats" in warning
+
+
+def test_a_real_reduction_or_a_speed_up_within_the_noise_is_not_flagged(capsys, monkeypatch):
+    monkeypatch.setattr(demo, "paired_seconds", _fixed_times(unpruned_ms=20.0, pruned_ms=10.0))
+    assert main(["demo", "--tiny", "--keep", "64", "--repeats", "2"]) == 0  # every pruner prunes
+    assert "warning:" not in capsys.readouterr().out
+    monkeypatch.setattr(demo, "paired_seconds", _fixed_times(unpruned_ms=10.0, pruned_ms=10.0))
+    assert main(["demo", "--tiny", "--keep", "1.0", "--repeats", "2"]) == 0  # keep-all, no speed-up
+    assert "warning:" not in capsys.readouterr().out
 
 
 def test_tiny_demo_takes_a_fraction(capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the eval extra)")
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.models import get_model

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the eval extra)")
+
 from vtprune.evaluation.task_data import write_easyvqa, write_shapes
 from vtprune.proxy import packages
 from vtprune.testing import save_tiny_llava_hf
@@ -82,6 +84,10 @@ def test_the_cli_scores_pruned_runs_and_batches_agree(setup, tmp_path, pruner):
                     assert (counts["visual_tokens"], counts["kept_visual_tokens"]) == (576, KEEP)
                     assert counts["batch_size"] <= batch_size and counts["prefill_ms"] > 0
         assert results["throughput"]["avg_kept_visual_tokens"] == KEEP
+        # Every metric a task reports is a number: none left as an empty list by a missing metric_list entry.
+        empty = {(t, m) for t, metrics in scores.items() for m, v in metrics.items() if v == []}
+        assert not empty, empty
+        assert "target_delimiter" not in run["log"]  # our tasks' empty delimiter is by design, not warned about
     for task in TASKS:
         four = [s["filtered_resps"] for s in runs[4]["samples"][task]]
         one = [s["filtered_resps"] for s in runs[1]["samples"][task]]

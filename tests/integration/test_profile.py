@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -70,8 +71,12 @@ def test_profile_writes_table_csv_and_plot(tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "TTFT ms" in printed and "prefill GFLOPs" in printed
+    assert "TTFT ms" in printed and "prefill GFLOPs" in printed and "IQR ms" in printed
+    threads = torch.get_num_threads()
+    assert f", {threads} thread{'' if threads == 1 else 's'};" in printed  # not "1 threads"
+    assert "one run per row after 0 warm-up runs" in printed
     rows = list(csv.DictReader(out_csv.open()))
+    assert all(float(r["prefill_iqr_ms"]) == 0.0 for r in rows)  # one run: no spread
     assert [(r["pruner"], r["kept_tokens"]) for r in rows] == [
         ("none", "576"), ("divprune", "16"), ("divprune", "144"), ("fastv", "16"), ("fastv", "144")
     ]  # fmt: skip
@@ -95,7 +100,9 @@ def test_profile_loads_a_model_directory(tmp_path, capsys):
         (["--keeps", "0"], "--keeps: keep must be >= 1"),
         (["--keeps", "many"], "--keeps: must be an int or a fraction in (0, 1], got 'many'"),
         (["--keeps", "1000"], "--keeps [1000]: more than the 576 visual tokens"),
-        (["--model", "/no/such/model"], "--model '/no/such/model': not tiny, proxy, or a model directory"),
+        (["--model", "/no/such/model"], "--model '/no/such/model': not tiny, proxy, a Hub id or a model directory"),
+        (["--model", "llava-hf/llava-1.5-7b-hf"], "--model 'llava-hf/llava-1.5-7b-hf': cannot load it"),  # offline
+        (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--csv", "out.txt"], "out.txt: must end in .csv"),
         (["--pruners", "fastv", "--keeps", "1.5"], "--keeps: keep must be in (0, 1]"),
@@ -104,8 +111,9 @@ def test_profile_loads_a_model_directory(tmp_path, capsys):
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(args, message):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a Hub id fails offline with one line, as here without a network
     done = subprocess.run(
-        [sys.executable, "-m", "vtprune", "profile", "--repeats", "1", *args], capture_output=True, text=True
+        [sys.executable, "-m", "vtprune", "profile", "--repeats", "1", *args], capture_output=True, text=True, env=env
     )
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]

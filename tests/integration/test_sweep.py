@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the eval extra)")
+
 from vtprune.evaluation import sweep as sweeps
 from vtprune.evaluation.task_data import write_shapes
 from vtprune.testing import save_tiny_llava_hf

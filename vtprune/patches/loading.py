@@ -23,13 +23,14 @@ def model_class_for(config):
 
 
 def check_model_path(path) -> str:
-    """``path`` as a string; a FileNotFoundError when it looks local (exists as a parent, starts with
-    ``.``/``/``/``~``, or offline mode is on) but has no ``config.json``."""
+    """``path`` as a string; a FileNotFoundError when it looks local (exists, or starts with
+    ``.``/``/``/``~``) but has no ``config.json``. Anything else is a Hub id, which transformers loads
+    from its cache when offline (or fails with an ``OSError`` saying it could not)."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ValueError(f"pretrained must be a model directory or Hub id, got {path!r}")
     path = str(path)
     local = Path(path).expanduser()
-    looks_local = path.startswith((".", "/", "~")) or local.exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    looks_local = path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path!r}: expected a directory with config.json (save_pretrained output)")
     return str(local) if local.exists() else path

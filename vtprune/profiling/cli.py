@@ -4,20 +4,21 @@
     vtprune profile --model path/to/llava-1.5-7b-hf --device cuda --dtype float16 --csv out.csv --plot out.png
 
 ``--model``: ``tiny`` (a random tiny LLaVA, 576 visual tokens), ``proxy`` (the real-weights proxy,
-256 visual tokens; the ``proxy`` extra), or a local model directory (any supported family, read from
-its config). Every row is one pruner at one keep, plus the unpruned model; see
-``vtprune.profiling.measure`` for what each column means.
+256 visual tokens; the ``proxy`` extra), a local model directory or a Hub id (any supported family,
+read from its config; offline, a Hub id fails with one line). Every row is one pruner at one keep,
+plus the unpruned model; see ``vtprune.profiling.measure`` for what each column means.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import sys
 from pathlib import Path
 
 import torch
+
+from vtprune.cli_parser import OneLineParser
 
 COLUMNS = (
     ("pruner", "pruner", "{}"),
@@ -26,6 +27,7 @@ COLUMNS = (
     ("mean_layer_tokens", "per layer", "{:.1f}"),
     ("ttft_ms", "TTFT ms", "{:.1f}"),
     ("prefill_ms", "prefill ms", "{:.1f}"),
+    ("prefill_iqr_ms", "IQR ms", "{:.1f}"),
     ("decode_ms_per_token", "decode ms/tok", "{:.2f}"),
     ("peak_memory_mb", "peak MB", "{:.1f}"),
     ("kv_cache_mb", "KV MB", "{:.2f}"),
@@ -43,8 +45,8 @@ class ProfileError(Exception):
 def parse_args(argv):
     import vtprune
 
-    p = argparse.ArgumentParser(prog="vtprune profile", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny, proxy, or a local model directory (default tiny)")
+    p = OneLineParser(prog="vtprune profile", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny", help="tiny, proxy, a model directory or a Hub id (default tiny)")
     p.add_argument("--pruners", nargs="+", default=["divprune", "fastv"], help=f"of: {', '.join(vtprune.available())}")
     p.add_argument("--keeps", nargs="+", default=["16", "64"], help="visual tokens kept per image (or fractions)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row, after the warm-up (default 5)")
@@ -54,7 +56,12 @@ def parse_args(argv):
     p.add_argument("--image", type=Path, default=None, help="image file (default: a built-in one)")
     p.add_argument("--question", default=None, help=f"the prompt's question (default {QUESTION!r})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", help="model directories: auto, float32, float16, bfloat16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="model directories and Hub ids (default auto: the checkpoint's own)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--csv", type=Path, default=None, help="write the rows here")
     p.add_argument("--plot", type=Path, default=None, help="write prefill time and FLOPs vs tokens per layer (PNG)")
@@ -85,8 +92,15 @@ def check_args(args):
     ):
         if value < low:
             raise ProfileError(f"{name} must be >= {low}, got {value}")
-    if args.model not in ("tiny", "proxy") and not (Path(args.model) / "config.json").is_file():
-        raise ProfileError(f"--model {args.model!r}: not tiny, proxy, or a model directory with config.json")
+    if args.model not in ("tiny", "proxy"):
+        from vtprune.patches.loading import check_model_path
+
+        try:
+            check_model_path(args.model)  # a local-looking path must hold a model; anything else is a Hub id
+        except (FileNotFoundError, ValueError) as error:
+            raise ProfileError(
+                f"--model {args.model!r}: not tiny, proxy, a Hub id or a model directory ({error})"
+            ) from None
     if args.model == "tiny" and (args.image is not None or args.question is not None):
         raise ProfileError("--image and --question apply to --model proxy or a model directory, not --model tiny")
     if args.image is not None and not args.image.is_file():
@@ -149,7 +163,10 @@ def workload(args, device):
     else:
         from vtprune.patches.loading import load_model
 
-        model, processor = load_model(args.model, dtype=args.dtype, device=device)
+        try:
+            model, processor = load_model(args.model, dtype=args.dtype, device=device)
+        except OSError as error:  # offline, or no such Hub id: transformers' first line says which
+            raise ProfileError(f"--model {args.model!r}: cannot load it ({_first_line(error)})") from None
         description = f"{args.model} ({type(model).__name__})"
     from vtprune.evaluation.prompts import chat_prompt
 
@@ -163,6 +180,14 @@ def workload(args, device):
         if name in inputs and inputs[name].is_floating_point():
             inputs[name] = inputs[name].to(model.dtype)
     return model, dict(inputs), description
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def _cell(value, fmt: str) -> str:
@@ -248,7 +273,9 @@ def run(args) -> int:
             )
     print(
         f"{description}; batch {args.batch_size}, {args.new_tokens} new tokens, {device}, "
-        f"{torch.get_num_threads()} threads; medians of {args.repeats} runs after {args.warmup} warm-up"
+        f"{_count(torch.get_num_threads(), 'thread')}; "
+        f"{'one run' if args.repeats == 1 else f'medians of {args.repeats} runs'} per row after "
+        f"{_count(args.warmup, 'warm-up run')}; IQR: the prefill times' interquartile range (their noise)"
     )
     print(table(rows))
     if args.csv is not None:

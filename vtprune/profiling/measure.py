@@ -4,6 +4,8 @@ Every time is the median of ``repeats`` runs after ``warmup`` runs, CUDA-synchro
 
 - ttft_ms: ``generate()`` called until its first token exists (vision tower + prefill + sampling);
 - prefill_ms: one forward over the prompt (vision tower included), as ``generate()``'s first step;
+- prefill_iqr_ms: the interquartile range of those prefill times (their noise: a difference between
+  rows smaller than it is not a measured difference);
 - decode_ms_per_token: the median gap between consecutive decode steps of ``generate()``;
 - peak_memory_mb: the peak allocated during one ``generate()`` above what was allocated before it
   (CUDA: torch's allocator; CPU: the process's peak resident memory, Linux only);
@@ -21,7 +23,7 @@ import torch
 import vtprune
 from vtprune.patches import visual_token_counts
 from vtprune.profiling.flops import prefill_flops
-from vtprune.timing import ForwardClock, peak_memory_available, peak_memory_growth
+from vtprune.timing import ForwardClock, Spread, peak_memory_available, peak_memory_growth
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Measurement:
     mean_layer_tokens: float  # visual tokens per decoder layer, averaged over layers (first sample)
     ttft_ms: float
     prefill_ms: float
+    prefill_iqr_ms: float
     decode_ms_per_token: float
     peak_memory_mb: float | None
     kv_cache_mb: float
@@ -105,6 +108,7 @@ def measure(
             handle.remove()
     n_layers = len(stats.layer_tokens[0]) if stats is not None else _decoder_layers(model)
     layers = stats.layer_tokens if stats is not None else [[v] * n_layers for v in visual]
+    prefill_spread = Spread.of(prefill)
     text = [int(n) - v for n, v in zip(inputs["attention_mask"].sum(-1).tolist(), visual)]
     return Measurement(
         pruner=pruner or "none",
@@ -113,7 +117,8 @@ def measure(
         kept_tokens=layers[0][-1] if stats is None else stats.token_counts[0],
         mean_layer_tokens=sum(layers[0]) / len(layers[0]),
         ttft_ms=statistics.median(ttft) * 1e3,
-        prefill_ms=statistics.median(prefill) * 1e3,
+        prefill_ms=prefill_spread.median * 1e3,
+        prefill_iqr_ms=(prefill_spread.high - prefill_spread.low) * 1e3,
         decode_ms_per_token=statistics.median(decode) * 1e3 if decode else float("nan"),
         peak_memory_mb=None if peak is None else peak / 2**20,
         kv_cache_mb=kv_bytes / 2**20,
