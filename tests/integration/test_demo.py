@@ -158,9 +158,11 @@ def test_verdict_judges_the_first_word_and_shortens_long_replies():
     ],
 )
 def test_demo_rejects_bad_arguments(argv, message, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as done:
         main(argv)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, not argparse's usage block
 
 
 @pytest.mark.slow  # a fresh Python process per case: seconds each
