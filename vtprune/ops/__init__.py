@@ -3,11 +3,21 @@
 Each scoring op takes ``backend="auto" | "torch" | "triton"``. ``torch`` is the readable reference and
 the oracle in the tests; ``triton`` runs fused kernels (CUDA, or Triton's CPU interpreter under
 ``TRITON_INTERPRET=1``); ``auto`` picks Triton for CUDA tensors when it is installed. Triton is
-imported only when a kernel first runs. The merging helpers are plain torch.
+imported only when a kernel first runs. The merging helpers (VisionZip's; ToMe's bipartite matching,
+for the tower stage) are plain torch.
 """
 
 from vtprune.ops._backend import BACKENDS, check_backend, resolve_backend, triton_available
 from vtprune.ops.attention import attention_rows
+from vtprune.ops.bipartite import (
+    Matching,
+    bipartite_matching,
+    max_merges,
+    merge_origin,
+    merge_weighted,
+    proportional_bias,
+    spread_merges,
+)
 from vtprune.ops.diversity import max_min_diversity
 from vtprune.ops.k_center import k_center
 from vtprune.ops.merging import nearest_targets, strided_targets
@@ -16,13 +26,20 @@ from vtprune.ops.transition import transition_variation
 
 __all__ = [
     "BACKENDS",
+    "Matching",
     "attention_rows",
+    "bipartite_matching",
     "check_backend",
     "farthest_points",
     "k_center",
+    "max_merges",
     "max_min_diversity",
+    "merge_origin",
+    "merge_weighted",
     "nearest_targets",
+    "proportional_bias",
     "resolve_backend",
+    "spread_merges",
     "strided_targets",
     "transition_variation",
     "triton_available",
