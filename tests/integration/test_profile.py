@@ -64,6 +64,7 @@ def test_measurements_follow_the_tokens_kept(tiny):
 
 
 def test_profile_writes_table_csv_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the proxy extra)")
     out_csv, out_png = tmp_path / "p.csv", tmp_path / "p.png"
     code = profile(
         ["--model", "tiny", "--pruners", "divprune", "fastv", "--keeps", "16", "0.25", "--repeats", "1",
@@ -127,3 +128,14 @@ def test_an_image_file_pil_cannot_read_gives_one_line_and_exit_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vtprune", *args], capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "not an image file PIL can read" in done.stderr.strip().splitlines()[-1]
+
+
+def test_plot_without_matplotlib_is_one_line_before_anything_runs(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name))
+    assert profile(["--model", "tiny", "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "vtprune profile: error: --plot needs matplotlib (in the proxy extra: pip install -e '.[proxy]')"
+    assert not (tmp_path / "p.png").exists()

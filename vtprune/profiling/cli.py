@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -116,6 +117,8 @@ def check_args(args):
     for path, suffix in ((args.csv, ".csv"), (args.plot, ".png")):
         if path is not None and path.suffix.lower() != suffix:
             raise ProfileError(f"{path}: must end in {suffix}")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ProfileError("--plot needs matplotlib (in the proxy extra: pip install -e '.[proxy]')")
     if args.device not in (None, "cpu", "cuda") and not args.device.startswith("cuda:"):
         raise ProfileError(f"--device must be cpu or cuda, got {args.device!r}")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
