@@ -17,7 +17,8 @@ from vtprune.ops.bipartite import (
 def loop_tome(metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int):
     """One sample, literally: A = even positions, B = odd; each unprotected A token's most similar
     unprotected B token (cosine; the first on ties); the r best-linked A tokens merge into their partners
-    as size-weighted means. Returns (kept positions, x, size) in original order."""
+    as size-weighted means. Returns (kept positions, x, size) in ToMe's order: protected tokens, unmerged
+    A tokens, B tokens."""
     n = metric.shape[0]
     unit = [m / m.norm() for m in metric.double()]
     a_side = [i for i in range(0, n, 2) if i >= protected]
@@ -34,8 +35,10 @@ def loop_tome(metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int,
     for _, i, j in chosen:
         totals[j] = totals[j] + totals[i]
         weights[j] += weights[i]
-    gone = {i for _, i, _ in chosen}
-    kept = [i for i in range(n) if i not in gone]
+    unmerged_a = [links[k][1] for k in order[r:]]  # most similar first...
+    if protected:
+        unmerged_a.sort()  # ...unless tokens are protected: then by position, as ToMe with a CLS token
+    kept = list(range(protected)) + unmerged_a + b_side  # ToMe's order
     return kept, torch.stack([totals[i] / weights[i] for i in kept]), torch.tensor([weights[i] for i in kept])
 
 
@@ -71,7 +74,7 @@ def test_protected_tokens_neither_merge_away_nor_absorb(protected):
     matching = bipartite_matching(metric, 100, protected)  # r capped at the most one step can merge
     assert matching.r == max_merges(30, protected)
     assert (matching.merged >= protected).all() and (matching.into >= protected).all()
-    assert (matching.kept[:, :protected] == torch.arange(protected)).all()
+    assert (matching.kept[:, :protected] == torch.arange(protected)).all()  # and still first
 
 
 def test_max_merges_is_half_the_unprotected_tokens():

@@ -12,9 +12,10 @@ The tower stage (issue 32) merges tokens between encoder blocks. One merge step:
 3. ``proportional_bias(size)``: ``log(size)`` added to the attention logits of later blocks, so a
    token standing for s patches is attended to as if it were s copies.
 
-Unlike ToMe, the tokens that remain keep their original order (ToMe puts the unmerged A tokens
-first): a language model reads positions, and a ViT block is permutation-equivariant, so the order
-changes nothing for classification.
+The merged sequence is in ToMe's order (protected tokens, then the unmerged A tokens, then the B
+tokens), so the next block's matching pairs the same tokens as ToMe's; ``merge_origin`` keeps track of
+which patches each token stands for, from which a VLM's tower stage can restore the spatial order
+its language model reads.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import torch
 class Matching:
     """One merge step over B sequences of N tokens, r of which merge away.
 
-    kept: (B, N - r) ascending positions of the tokens that remain; merged: (B, r) positions of the
-    tokens merged away; into: (B, r) positions of the tokens each of them merges into (all in ``kept``).
+    kept: (B, N - r) positions of the tokens that remain, in the order the merged sequence holds them
+    (ToMe's: protected tokens, unmerged A tokens, B tokens); merged: (B, r) positions of the tokens
+    merged away; into: (B, r) positions of the tokens each of them merges into (all in ``kept``).
     """
 
     kept: torch.Tensor
@@ -109,9 +111,14 @@ def bipartite_matching(metric: torch.Tensor, r: int, protected: int = 0) -> Matc
     merged_a = order[:, :r]
     merged = 2 * merged_a
     into = 2 * partner.gather(1, merged_a) + 1
-    gone = torch.zeros(batch, n, dtype=torch.bool, device=metric.device)
-    gone.scatter_(1, merged, True)
-    kept = positions.expand(batch, n)[~gone].view(batch, n - r)
+    # ToMe's order: the protected tokens, the unmerged A tokens (by position when tokens are protected,
+    # else most similar first), then the B tokens.
+    unmerged_a = 2 * order[:, r:]
+    if protected:  # the protected A tokens are the smallest positions: sorted first, then split off
+        unmerged_a = unmerged_a.sort(dim=-1).values[:, (protected + 1) // 2 :]
+    prefix = positions[:protected].expand(batch, -1)
+    b_side = positions[1::2][protected // 2 :].expand(batch, -1)
+    kept = torch.cat([prefix, unmerged_a, b_side], dim=1)
     return Matching(kept, merged, into)
 
 

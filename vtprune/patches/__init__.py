@@ -7,6 +7,7 @@ from vtprune.patches.llava_next import LlavaNextAdapter
 from vtprune.patches.llava_next_video import LlavaNextVideoAdapter
 from vtprune.patches.llava_onevision import LlavaOnevisionAdapter
 from vtprune.patches.qwen2_vl import Qwen2VLAdapter
+from vtprune.patches.timm_vit import TimmViTAdapter
 
 ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
 
@@ -19,8 +20,11 @@ def adapter_for(model):
     for adapter in ADAPTERS:
         if adapter.supports(model):
             return adapter(model)
+    if TimmViTAdapter.supports(model):  # a classifier, not a VLM: tower-stage pruners only
+        return TimmViTAdapter(model)
     raise TypeError(
         f"vtprune does not support {type(model).__name__}; supported model classes: {', '.join(supported_classes())}"
+        f" (and, for tower-stage pruners such as vtprune.ToMe, timm's VisionTransformer)"
     )
 
 

@@ -135,6 +135,12 @@ class Adapter:
 
     def check(self, config) -> None:
         pipeline = as_pipeline(config)
+        tower = [p.name for p in pipeline.pruners if p.stage == "tower"]
+        if tower:
+            raise ValueError(
+                f"tower-stage pruners ({', '.join(tower)}) run on timm VisionTransformer models so far; inside "
+                f"a VLM's vision tower they are not supported yet"
+            )
         pipeline.check(self.info)
         impl = self.attn_implementation
         for pruner in pipeline.llm:

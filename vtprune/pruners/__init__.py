@@ -1,13 +1,14 @@
 """The pruners: one file each, each a small dataclass with a ``score`` (a ranking) or a ``select``."""
 
 from vtprune.pruners.adaptive import AdaptivePrune
-from vtprune.pruners.base import LLMPruner, Pruner, ScheduledPruner, VisionPruner
+from vtprune.pruners.base import LLMPruner, Pruner, ScheduledPruner, TowerPruner, VisionPruner
 from vtprune.pruners.cls import CLSPrune
 from vtprune.pruners.divprune import DivPrune
 from vtprune.pruners.fastv import FastV
 from vtprune.pruners.pdrop import PyramidDrop
 from vtprune.pruners.random import RandomPrune
 from vtprune.pruners.todre import ToDRE
+from vtprune.pruners.tome import ToMe
 from vtprune.pruners.transprune import TransPrune
 from vtprune.pruners.uniform import UniformPrune
 from vtprune.pruners.visionzip import VisionZip
@@ -23,6 +24,8 @@ __all__ = [
     "RandomPrune",
     "ScheduledPruner",
     "ToDRE",
+    "ToMe",
+    "TowerPruner",
     "TransPrune",
     "UniformPrune",
     "VisionPruner",

@@ -11,6 +11,7 @@ import torch
 
 from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_explicit, explicit, fit_average
 from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, VisionTokens
+from vtprune.ops.bipartite import Matching, spread_merges
 
 # What the stages hand a pruner, re-exported here: a pruner's file imports everything it needs from base.
 
@@ -50,6 +51,7 @@ __all__ = [
     "Pruner",
     "Reduction",
     "ScheduledPruner",
+    "TowerPruner",
     "VisionPruner",
     "VisionTokens",
     "keep_from_text",
@@ -207,6 +209,64 @@ class ScheduledPruner(LLMPruner):
             return explicit(self.schedule, n_tokens)
         average = budget_tokens(self.keep, n_tokens)
         return fit_average(list(self.depths), list(self.ratios), info.num_decoder_layers, n_tokens, average)
+
+
+@dataclass
+class TowerPruner(Pruner):
+    """Reduces tokens inside the vision tower, between the attention and the MLP of encoder blocks
+    (where ToMe merges): the tower stage. Its blocks after that point, and everything after the tower,
+    run on fewer tokens.
+
+    keep: patch tokens per image leaving the last block (an int, or a fraction of the patches; 1.0
+        merges nothing). Prefix tokens (CLS, registers) are never merged and not counted.
+    layers: the blocks that merge (None: every block). ``keep`` is spread over them as evenly as each
+        block's limit allows (a block merges at most half the tokens it holds, earlier blocks taking
+        the remainder; ``vtprune.ops.spread_merges``).
+    """
+
+    layers: tuple[int, ...] | None = field(default=None, kw_only=True)
+
+    stage: ClassVar[str] = "tower"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        if self.layers is None:
+            return
+        layers = self.layers
+        if (
+            not isinstance(layers, (list, tuple))
+            or not layers
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+        ):
+            raise ValueError(f"layers must be a non-empty list of block indices >= 0, or None; got {layers!r}")
+        if sorted(set(layers)) != list(layers):
+            raise ValueError(f"layers must be ascending without repeats, got {list(layers)}")
+        self.layers = tuple(layers)
+
+    def merging_blocks(self, blocks: int) -> tuple[int, ...]:
+        """The blocks (of ``blocks``) that merge; a ValueError for a block the tower does not have."""
+        if self.layers is None:
+            return tuple(range(blocks))
+        if self.layers[-1] >= blocks:
+            raise ValueError(f"layers={list(self.layers)}: the tower has blocks 0 to {blocks - 1}")
+        return self.layers
+
+    def merge_plan(self, patches: int, protected: int, blocks: int) -> list[int]:
+        """Tokens to merge away in each of ``blocks`` blocks, for ``patches`` patch tokens and
+        ``protected`` prefix tokens; a ValueError when ``keep`` cannot be reached."""
+        merging = self.merging_blocks(blocks)
+        r = spread_merges(patches, self.keep_count(patches), len(merging), protected)
+        plan = [0] * blocks
+        for block, count in zip(merging, r):
+            plan[block] = count
+        return plan
+
+    def match(self, metric: torch.Tensor, r: int, protected: int) -> Matching:
+        """Which ``r`` tokens of ``metric`` (B, N, C) merge into which (``vtprune.ops.Matching``)."""
+        raise NotImplementedError(f"{type(self).__name__} must define match()")
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""ToMe on timm ViTs (the tower stage on its own): identity at keep 1.0, equal to a hand-run ViT with
+ToMe's own merge code, fused == eager attention, batched == per-sample, stats, remove(), bad input."""
+
+import math
+
+import pytest
+import torch
+
+import vtprune
+
+timm = pytest.importorskip("timm")
+
+
+def vit(**options):
+    torch.manual_seed(0)
+    config = dict(img_size=64, patch_size=8, embed_dim=48, depth=6, num_heads=3, num_classes=7)
+    return timm.models.vision_transformer.VisionTransformer(**{**config, **options}).eval()
+
+
+MODELS = {
+    "cls": {},
+    "registers": {"reg_tokens": 4},
+    "no_cls_avg_pool": {"class_token": False, "global_pool": "avg"},
+}
+
+
+def images(n=3):
+    torch.manual_seed(1)
+    return torch.randn(n, 3, 64, 64)
+
+
+# -- ToMe's own algorithm, restated from its reference code (facebookresearch/ToMe, merge.py) -----------
+def tome_matching(metric, r, class_token):
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    if class_token:
+        scores[..., 0, :] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if class_token:
+        unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(x, mode):
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        return torch.cat([unm, dst], dim=1)
+
+    return merge
+
+
+def tome_forward(model, x, r):
+    """The ViT run block by block as ToMe's timm patch does: proportional attention, merge after attention."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    size = None
+    for block in model.blocks:
+        h, attn = block.norm1(x), block.attn
+        batch, n, _ = h.shape
+        q, k, v = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if size is not None:
+            logits = logits + size.log()[:, None, None, :, 0]
+        y = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, n, -1)
+        x = x + attn.proj(y)
+        merge = tome_matching(k.mean(1), min(r, (n - 1) // 2), class_token=True)
+        size = torch.ones_like(x[..., :1]) if size is None else size
+        x = merge(x * size, "sum")
+        size = merge(size, "sum")
+        x = x / size
+        x = x + block.mlp(block.norm2(x))
+    return model.forward_head(model.norm(x))
+
+
+@torch.no_grad()
+def test_equals_a_hand_run_vit_with_tomes_own_merge_code():
+    model, x = vit(), images()
+    with vtprune.apply(model, vtprune.ToMe(r=6)) as handle:
+        out = model(x)
+    assert handle.last.layer_tokens[0] == [64, 58, 52, 46, 40, 34]
+    torch.testing.assert_close(out, tome_forward(model, x, 6), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("pruner", [vtprune.ToMe(keep=1.0), vtprune.ToMe(r=0)], ids=["keep1.0", "r0"])
+@torch.no_grad()
+def test_merging_nothing_is_the_unpruned_model_exactly(kind, pruner):
+    model, x = vit(**MODELS[kind]), images()
+    expected = model(x)
+    with vtprune.apply(model, pruner) as handle:
+        assert torch.equal(model(x), expected)
+    assert handle.last.token_counts == [64] * 3 and handle.last.merged == [[], [], []]
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@torch.no_grad()
+def test_fused_attention_equals_eager_and_batched_equals_per_sample(kind):
+    model, x = vit(**MODELS[kind]), images()
+    with vtprune.apply(model, vtprune.ToMe(keep=20)) as handle:
+        fused = model(x)
+        for block in model.blocks:
+            block.attn.fused_attn = False
+        eager = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone, eager, rtol=1e-4, atol=1e-5)
+    assert handle.last.token_counts == [20]  # the last forward was one image
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@torch.no_grad()
+def test_stats_account_for_every_patch_and_reach_keep(kind):
+    model = vit(**MODELS[kind])
+    with vtprune.apply(model, vtprune.ToMe(keep=0.25, layers=[1, 3, 5])) as handle:
+        model(images())
+    stats = handle.last
+    assert stats.token_counts == [16] * 3
+    assert stats.layer_tokens[0] == [64, 64, 48, 48, 32, 32]  # 16 merged after blocks 1, 3 and 5
+    for kept, merged in zip(stats.kept, stats.merged):
+        patches = torch.cat([kept, *merged]).sort().values
+        assert patches.tolist() == list(range(64))
+
+
+@torch.no_grad()
+def test_remove_restores_the_model_exactly():
+    model, x = vit(), images()
+    expected, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    handle = vtprune.apply(model, vtprune.ToMe(keep=16))
+    assert not torch.equal(model(x), expected)
+    handle.remove()
+    assert torch.equal(model(x), expected) and vtprune.handle_of(model) is None
+    assert all("forward" not in block.__dict__ and not block.attn.qkv._forward_hooks for block in model.blocks)
+    assert "forward_features" not in model.__dict__ and type(model) is timm.models.vision_transformer.VisionTransformer
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_options_and_wrong_stages_are_refused_before_the_model_is_touched():
+    model = vit()
+    cases = [
+        (lambda: vtprune.ToMe(keep=16, r=4), "give keep .* or r .*, not both"),
+        (lambda: vtprune.ToMe(r=-1), "r must be an int >= 0"),
+        (lambda: vtprune.ToMe(layers=[3, 1]), "ascending"),
+        (lambda: vtprune.apply(model, vtprune.ToMe(layers=[9])), r"layers=\[9\]: the tower has blocks 0 to 5"),
+        (lambda: vtprune.apply(model, vtprune.ToMe(keep=2, layers=[0])), "1 merge steps cannot bring 64 tokens"),
+        (lambda: vtprune.apply(model, "divprune", keep=16), "takes one tower-stage pruner"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make()
+    assert vtprune.handle_of(model) is None and all("forward" not in b.__dict__ for b in model.blocks)
+
+
+def test_a_vlm_refuses_tower_pruners_for_now():
+    from vtprune.testing import tiny_llava
+
+    with pytest.raises(ValueError, match="tower-stage pruners \\(tome\\) run on timm VisionTransformer"):
+        vtprune.apply(tiny_llava(), vtprune.ToMe(keep=16))
+
+
+@torch.no_grad()
+def test_a_forward_that_raises_midway_leaves_the_next_forward_clean():
+    model, x = vit(), images()
+    handle = vtprune.apply(model, vtprune.ToMe(keep=16))
+    expected = model(x)
+
+    def fail(*_):
+        raise RuntimeError("boom")
+
+    hook = model.blocks[3].mlp.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(x)
+    hook.remove()
+    assert torch.equal(model(x), expected) and handle.last.token_counts == [16] * 3
+    handle.remove()

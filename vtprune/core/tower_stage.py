@@ -1,0 +1,89 @@
+"""The tower stage: tokens merged between the attention and the MLP of vision-tower blocks.
+
+A family adapter calls, per tower forward: ``start()`` before the first block, then in each block
+``attention_bias(run)`` (the proportional-attention term for its attention) and, after the attention
+residual, ``merge(run, block, x, metric)``; ``stats(run)`` after the last block. The stage knows no
+model class: a block is a number, tokens are (B, N, D) tensors whose first ``protected`` tokens (CLS,
+registers) are never merged, and the metric is what the pruner compares (ToMe: keys averaged over
+heads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from vtprune.core.stats import PruneStats
+from vtprune.ops.bipartite import merge_origin, merge_weighted, proportional_bias
+
+
+class TowerMerging(Protocol):
+    """What a tower-stage pruner must offer the stage (``vtprune.pruners.base.TowerPruner``)."""
+
+    proportional: bool
+
+    def merge_plan(self, patches: int, protected: int, blocks: int) -> list[int]: ...
+
+    def match(self, metric: torch.Tensor, r: int, protected: int): ...
+
+
+@dataclass
+class TowerRun:
+    """One tower forward in flight: ``size`` (B, N) patches per token (None until the first merge),
+    ``origin`` (B, P) the token each of the P patches now belongs to, ``layer_tokens`` the patch tokens
+    entering each block so far, ``metric`` (B, N, C) what the current block's merge compares."""
+
+    plan: list[int]
+    protected: int
+    size: torch.Tensor | None = None
+    origin: torch.Tensor | None = None
+    layer_tokens: list[int] = field(default_factory=list)
+    metric: torch.Tensor | None = None  # the current block's, as the adapter read it
+
+
+class TowerStage:
+    def __init__(self, pruner: TowerMerging, blocks: int, protected: int):
+        self.pruner = pruner
+        self.blocks = blocks
+        self.protected = protected
+
+    def start(self, patches: int) -> TowerRun:
+        return TowerRun(self.pruner.merge_plan(patches, self.protected, self.blocks), self.protected)
+
+    def enter(self, run: TowerRun, x: torch.Tensor) -> None:
+        """Record the tokens entering the next block (x: (B, N, D))."""
+        if run.origin is None:
+            batch, n = x.shape[:2]
+            run.origin = torch.arange(self.protected, n, device=x.device).expand(batch, n - self.protected)
+        run.layer_tokens.append(x.shape[1] - self.protected)
+
+    def attention_bias(self, run: TowerRun, dtype: torch.dtype) -> torch.Tensor | None:
+        """(B, 1, 1, N) ``log(size)`` to add to the block's attention logits, or None (nothing merged
+        yet, or a pruner without proportional attention): the block then runs exactly as unpatched."""
+        if run.size is None or not self.pruner.proportional:
+            return None
+        return proportional_bias(run.size).to(dtype)
+
+    def merge(self, run: TowerRun, block: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D) after ``block``'s merges: (B, N - r, D)."""
+        r = run.plan[block]
+        if r == 0:
+            return x
+        matching = self.pruner.match(metric, r, self.protected)
+        size = run.size if run.size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
+        x, run.size = merge_weighted(x, size, matching)
+        run.origin = merge_origin(run.origin, matching)
+        return x
+
+    def stats(self, run: TowerRun) -> PruneStats:
+        """kept[b]: the patches (0-based among the patch tokens) still alone; merged[b]: per merged token,
+        in order, the patches behind it; layer_tokens[b]: patch tokens entering each block."""
+        kept, merged = [], []
+        for origin in run.origin.cpu():
+            tokens = origin - self.protected
+            groups = [torch.nonzero(tokens == t).flatten() for t in range(int(tokens.max()) + 1)]
+            kept.append(torch.cat([g for g in groups if len(g) == 1] or [torch.zeros(0, dtype=torch.long)]))
+            merged.append([g for g in groups if len(g) > 1])
+        return PruneStats(kept=kept, layer_tokens=[list(run.layer_tokens) for _ in kept], merged=merged)
