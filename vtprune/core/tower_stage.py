@@ -83,7 +83,8 @@ class TowerStage:
         kept, merged = [], []
         for origin in run.origin.cpu():
             tokens = origin - self.protected
-            groups = [torch.nonzero(tokens == t).flatten() for t in range(int(tokens.max()) + 1)]
-            kept.append(torch.cat([g for g in groups if len(g) == 1] or [torch.zeros(0, dtype=torch.long)]))
+            counts = torch.bincount(tokens).tolist()
+            groups = torch.argsort(tokens, stable=True).split(counts)  # per token, its patches ascending
+            kept.append(torch.stack([g[0] for g in groups if len(g) == 1]) if 1 in counts else tokens[:0])
             merged.append([g for g in groups if len(g) > 1])
         return PruneStats(kept=kept, layer_tokens=[list(run.layer_tokens) for _ in kept], merged=merged)
