@@ -1,9 +1,15 @@
 """Fixtures: the tiny LLaVA models (built once per session) and a one-image prompt."""
 
-import pytest
-import torch
+import os
 
-from vtprune.testing import batch_inputs, make_prompt, tiny_llava
+# The kernel tests run Triton in its CPU interpreter, which Triton only honours if the variable is set
+# before it is first imported, and importing timm (as the timm tests do) imports Triton.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vtprune.testing import batch_inputs, make_prompt, tiny_llava  # noqa: E402
 
 torch.set_num_threads(2)
 
