@@ -30,12 +30,14 @@ def images(n=3):
 
 
 # -- ToMe's own algorithm, restated from its reference code (facebookresearch/ToMe, merge.py) -----------
-def tome_matching(metric, r, class_token):
+def tome_matching(metric, r, class_token, distill_token=False):
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[..., ::2, :], metric[..., 1::2, :]
     scores = a @ b.transpose(-1, -2)
     if class_token:
         scores[..., 0, :] = -math.inf
+    if distill_token:
+        scores[..., :, 0] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
     unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
@@ -49,12 +51,14 @@ def tome_matching(metric, r, class_token):
         unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
         src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
         dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        if distill_token:
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
         return torch.cat([unm, dst], dim=1)
 
     return merge
 
 
-def tome_forward(model, x, r):
+def tome_forward(model, x, r, distill_token=False):
     """The ViT run block by block as ToMe's timm patch does: proportional attention, merge after attention."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     size = None
@@ -67,7 +71,8 @@ def tome_forward(model, x, r):
             logits = logits + size.log()[:, None, None, :, 0]
         y = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, n, -1)
         x = x + attn.proj(y)
-        merge = tome_matching(k.mean(1), min(r, (n - 1) // 2), class_token=True)
+        protected = 2 if distill_token else 1
+        merge = tome_matching(k.mean(1), min(r, (n - protected) // 2), True, distill_token)
         size = torch.ones_like(x[..., :1]) if size is None else size
         x = merge(x * size, "sum")
         size = merge(size, "sum")
@@ -83,6 +88,28 @@ def test_equals_a_hand_run_vit_with_tomes_own_merge_code():
         out = model(x)
     assert handle.last.layer_tokens[0] == [64, 58, 52, 46, 40, 34]
     torch.testing.assert_close(out, tome_forward(model, x, 6), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_deit_with_a_distillation_token_equals_tomes_own_code():
+    torch.manual_seed(0)
+    config = dict(img_size=64, patch_size=8, embed_dim=48, depth=6, num_heads=3, num_classes=7)
+    model, x = timm.models.deit.VisionTransformerDistilled(**config).eval(), images()
+    assert model.num_prefix_tokens == 2
+    with vtprune.apply(model, vtprune.ToMe(r=6)):
+        out = model(x)
+    torch.testing.assert_close(out, tome_forward(model, x, 6, distill_token=True), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_bfloat16_models_merge_in_their_dtype():
+    model, x = vit().to(torch.bfloat16), images().to(torch.bfloat16)
+    expected = model(x)
+    with vtprune.apply(model, vtprune.ToMe(keep=1.0)):
+        assert torch.equal(model(x), expected)
+    with vtprune.apply(model, vtprune.ToMe(keep=0.5)) as handle:
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and handle.last.token_counts == [32] * 3
 
 
 @pytest.mark.parametrize("kind", MODELS)
