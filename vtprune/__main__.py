@@ -21,7 +21,7 @@ import vtprune
 from vtprune.cli_parser import OneLineParser
 from vtprune.pruners.base import keep_from_text
 from vtprune.testing import batch_inputs, make_prompt, tiny_llava
-from vtprune.timing import Spread, paired_seconds, speedup
+from vtprune.timing import Spread, paired_seconds, runs_phrase, speedup
 
 PHOTOS = ("astronaut", "cat")
 TINY_VISUAL_TOKENS = 576  # the tiny demo model's 336 px images in 14 px patches
@@ -48,10 +48,6 @@ def timed_pair(model, name: str, keep, forward, repeats: int):
 
     unpruned, seconds = paired_seconds(forward, pruned, repeats=repeats)
     return unpruned, seconds, state["stats"]
-
-
-def _runs(repeats: int) -> str:
-    return "one run" if repeats == 1 else f"medians of {repeats} runs"
 
 
 TIMING_NOTE = (
@@ -88,7 +84,7 @@ def tiny_demo(keep, repeats: int) -> None:
     inputs = batch_inputs(model, [make_prompt(model, [1, 5, 6, 7], [8, 9, 10, 11])])
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     print(f"tiny random LLaVA: {n_visual} visual tokens per image, prompt of {inputs['input_ids'].shape[1]} tokens")
-    print(TIMING_NOTE.format(runs=_runs(repeats)))
+    print(TIMING_NOTE.format(runs=runs_phrase(repeats)))
     print(f"{'pruner':<10} {'kept':>6} {'per decoder layer':<20} {TIME_COLUMNS}")
     noisy = []
     for name in vtprune.available():
@@ -184,7 +180,7 @@ def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max
         print(f"true answer: {truth}")
     elif image_id is not None:
         print(f"true answer: unknown (easy-vqa does not ask this question about test image {image_id})")
-    print(TIMING_NOTE.format(runs=_runs(repeats)))
+    print(TIMING_NOTE.format(runs=runs_phrase(repeats)))
     print(f"{'pruner':<10} {'kept':>8} {'per decoder layer':<20} {TIME_COLUMNS}  answer")
     reply = answer()
     blank = " " * len(TIME_COLUMNS)

@@ -11,6 +11,16 @@ from dataclasses import dataclass
 import torch
 
 
+def runs_phrase(repeats: int) -> str:
+    """How a timing table names its statistic: "one run" or "medians of N runs"."""
+    return "one run" if repeats == 1 else f"medians of {repeats} runs"
+
+
+def count_phrase(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 thread", "2 threads"."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` under ``torch.no_grad``."""
     with torch.no_grad():

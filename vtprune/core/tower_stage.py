@@ -36,7 +36,6 @@ class TowerRun:
     entering each block so far, ``metric`` (B, N, C) what the current block's merge compares."""
 
     plan: list[int]
-    protected: int
     size: torch.Tensor | None = None
     origin: torch.Tensor | None = None
     layer_tokens: list[int] = field(default_factory=list)
@@ -50,7 +49,7 @@ class TowerStage:
         self.protected = protected
 
     def start(self, patches: int) -> TowerRun:
-        return TowerRun(self.pruner.merge_plan(patches, self.protected, self.blocks), self.protected)
+        return TowerRun(self.pruner.merge_plan(patches, self.protected, self.blocks))
 
     def enter(self, run: TowerRun, x: torch.Tensor) -> None:
         """Record the tokens entering the next block (x: (B, N, D))."""

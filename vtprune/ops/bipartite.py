@@ -71,11 +71,10 @@ def spread_merges(n: int, keep: int, steps: int, protected: int = 0) -> list[int
 
     plan, present = [], n
     for step in range(steps):
-        left = present - keep
-        r = min(-(-left // (steps - step)), max_merges(present + protected, protected))  # ceil: earlier first
-        while r < left and fewest_after(present - r, steps - step - 1) > keep:
+        most = min(present - keep, max_merges(present + protected, protected))
+        r = min(-(-(present - keep) // (steps - step)), most)  # ceil: earlier steps take the remainder
+        while r < most and fewest_after(present - r, steps - step - 1) > keep:
             r += 1  # the steps after this one could not finish: take more here
-        r = min(r, max_merges(present + protected, protected))
         plan.append(r)
         present -= r
     if present != keep:

@@ -23,8 +23,6 @@ BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "dro
 
 
 class TimmViTAdapter:
-    supported = ("timm VisionTransformer",)
-
     @classmethod
     def supports(cls, model) -> bool:
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from vtprune.cli_parser import OneLineParser
+from vtprune.timing import count_phrase, runs_phrase
 
 COLUMNS = (
     ("pruner", "pruner", "{}"),
@@ -185,10 +186,6 @@ def workload(args, device):
     return model, dict(inputs), description
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def _first_line(error: Exception) -> str:
     return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
@@ -276,9 +273,8 @@ def run(args) -> int:
             )
     print(
         f"{description}; batch {args.batch_size}, {args.new_tokens} new tokens, {device}, "
-        f"{_count(torch.get_num_threads(), 'thread')}; "
-        f"{'one run' if args.repeats == 1 else f'medians of {args.repeats} runs'} per row after "
-        f"{_count(args.warmup, 'warm-up run')}; IQR: the prefill times' interquartile range (their noise)"
+        f"{count_phrase(torch.get_num_threads(), 'thread')}; {runs_phrase(args.repeats)} per row after "
+        f"{count_phrase(args.warmup, 'warm-up run')}; IQR: the prefill times' interquartile range (their noise)"
     )
     print(table(rows))
     if args.csv is not None:

@@ -79,6 +79,9 @@ class Pruner:
 
     def __post_init__(self) -> None:
         self.keep = _checked_keep(self.keep)
+        self._check_budget()
+
+    def _check_budget(self) -> None:
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
 

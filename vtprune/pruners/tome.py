@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.ops.bipartite import Matching, bipartite_matching
-from vtprune.pruners.base import BUDGETS, TowerPruner
+from vtprune.pruners.base import TowerPruner
 
 DEFAULT_KEEP = 64
 
@@ -39,8 +39,7 @@ class ToMe(TowerPruner):
                 raise ValueError("give keep (patch tokens leaving the tower) or r (tokens merged per block), not both")
             if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
                 raise ValueError(f"r must be an int >= 0 (tokens merged per block), got {self.r!r}")
-            if self.budget not in BUDGETS:
-                raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+            self._check_budget()
             self._check_layers()
         if not isinstance(self.proportional, bool):
             raise ValueError(f"proportional must be True or False, got {self.proportional!r}")
