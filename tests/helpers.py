@@ -1,6 +1,7 @@
 """Helpers shared by the integration tests: the pruner options of the test matrix, running a model,
 and the expected results of a pruned forward. Lists of pruners come from the registry."""
 
+import pytest
 import torch
 
 import vtprune
@@ -15,7 +16,16 @@ _OPTIONS = {
 }
 PRUNER_OPTIONS = {name: _OPTIONS.get(name, {}) for name in vtprune.available()}
 VISION = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "vision")
+TOWER = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "tower")
 LLM = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "llm")
+
+
+def skip_if_refused(family: str, name: str, videos: bool = False) -> None:
+    """Skip the combinations vtprune refuses on purpose (their refusal is tested in test_tower_vlm.py)."""
+    if name in TOWER and family.startswith("qwen2"):
+        pytest.skip("tower-stage pruners are refused on Qwen2-VL's tower (its 2x2 patch merger)")
+    if name in TOWER and videos:
+        pytest.skip("tower-stage pruners are refused on videos whose frames are pooled after the tower")
 
 
 PIPELINE = "divprune+fastv"  # a Pipeline in the test matrix: DivPrune keeps twice FastV's keep
@@ -68,7 +78,7 @@ def scheduled_count(model, name, keep, n=576):
         entering = pruner.vision.keep_count(n)
         info = adapter_for(model).info
         return min((pt.keep for p in pruner.llm for pt in p.drop_points(info, entering)), default=entering)
-    if pruner.stage == "vision":
+    if pruner.stage in ("vision", "tower"):  # tower: one image's patches on LLaVA-1.5's single grid
         return pruner.keep_count(n)
     points = pruner.drop_points(adapter_for(model).info, n)
     return points[-1].keep if points else n

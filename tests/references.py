@@ -2,6 +2,8 @@
 straightforward (slow) way, from the model's own eager attention or a plain loop, and inputs whose
 scores fp32 rounding cannot reorder. Helpers only: no tests here."""
 
+import math
+
 import torch
 
 from vtprune.testing import IMAGE_TOKEN_ID
@@ -112,3 +114,73 @@ def naive_k_center(x, k, first):
         nearest_centre[chosen] = float("inf")
         chosen.append(int(nearest_centre.argmin()))
     return torch.tensor(chosen)
+
+
+# ToMe's own algorithm, restated from its reference code (facebookresearch/ToMe, merge.py): the
+# matching returns a merge function; merge(x, "sum") of size-weighted tokens, merge(source, "amax") of
+# a (B, N, P) one-hot source matrix tracks which patches each token holds.
+def tome_matching(metric, r, class_token, distill_token=False):
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    if class_token:
+        scores[..., 0, :] = -math.inf
+    if distill_token:
+        scores[..., :, 0] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if class_token:
+        unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(x, mode):
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        if distill_token:
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    return merge
+
+
+# PiToMe's energy-guided matching, restated from its reference code (hchautran/PiToMe, merge.py) one
+# sample at a time with plain loops; returns a merge function like tome_matching's.
+def pitome_matching(metric, r, margin, mode, class_token=True):
+    start = 1 if class_token else 0
+
+    def plan(m):
+        t = m.shape[0] - start
+        u = m[start:].double()
+        u = u / u.norm(dim=-1, keepdim=True)
+        sim = u @ u.T
+        energy = torch.tensor(
+            [sum(torch.nn.functional.elu(sim[i, j] - margin) for j in range(t)) / t for i in range(t)]
+        )
+        rank = sorted(range(t), key=lambda i: -float(energy[i]))  # stable: ties keep the lower index
+        if mode == "pitome":
+            a, b, rest = rank[: 2 * r : 2], rank[1 : 2 * r : 2], rank[2 * r :]
+            into = [b[max(range(len(b)), key=lambda j: (float(sim[i, b[j]]), -j))] for i in a]
+            return a, into, rest, b
+        a, b = rank[0::2], rank[1::2]
+        best = [max(range(len(b)), key=lambda j: (float(sim[i, b[j]]), -j)) for i in a]
+        order = sorted(range(len(a)), key=lambda k: -float(sim[a[k], b[best[k]]]))
+        return [a[k] for k in order[:r]], [b[best[k]] for k in order[:r]], [a[k] for k in order[r:]], b
+
+    plans = [plan(m) for m in metric]
+
+    def merge(x, mode_):
+        out = []
+        for xs, (merged, into, rest, b) in zip(x, plans):
+            body = xs[start:]
+            dst = body[b].clone()
+            for i, j in zip(merged, into):
+                k = b.index(j)
+                dst[k] = torch.maximum(dst[k], body[i]) if mode_ == "amax" else dst[k] + body[i]
+            out.append(torch.cat([xs[:start], body[rest], dst]))
+        return torch.stack(out)
+
+    return merge

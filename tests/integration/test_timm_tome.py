@@ -1,10 +1,9 @@
 """ToMe on timm ViTs (the tower stage on its own): identity at keep 1.0, equal to a hand-run ViT with
 ToMe's own merge code, fused == eager attention, batched == per-sample, stats, remove(), bad input."""
 
-import math
-
 import pytest
 import torch
+from references import pitome_matching, tome_matching
 
 import vtprune
 
@@ -29,50 +28,27 @@ def images(n=3):
     return torch.randn(n, 3, 64, 64)
 
 
-# -- ToMe's own algorithm, restated from its reference code (facebookresearch/ToMe, merge.py) -----------
-def tome_matching(metric, r, class_token, distill_token=False):
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[..., ::2, :], metric[..., 1::2, :]
-    scores = a @ b.transpose(-1, -2)
-    if class_token:
-        scores[..., 0, :] = -math.inf
-    if distill_token:
-        scores[..., :, 0] = -math.inf
-    node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-    unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
-    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-    if class_token:
-        unm_idx = unm_idx.sort(dim=1)[0]
-
-    def merge(x, mode):
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
-        n, t1, c = src.shape
-        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
-        if distill_token:
-            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-        return torch.cat([unm, dst], dim=1)
-
-    return merge
-
-
-def tome_forward(model, x, r, distill_token=False):
-    """The ViT run block by block as ToMe's timm patch does: proportional attention, merge after attention."""
+def tome_forward(model, x, r, distill_token=False, match=None, proportional=True):
+    """The ViT run block by block as ToMe's timm patch does: proportional attention, merge after attention.
+    ``r``: tokens merged per block, or a function of the tokens present; ``match(metric, r, block)``: the
+    merge function (default ToMe's)."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     size = None
-    for block in model.blocks:
+    protected = 2 if distill_token else 1
+    for index, block in enumerate(model.blocks):
         h, attn = block.norm1(x), block.attn
         batch, n, _ = h.shape
         q, k, v = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if size is not None:
+        if size is not None and proportional:
             logits = logits + size.log()[:, None, None, :, 0]
         y = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, n, -1)
         x = x + attn.proj(y)
-        protected = 2 if distill_token else 1
-        merge = tome_matching(k.mean(1), min(r, (n - protected) // 2), True, distill_token)
+        count = min(r(n - protected) if callable(r) else r, (n - protected) // 2)
+        if match is None:
+            merge = tome_matching(k.mean(1), count, True, distill_token)
+        else:
+            merge = match(k.mean(1), count, index)
         size = torch.ones_like(x[..., :1]) if size is None else size
         x = merge(x * size, "sum")
         size = merge(size, "sum")
@@ -165,6 +141,18 @@ def test_remove_restores_the_model_exactly():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+@torch.no_grad()
+def test_a_keep_beyond_halving_once_per_block_matches_again_within_a_block():
+    model, x = vit(), images()
+    with vtprune.apply(model, vtprune.ToMe(keep=2, layers=[0, 1])) as handle:
+        model(x)
+    # 64 patches to 2 in two blocks needs five halvings: up to three matchings per block; the first
+    # block merges what the second could not (64 -> 16; 16 -> 8 -> 4 -> 2)
+    assert handle.last.layer_tokens[0] == [64, 16, 2, 2, 2, 2] and handle.last.token_counts == [2] * 3
+    for kept, merged in zip(handle.last.kept, handle.last.merged):
+        assert sorted(torch.cat([kept, *merged]).tolist()) == list(range(64))
+
+
 def test_bad_options_and_wrong_stages_are_refused_before_the_model_is_touched():
     model = vit()
     cases = [
@@ -172,20 +160,12 @@ def test_bad_options_and_wrong_stages_are_refused_before_the_model_is_touched():
         (lambda: vtprune.ToMe(r=-1), "r must be an int >= 0"),
         (lambda: vtprune.ToMe(layers=[3, 1]), "ascending"),
         (lambda: vtprune.apply(model, vtprune.ToMe(layers=[9])), r"layers=\[9\]: the tower has blocks 0 to 5"),
-        (lambda: vtprune.apply(model, vtprune.ToMe(keep=2, layers=[0])), "1 merge steps cannot bring 64 tokens"),
         (lambda: vtprune.apply(model, "divprune", keep=16), "takes one tower-stage pruner"),
     ]
     for make, message in cases:
         with pytest.raises(ValueError, match=message):
             make()
     assert vtprune.handle_of(model) is None and all("forward" not in b.__dict__ for b in model.blocks)
-
-
-def test_a_vlm_refuses_tower_pruners_for_now():
-    from vtprune.testing import tiny_llava
-
-    with pytest.raises(ValueError, match="tower-stage pruners \\(tome\\) run on timm VisionTransformer"):
-        vtprune.apply(tiny_llava(), vtprune.ToMe(keep=16))
 
 
 @torch.no_grad()
@@ -203,3 +183,19 @@ def test_a_forward_that_raises_midway_leaves_the_next_forward_clean():
     hook.remove()
     assert torch.equal(model(x), expected) and handle.last.token_counts == [16] * 3
     handle.remove()
+
+
+@pytest.mark.parametrize("margin", [0.9, 0.75])
+@torch.no_grad()
+def test_pitome_equals_a_hand_run_vit_with_pitomes_own_algorithm(margin):
+    model, x = vit(), images()  # 6 blocks: pitome_bsm in blocks 0-2, pitome in 3-5
+    with vtprune.apply(model, vtprune.PiToMe(ratio=0.9, margin=margin)) as handle:
+        out = model(x)
+    assert handle.last.layer_tokens[0] == [64, 58, 53, 48, 44, 40]  # each block keeps 90%, rounded up
+
+    def match(metric, r, block):
+        mode = "pitome_bsm" if block < 3 else "pitome"
+        return pitome_matching(metric, r, margin * (1 - block / 6), mode)
+
+    expected = tome_forward(model, x, lambda t: int(t - t * 0.9), match=match, proportional=False)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

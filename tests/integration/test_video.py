@@ -16,6 +16,7 @@ from helpers import (
     logits,
     pruned_image_tokens,
     scheduled_count,
+    skip_if_refused,
 )
 
 import vtprune
@@ -32,6 +33,9 @@ ONE_VIDEO = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 0, 1)]
 
 @pytest.fixture(params=VIDEO_FAMILIES, ids=lambda f: f.name)
 def family(request):
+    name = request.node.callspec.params.get("name")
+    if name is not None:
+        skip_if_refused(request.param.name, name, videos=True)
     return request.param
 
 

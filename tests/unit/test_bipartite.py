@@ -7,10 +7,12 @@ import torch
 from vtprune.ops.bipartite import (
     bipartite_matching,
     max_merges,
+    max_merges_in,
     merge_origin,
     merge_weighted,
     proportional_bias,
     spread_merges,
+    unmerge,
 )
 
 
@@ -146,3 +148,45 @@ def test_spread_merges_takes_more_early_when_later_steps_could_not_finish():
         spread_merges(100, 13, 2)
     with pytest.raises(ValueError, match=r"keep must be an int in \[1, 100\]"):
         spread_merges(100, 0, 2)
+
+
+def test_spread_merges_with_several_matchings_per_step():
+    assert max_merges_in(101, 1, 2) == 50 + 25 and max_merges_in(100, 0, 3) == 50 + 25 + 12
+    # two halvings per step: the first step takes what the second could not (52 -> 26 -> 13)
+    assert spread_merges(100, 13, 2, rounds=2) == [48, 39]
+    assert spread_merges(100, 40, 2, rounds=3) == spread_merges(100, 40, 2)  # one matching was enough
+    with pytest.raises(ValueError, match="each step merges at most half of them 2 times"):
+        spread_merges(100, 3, 2, rounds=2)
+
+
+def test_unmerge_gives_every_patch_its_tokens_row_and_keeps_the_prefix():
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 21, 4)
+    matching = bipartite_matching(x0, 8, protected=1)
+    x, _ = merge_weighted(x0, torch.ones(2, 21), matching)
+    origin = merge_origin(torch.arange(1, 21).expand(2, 20), matching)
+    full = unmerge(x, origin, protected=1)
+    assert full.shape == x0.shape and torch.equal(full[:, 0], x[:, 0])
+    for b in range(2):
+        for p in range(20):
+            assert torch.equal(full[b, 1 + p], x[b, origin[b, p]])
+    assert torch.equal(unmerge(x[..., 0], origin, protected=1), full[..., 0])  # any trailing shape
+
+
+def test_energy_matching_merges_the_redundant_cluster_and_keeps_the_isolated_tokens():
+    from vtprune.ops.energy import energy_matching
+
+    torch.manual_seed(0)
+    cluster = torch.randn(1, 1, 8) + 0.01 * torch.randn(1, 6, 8)  # six near-copies: high energy
+    loners = torch.eye(8)[None, :4] * 5  # four orthogonal tokens: low energy
+    metric = torch.cat([torch.randn(1, 1, 8), cluster, loners], dim=1)  # a CLS token first
+    for mode in ("pitome", "pitome_bsm"):
+        m = energy_matching(metric, 3, protected=1, margin=0.5, mode=mode)
+        assert m.kept.shape == (1, 8) and m.kept[0, 0] == 0
+        assert set(m.merged[0].tolist()) <= set(range(1, 7)) and set(m.into[0].tolist()) <= set(range(1, 7))
+    identity = energy_matching(metric, 0, protected=1, margin=0.5, mode="pitome")
+    assert identity.kept[0].tolist() == list(range(11)) and identity.r == 0
+    with pytest.raises(ValueError, match=r"r must be an int in \[0, 5\]"):
+        energy_matching(metric, 6, protected=1, margin=0.5, mode="pitome")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        energy_matching(metric, 1, protected=1, margin=0.5, mode="tome")

@@ -45,3 +45,18 @@ def test_crop_weights_favour_the_crop_whose_region_holds_the_attention():
     weights = crop_weights(base_scores, regions, [10, 10])
     assert weights[1] > weights[0] and abs(sum(weights) - 20) < 1e-9  # 1 + p - mean(p) averages to 1
     assert crop_weights(torch.zeros(4), regions, [10, 30]) == [10.0, 30.0]  # no preference: sizes
+
+
+def test_tower_tokens_enter_once_at_their_first_patch_and_restricted_keeps_parts_and_signals():
+    # 3 base tokens, then a crops grid with a fixed (newline) token at position 5
+    parts = ImageParts(
+        7,
+        (ImagePart(torch.tensor([0, 1, 2])), ImagePart(torch.tensor([3, 4, 6]))),
+        cls_attention=torch.arange(7.0),
+        tower_ids=torch.tensor([4, 9, 4, 7, 8, -1, 7]),
+    )
+    firsts, members = parts.tower_tokens()  # prunable indices: positions 0 1 2 3 4 6
+    assert firsts.tolist() == [0, 1, 3, 4] and [m.tolist() for m in members] == [[0, 2], [1], [3, 5], [4]]
+    view = parts.restricted(torch.tensor([0, 1, 3, 4, 5]))
+    assert view.n_tokens == 5 and view.fixed.tolist() == [4] and view.prunable.tolist() == [0, 1, 2, 3]
+    assert [p.index.tolist() for p in view.parts] == [[0, 1], [2, 3]] and view.cls_attention.tolist() == [0, 1, 3, 4, 5]

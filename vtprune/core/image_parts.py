@@ -37,6 +37,10 @@ class ImageParts:
     Anyres images also say where their crops are: ``crops`` splits the last part (all crop tokens)
     into one part per crop, and ``base_regions`` ((n_base,) long) names, for each token of the first
     part (the base image), the crop covering the same region of the picture.
+
+    tower_ids: (n_tokens,) long when a tower-stage pruner merged patches inside the tower: tokens with
+    the same id came from one merged token (the tower's output copied onto each of its patches), -1 at
+    fixed tokens; None otherwise.
     """
 
     n_tokens: int
@@ -45,12 +49,15 @@ class ImageParts:
     crops: tuple[ImagePart, ...] = ()
     base_regions: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    tower_ids: torch.Tensor | None = None
 
     @classmethod
-    def single(cls, n_tokens: int, grid: tuple[int, int] | None, cls_attention=None, keys=None) -> ImageParts:
+    def single(
+        cls, n_tokens: int, grid: tuple[int, int] | None, cls_attention=None, keys=None, tower_ids=None
+    ) -> ImageParts:
         """Every token prunable, one part (LLaVA-1.5)."""
         grid = grid if grid is not None and grid[0] * grid[1] == n_tokens else None
-        return cls(n_tokens, (ImagePart(torch.arange(n_tokens), grid),), cls_attention, keys=keys)
+        return cls(n_tokens, (ImagePart(torch.arange(n_tokens), grid),), cls_attention, keys=keys, tower_ids=tower_ids)
 
     @property
     def prunable(self) -> torch.Tensor:
@@ -77,6 +84,38 @@ class ImageParts:
         if len(self.parts) == 1 and self.parts[0].index.numel() == self.n_tokens:
             return kept
         return torch.cat([self.prunable[kept], self.fixed]).sort().values
+
+    def tower_tokens(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The tokens that left the tower (``tower_ids``): the prunable index of each one's first
+        patch in prompt order, ascending, and per such token the prunable indices of all its patches."""
+        _, token = torch.unique(self.tower_ids[self.prunable], return_inverse=True)
+        members = torch.argsort(token, stable=True).split(torch.bincount(token).tolist())
+        firsts = torch.stack([m[0] for m in members])
+        order = firsts.argsort()
+        return firsts[order], [members[i] for i in order.tolist()]
+
+    def restricted(self, positions: torch.Tensor) -> ImageParts:
+        """The image as if only its tokens at ``positions`` (ascending token positions, every fixed
+        token among them) were there: each part keeps its tokens among them (without a grid), the
+        signals and the base image's regions follow."""
+        where = torch.full((self.n_tokens,), -1, dtype=torch.long)
+        where[positions] = torch.arange(positions.numel())
+
+        def part(p: ImagePart) -> ImagePart:
+            index = where[p.index]
+            return ImagePart(index[index >= 0], None)
+
+        regions = self.base_regions
+        if regions is not None:
+            regions = regions[where[self.parts[0].index] >= 0]
+        return ImageParts(
+            positions.numel(),
+            tuple(part(p) for p in self.parts),
+            None if self.cls_attention is None else self.cls_attention[positions],
+            tuple(part(c) for c in self.crops),
+            regions,
+            None if self.keys is None else self.keys[positions],
+        )
 
     def after_keep(self, kept: torch.Tensor) -> ImageParts:
         """The structure of the image's tokens that remain when ``kept`` (prunable indices) stay:

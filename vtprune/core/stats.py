@@ -15,8 +15,9 @@ class PruneStats:
     drops: for LLM-stage pruners, one ``(layer, kept)`` per drop point: the tokens (indexed like
     ``kept``) that enter ``layer`` and the layers after it, until the next drop point; in a Pipeline
     the vision stage's choice is the first, at layer 0.
-    merged[b]: for merging vision-stage pruners, per merged token of sample b the indices (like
-    ``kept``) of the tokens averaged into it; with ``kept``, they account for every visual token."""
+    merged[b]: for merging pruners (vision stage, or tower stage: then the patches merged inside the
+    tower), per merged token of sample b the indices (like ``kept``) of the tokens behind it; with
+    ``kept``, they account for every visual token that reaches the last decoder layer."""
 
     kept: list[torch.Tensor]
     layer_tokens: list[list[int]]
@@ -34,12 +35,28 @@ class PruneStats:
         merged = self.merged or [[] for _ in self.kept]
         return [int(k.numel()) + len(m) for k, m in zip(self.kept, merged)]
 
+    def entering(self) -> list[torch.Tensor]:
+        """Per sample, the tokens that enter the language model in prompt order, each named by its
+        first original token (a merged token by its group's first index)."""
+        merged = self.merged or [[] for _ in self.kept]
+        return [torch.cat([k, *[g[:1] for g in m]]).sort().values for k, m in zip(self.kept, merged)]
+
     def followed_by(self, llm: PruneStats) -> PruneStats:
         """These (a vision stage's) stats followed by an LLM stage's, which indexes the tokens that
-        entered the LLM: the combined stats index the original visual tokens, and the vision stage's
-        choice is the first drop, before layer 0."""
+        entered the LLM: the combined stats index the original visual tokens (``drops`` name a merged
+        token by its first index), and the vision stage's choice is the first drop, before layer 0."""
+        entered = self.entering()
+        merged = self.merged or [[] for _ in self.kept]
+        behind = [{int(g[0]): g for g in m} for m in merged]
+        kept, still_merged = [], []
+        for tokens, groups, survivors in zip(entered, behind, llm.kept):
+            firsts = tokens[survivors]
+            alone = [int(t) for t in firsts if int(t) not in groups]
+            kept.append(torch.tensor(alone, dtype=torch.long))
+            still_merged.append([groups[int(t)] for t in firsts if int(t) in groups])
         return PruneStats(
-            kept=[v[k] for v, k in zip(self.kept, llm.kept)],
+            kept=kept,
             layer_tokens=llm.layer_tokens,
-            drops=[(0, self.kept)] + [(layer, [v[k] for v, k in zip(self.kept, kept)]) for layer, kept in llm.drops],
+            drops=[(0, entered)] + [(layer, [e[k] for e, k in zip(entered, ks)]) for layer, ks in llm.drops],
+            merged=still_merged if any(still_merged) else [],
         )

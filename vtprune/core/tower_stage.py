@@ -16,7 +16,9 @@ from typing import Protocol
 import torch
 
 from vtprune.core.stats import PruneStats
-from vtprune.ops.bipartite import merge_origin, merge_weighted, proportional_bias
+from vtprune.ops.bipartite import max_merges, merge_origin, merge_weighted, proportional_bias, unmerge
+
+_EXACT_IDS = 2**24  # token ids travel with the tower signals in fp32, exact below this
 
 
 class TowerMerging(Protocol):
@@ -26,27 +28,37 @@ class TowerMerging(Protocol):
 
     def merge_plan(self, patches: int, protected: int, blocks: int) -> list[int]: ...
 
-    def match(self, metric: torch.Tensor, r: int, protected: int): ...
+    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int): ...
 
 
 @dataclass
 class TowerRun:
     """One tower forward in flight: ``size`` (B, N) patches per token (None until the first merge),
     ``origin`` (B, P) the token each of the P patches now belongs to, ``layer_tokens`` the patch tokens
-    entering each block so far, ``metric`` (B, N, C) what the current block's merge compares."""
+    entering each block so far, ``metric`` (B, N, C) what the current block's merge compares;
+    ``origins`` the ``origin`` after each merging block, by the number of tokens it left."""
 
     plan: list[int]
     size: torch.Tensor | None = None
     origin: torch.Tensor | None = None
     layer_tokens: list[int] = field(default_factory=list)
     metric: torch.Tensor | None = None  # the current block's, as the adapter read it
+    origins: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def merged(self) -> bool:
+        return self.size is not None
 
 
 class TowerStage:
-    def __init__(self, pruner: TowerMerging, blocks: int, protected: int):
+    """``blocks``: the tower's first blocks, those that may merge; ``layers``: all its blocks (default
+    ``blocks``), for pruners whose rule changes with depth."""
+
+    def __init__(self, pruner: TowerMerging, blocks: int, protected: int, layers: int | None = None):
         self.pruner = pruner
         self.blocks = blocks
         self.protected = protected
+        self.layers = blocks if layers is None else layers
 
     def start(self, patches: int) -> TowerRun:
         return TowerRun(self.pruner.merge_plan(patches, self.protected, self.blocks))
@@ -70,11 +82,39 @@ class TowerStage:
         r = run.plan[block]
         if r == 0:
             return x
-        matching = self.pruner.match(metric, r, self.protected)
         size = run.size if run.size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
-        x, run.size = merge_weighted(x, size, matching)
-        run.origin = merge_origin(run.origin, matching)
+        while r > 0:  # one matching, or several in a row where the plan merges more than half
+            step = min(r, max_merges(x.shape[1], self.protected))
+            matching = self.pruner.match(metric, step, self.protected, block, self.layers)
+            if matching.r < r:
+                metric, _ = merge_weighted(metric, size, matching)  # the next matching compares merged tokens
+            x, size = merge_weighted(x, size, matching)
+            run.origin = merge_origin(run.origin, matching)
+            if matching.r == 0:
+                raise RuntimeError(f"block {block} cannot merge {r} more of its {x.shape[1]} tokens")
+            r -= matching.r
+        run.size = size
+        run.origins[x.shape[1]] = run.origin
         return x
+
+    def restore(self, run: TowerRun, x: torch.Tensor) -> torch.Tensor:
+        """A tensor of per-token rows as some block left them, (B, N', ...), on the original token grid
+        (B, N, ...): each patch carries the row of the token it was merged into (``ops.unmerge``). The
+        block is found by N' (each merging block leaves fewer tokens); full-size tensors come back as
+        they are."""
+        origin = run.origins.get(x.shape[1])
+        return x if origin is None else unmerge(x, origin, self.protected)
+
+    def token_ids(self, run: TowerRun) -> torch.Tensor:
+        """(B, N) fp32: for each original token (prefix tokens included), the id of the token it left
+        the tower in, distinct across the batch: patches with the same id were merged into one token."""
+        batch, patches = run.origin.shape
+        n = self.protected + patches
+        if batch * n >= _EXACT_IDS:
+            raise ValueError(f"{batch} tower inputs of {n} tokens are too many to follow their merged tokens")
+        prefix = torch.arange(self.protected, device=run.origin.device).expand(batch, self.protected)
+        offsets = torch.arange(batch, device=run.origin.device)[:, None] * n
+        return (torch.cat([prefix, run.origin], dim=1) + offsets).float()
 
     def stats(self, run: TowerRun) -> PruneStats:
         """kept[b]: the patches (0-based among the patch tokens) still alone; merged[b]: per merged token,

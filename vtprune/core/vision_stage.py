@@ -112,8 +112,11 @@ class VisionStage:
     instead of closing up as in a prompt written with fewer image tokens; a merged token then sits
     at its anchor's place."""
 
-    def __init__(self, pruner: VisionPruner, num_decoder_layers: int, keeps_positions: bool):
-        self.pruner = pruner
+    def __init__(
+        self, pruner: VisionPruner | None, num_decoder_layers: int, keeps_positions: bool, tower: str | None = None
+    ):
+        self.pruner = pruner  # None: only a tower-stage pruner (``tower``, its name) reduced the tokens
+        self.name = pruner.name if pruner is not None else tower
         self.num_decoder_layers = num_decoder_layers
         self.keeps_positions = keeps_positions
 
@@ -123,15 +126,16 @@ class VisionStage:
                 # Scores of NaN features order arbitrarily (a greedy selection may even repeat a token).
                 raise ValueError(
                     f"{v.modality} {v.number} has non-finite features (NaN or inf, e.g. from non-finite pixel "
-                    f"values): the {self.pruner.name!r} pruner cannot rank its tokens; check the inputs"
+                    f"values): the {self.name!r} pruner cannot rank its tokens; check the inputs"
                 )
-        reductions = [select_in_parts(self.pruner, v.features, v.parts) for v in visuals]
+        both = [reduce_visual(self.pruner, v.features, v.parts) for v in visuals]
+        reductions, reported = [r for r, _ in both], [r for _, r in both]
         kept = [r.kept for r in reductions]
         # Placeholders that stay: the kept tokens' and, for each merged token, its anchor's.
         slots = layout.per_sample([_slots(r) for r in reductions])
         comp = Compaction.from_keep(layout.keep_mask(slots, prompt.input_ids.device))
-        sample_kept = layout.sample_kept(layout.per_sample(kept))
-        merged = layout.sample_groups(layout.per_sample([r.groups for r in reductions]))
+        sample_kept = layout.sample_kept(layout.per_sample([r.kept for r in reported]))
+        merged = layout.sample_groups(layout.per_sample([r.groups for r in reported]))
         stats = PruneStats(
             kept=sample_kept,
             layer_tokens=[[int(k.numel()) + len(m)] * self.num_decoder_layers for k, m in zip(sample_kept, merged)],
@@ -164,6 +168,39 @@ class VisionStage:
         for name, value in prompt.aligned.items():
             short[name] = comp.gather(value, fill=0)
         return short, full_positions
+
+
+def reduce_visual(
+    pruner: VisionPruner | None, features: torch.Tensor, parts: ImageParts
+) -> tuple[Reduction, Reduction]:
+    """One image's reduction (prunable indices) twice: as the model gets it (the tokens whose
+    placeholders stay, and merged groups whose features are averaged) and as ``PruneStats`` reports
+    it (tokens that stay alone, and per merged token all the original tokens behind it).
+
+    They differ when a tower-stage pruner merged patches (``parts.tower_ids``): every merged token
+    arrives as copies on its patches, and enters the language model once, at its first patch (whose
+    features are the merged token's, exactly); ``pruner`` (a vision-stage pruner after the tower, or
+    None) then chooses among those tokens.
+    """
+    if parts.tower_ids is None:
+        if pruner is None:
+            r = Reduction(torch.arange(parts.prunable.numel(), device=features.device))
+        else:
+            r = select_in_parts(pruner, features, parts)
+        return r, r
+    firsts, members = parts.tower_tokens()
+    if pruner is None:
+        r = Reduction(firsts.to(features.device))
+    else:
+        positions = torch.cat([parts.prunable[firsts], parts.fixed]).sort().values
+        chosen = select_in_parts(pruner, features[positions.to(features.device)], parts.restricted(positions))
+        r = Reduction(firsts[chosen.kept.cpu()].to(features.device), tuple(firsts[g.cpu()] for g in chosen.groups))
+    behind = dict(zip(firsts.tolist(), members))
+    alone = [k for k in r.kept.tolist() if behind[k].numel() == 1]
+    groups = [behind[k] for k in r.kept.tolist() if behind[k].numel() > 1]
+    groups += [torch.cat([behind[k] for k in g.tolist()]).sort().values for g in r.groups]
+    groups.sort(key=lambda g: int(g[0]))
+    return r, Reduction(torch.tensor(alone, dtype=torch.long), tuple(groups))
 
 
 def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImageParts) -> Reduction:

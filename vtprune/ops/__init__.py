@@ -17,6 +17,7 @@ from vtprune.ops.bipartite import (
     merge_weighted,
     proportional_bias,
     spread_merges,
+    unmerge,
 )
 from vtprune.ops.diversity import max_min_diversity
 from vtprune.ops.k_center import k_center
@@ -43,4 +44,5 @@ __all__ = [
     "strided_targets",
     "transition_variation",
     "triton_available",
+    "unmerge",
 ]

@@ -49,16 +49,26 @@ def max_merges(n: int, protected: int = 0) -> int:
     return max(0, min((n - protected) // 2, (n + 1) // 2 - set_a_protected))
 
 
-def spread_merges(n: int, keep: int, steps: int, protected: int = 0) -> list[int]:
+def max_merges_in(n: int, protected: int = 0, rounds: int = 1) -> int:
+    """The most tokens ``rounds`` matchings in a row can merge away from ``n`` (``max_merges`` each)."""
+    total = 0
+    for _ in range(rounds):
+        step = max_merges(n - total, protected)
+        total += step
+    return total
+
+
+def spread_merges(n: int, keep: int, steps: int, protected: int = 0, rounds: int = 1) -> list[int]:
     """Tokens to merge away at each of ``steps`` merge steps so that ``keep`` of ``n`` unprotected
     tokens remain after the last (``protected`` more ride along): as even as the steps allow, earlier
-    steps taking the remainder. A step merges at most half the unprotected tokens present
-    (``max_merges``), so where the later steps could not finish, earlier ones take more.
+    steps taking the remainder. A step runs at most ``rounds`` matchings, each merging at most half
+    the unprotected tokens present (``max_merges_in``), so where the later steps could not finish,
+    earlier ones take more.
 
     A ValueError when ``keep`` is not in [1, n], ``steps`` < 1, or no schedule of ``steps`` reaches
-    ``keep`` (each step at most halves the tokens).
+    ``keep``.
     """
-    for name, value, low in (("n", n, 1), ("steps", steps, 1), ("protected", protected, 0)):
+    for name, value, low in (("n", n, 1), ("steps", steps, 1), ("protected", protected, 0), ("rounds", rounds, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n:
@@ -66,12 +76,12 @@ def spread_merges(n: int, keep: int, steps: int, protected: int = 0) -> list[int
 
     def fewest_after(present: int, steps_left: int) -> int:
         for _ in range(steps_left):
-            present -= max_merges(present + protected, protected)
+            present -= max_merges_in(present + protected, protected, rounds)
         return present
 
     plan, present = [], n
     for step in range(steps):
-        most = min(present - keep, max_merges(present + protected, protected))
+        most = min(present - keep, max_merges_in(present + protected, protected, rounds))
         r = min(-(-(present - keep) // (steps - step)), most)  # ceil: earlier steps take the remainder
         while r < most and fewest_after(present - r, steps - step - 1) > keep:
             r += 1  # the steps after this one could not finish: take more here
@@ -79,8 +89,8 @@ def spread_merges(n: int, keep: int, steps: int, protected: int = 0) -> list[int
         present -= r
     if present != keep:
         raise ValueError(
-            f"{steps} merge steps cannot bring {n} tokens down to {keep} (each step merges at most half of "
-            f"them; the closest is {present}): use more steps or a larger keep"
+            f"{steps} merge steps cannot bring {n} tokens down to {keep} (each step merges at most half of them"
+            f"{'' if rounds == 1 else f' {rounds} times'}; the closest is {present}): use more steps or a larger keep"
         )
     return plan
 
@@ -154,6 +164,15 @@ def merge_origin(origin: torch.Tensor, matching: Matching) -> torch.Tensor:
     rank = torch.full((batch, n), -1, dtype=torch.long, device=origin.device)
     rank.scatter_(1, matching.kept, torch.arange(matching.kept.shape[1], device=origin.device).expand_as(matching.kept))
     return rank.gather(1, target).gather(1, origin)
+
+
+def unmerge(x: torch.Tensor, origin: torch.Tensor, protected: int = 0) -> torch.Tensor:
+    """Merged tokens back on the original token grid: (B, N', ...) -> (B, protected + P, ...), where
+    each of the P patches carries the token it was merged into (``origin`` (B, P), as ``merge_origin``
+    keeps it) and the ``protected`` prefix tokens stay first. Copies, so the patches of one merged
+    token hold identical values."""
+    index = origin.reshape(*origin.shape, *([1] * (x.dim() - 2))).expand(*origin.shape, *x.shape[2:])
+    return torch.cat([x[:, :protected], x.gather(1, index.to(x.device))], dim=1)
 
 
 def proportional_bias(size: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ or scopes the LLM stage's hooks, maps decode steps onto a shortened cache), and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -32,6 +33,7 @@ from vtprune.core.vision_stage import Prompt, VisionStage, Visual, visuals_of
 from vtprune.patches import towers
 from vtprune.patches.llama import LLAMA
 from vtprune.patches.offload import weights_loaded
+from vtprune.patches.tower_merging import TowerMerging, check_tower_merging
 from vtprune.pruners.pipeline import Pipeline, as_pipeline
 from vtprune.registry import available, pruner_class
 
@@ -135,12 +137,8 @@ class Adapter:
 
     def check(self, config) -> None:
         pipeline = as_pipeline(config)
-        tower = [p.name for p in pipeline.pruners if p.stage == "tower"]
-        if tower:
-            raise ValueError(
-                f"tower-stage pruners ({', '.join(tower)}) run on timm VisionTransformer models so far; inside "
-                f"a VLM's vision tower they are not supported yet"
-            )
+        if pipeline.tower is not None:
+            self._check_tower(pipeline.tower)
         pipeline.check(self.info)
         impl = self.attn_implementation
         for pruner in pipeline.llm:
@@ -155,6 +153,13 @@ class Adapter:
                 f"the {vision.name!r} pruner cannot read attention from vision tower {self.info.tower_name}"
             )
 
+    def _merging_blocks(self) -> int:
+        """Tower layers that may merge: those up to the last one whose output the model selects."""
+        return min(self.info.feature_layers) + 1
+
+    def _check_tower(self, pruner) -> None:
+        check_tower_merging(pruner, self.tower, type(self.model).__name__, self._merging_blocks())
+
     # -- installation ------------------------------------------------------------------------------
     def install(self, config) -> list:
         """Patch the model; returns the undo steps (bound methods, so a deep copy undoes its own)."""
@@ -165,14 +170,21 @@ class Adapter:
             vision.tower_attention_layers(self.info) if vision is not None else [],
             vision.tower_key_layers(self.info) if vision is not None else [],
         )
+        self._merging = None
+        if pipeline.tower is not None:
+            spec = towers.tower_spec(self.tower)
+            self._merging = TowerMerging(self.tower, spec, pipeline.tower, self._merging_blocks())
         undo = []
         try:
+            if self._merging is not None:
+                undo += self._merging.install()
             undo += [h.remove for h in self._tower_reader.install()]
             for modality in self.modalities:
                 encode = functools.partial(self._encoded_features, modality)
                 undo.append(MethodPatch(self.model.model, f"get_{modality}_features", encode).undo)
-            if pipeline.vision is not None:
-                self._vision = VisionStage(pipeline.vision, self.info.num_decoder_layers, self.keeps_positions)
+            if pipeline.vision is not None or pipeline.tower is not None:
+                tower = None if pipeline.tower is None else pipeline.tower.name
+                self._vision = VisionStage(pipeline.vision, self.info.num_decoder_layers, self.keeps_positions, tower)
             if pipeline.llm:
                 flash = "flash" in self.attn_implementation
                 self._llm = LLMStage(pipeline.llm, self.decoder_layers, self.info, self.decoder_access(), flash)
@@ -189,9 +201,9 @@ class Adapter:
     def _encoded_features(self, modality: str, original, *args, **kwargs):
         bound = inspect.signature(original).bind(*args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
-        with self._tower_reader.reading() as read, weights_loaded(self.model.model):
+        with self._tower_reader.reading() as read, self._tower_runs() as runs, weights_loaded(self.model.model):
             out = original(*args, **kwargs)
-        signals = TowerSignals.of(read["scores"], read["keys"])
+        signals = self._signals(read, runs)
         if isinstance(out, tuple):
             features = list(out[1])
         else:
@@ -203,6 +215,14 @@ class Adapter:
         if not isinstance(out, tuple):
             setattr(out, _LAYOUT, layouts)
         return out
+
+    def _tower_runs(self):
+        return self._merging.collecting() if self._merging is not None else contextlib.nullcontext([])
+
+    def _signals(self, read: dict, runs: list) -> TowerSignals | None:
+        if not runs:
+            return TowerSignals.of(read["scores"], read["keys"])
+        return self._merging.signals(read, runs, type(self.model).__name__)
 
     def _layouts_of(self, encoded, modality: str) -> list:
         """Each image's ``ImageParts`` (video's ``VideoFrames``) as recorded when it was encoded."""

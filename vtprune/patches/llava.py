@@ -28,9 +28,10 @@ class LlavaAdapter(Adapter):
         out = []
         for i, f in enumerate(features):
             n = f.shape[0]
-            scores = keys = None
+            scores = keys = ids = None
             if signals is not None and i < signals.values.shape[0]:
-                # the CLS token's own row goes with "default"
-                scores, keys = signals.split(signals.values[i, signals.values.shape[1] - n :])
-            out.append(ImageParts.single(n, grid, scores, keys))
+                rows = signals.values[i, signals.values.shape[1] - n :]  # the CLS token's own row goes with "default"
+                scores, keys = signals.split(rows)
+                ids = signals.token_ids(rows)
+            out.append(ImageParts.single(n, grid, scores, keys, tower_ids=ids))
         return out

@@ -48,7 +48,10 @@ class LlavaNextAdapter(Adapter):
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         # Tokens per tower input after feature selection ("default" drops the first, the CLS token).
         per_patch = side * side + int(self.info.tower_has_cls) - int(strategy == "default")
-        channels = _SIGNALS + (0 if signals is None else signals.values.shape[-1])
+        # With merged-token ids, one more channel holds their squares: a packing that mixes rows
+        # (resampling) shows as a square that is not the id's square.
+        squares = signals is not None and signals.has_ids
+        channels = _SIGNALS + (0 if signals is None else signals.values.shape[-1]) + int(squares)
         newline = torch.zeros(channels, dtype=torch.float64)
         newline[_PATCH] = -1
         out, start = [], 0
@@ -57,16 +60,22 @@ class LlavaNextAdapter(Adapter):
             markers[..., _IS_TOKEN] = 1
             markers[..., _PATCH] = torch.arange(n_inputs, dtype=torch.float64)[:, None]
             if signals is not None:
-                markers[..., _SIGNALS:] = signals.values[start : start + n_inputs, -per_patch:].double().cpu()
+                rows = signals.values[start : start + n_inputs, -per_patch:].double().cpu()
+                markers[..., _SIGNALS : _SIGNALS + rows.shape[-1]] = rows
+                if squares:
+                    markers[..., -1] = rows[..., int(signals.has_scores)] ** 2
             start += n_inputs
             packed = self._pack(markers, torch.as_tensor(image_sizes[i]).cpu(), arguments, newline)
+            mixed = None
+            if squares:
+                packed, mixed = _without_squares(packed, int(signals.has_scores))
             if packed.shape[0] != f.shape[0]:
                 raise RuntimeError(
                     f"vtprune could not follow {type(self.model).__name__}'s packing of image {i}: "
                     f"{packed.shape[0]} tokens expected, the model gave {f.shape[0]}"
                 )
             layout = self._crop_layout(image_sizes[i]) if n_inputs > 1 else None
-            out.append(self._parts(packed, side, per_patch, signals, layout))
+            out.append(self._parts(packed, side, per_patch, signals, layout, mixed))
         return out
 
     def _crop_layout(self, image_size) -> tuple[int, int]:
@@ -78,7 +87,9 @@ class LlavaNextAdapter(Adapter):
         )
 
     @staticmethod
-    def _parts(packed: torch.Tensor, side: int, per_patch: int, signals: TowerSignals | None, layout) -> ImageParts:
+    def _parts(
+        packed: torch.Tensor, side: int, per_patch: int, signals: TowerSignals | None, layout, mixed=None
+    ) -> ImageParts:
         is_token = packed[:, _IS_TOKEN] > 0.5
         from_base = is_token & (packed[:, _PATCH] < 0.5)
         from_crops = is_token & ~from_base
@@ -93,10 +104,20 @@ class LlavaNextAdapter(Adapter):
             if layout is not None and grid is not None:
                 per_crop = _split_by_crop(crops, packed[crops, _PATCH], grid, layout)
                 regions = _base_regions(side, layout)
-        scores = keys = None
+        scores = keys = ids = None
         if signals is not None:
             scores, keys = signals.split(packed[:, _SIGNALS:] * is_token[:, None])
-        return ImageParts(packed.shape[0], tuple(parts), scores, per_crop, regions, keys)
+            ids = signals.token_ids(packed[:, _SIGNALS:], mixed)
+            ids = None if ids is None else torch.where(is_token, ids, -1)
+        return ImageParts(packed.shape[0], tuple(parts), scores, per_crop, regions, keys, ids)
+
+
+def _without_squares(packed: torch.Tensor, id_channel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed markers without the squares channel, and (n,) bool: the tokens the packing blended
+    from patches of different merged tokens (resampled crops grids), whose mean of squared ids
+    exceeds the square of their mean id."""
+    ids, squares = packed[:, _SIGNALS + id_channel], packed[:, -1]
+    return packed[:, :-1], ~torch.isclose(ids**2, squares, rtol=1e-12, atol=1e-6)
 
 
 def _split_by_crop(crops: torch.Tensor, source: torch.Tensor, grid, layout) -> tuple[ImagePart, ...]:

@@ -39,6 +39,11 @@ def pooled_frames(
     """Videos whose frames are ``side`` x ``side`` patch grids pooled by ``pool`` ((frames, side, side,
     C) maps -> (frames, tokens, C)), followed by ``tail`` fixed tokens. signals: per frame of all
     videos, the tower's signals, the patches being the last side * side tokens."""
+    if signals is not None and signals.has_ids:
+        raise NotImplementedError(
+            "tower-stage pruners on videos whose frames are pooled after the tower are not supported yet: a "
+            "pooled token mixes patches of several merged tokens; prune videos with a vision-stage pruner"
+        )
     tokens = pool(torch.zeros(1, side, side, 1)).shape[1]
     pooled_side = int(round(tokens**0.5))
     out, start = [], 0

@@ -20,10 +20,28 @@ from vtprune.core.patching import PerThread
 from vtprune.ops import attention_rows
 
 
+def _clip_layer_merging(layer: nn.Module, x: torch.Tensor, mask, kwargs: dict, merge: Callable) -> torch.Tensor:
+    """CLIP's and SigLIP's encoder layer, in their order, with ``merge`` after the attention residual."""
+    x = merge(x + layer.self_attn(hidden_states=layer.layer_norm1(x), attention_mask=mask, **kwargs)[0])
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+def _dinov2_layer_merging(layer: nn.Module, x: torch.Tensor, mask, kwargs: dict, merge: Callable) -> torch.Tensor:
+    """DINOv2's layer (layer scale, drop path), in its order, with ``merge`` after the attention residual."""
+    attended = layer.attention(layer.norm1(x), attention_mask=mask, **kwargs)[0]
+    x = merge(layer.drop_path(layer.layer_scale1(attended)) + x)
+    return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))) + x
+
+
 @dataclass(frozen=True)
 class TowerSpec:
     """How to reach the pre-attention norm and the q/k projections of one tower family's layers
-    (``query``/``key`` None: one fused ``qkv`` projection, as in Qwen2-VL's towers)."""
+    (``query``/``key`` None: one fused ``qkv`` projection, as in Qwen2-VL's towers).
+
+    merging_layer: ``(layer, x, attention_mask, kwargs, merge) -> x``, the layer's own computation with
+    ``merge`` applied after its attention residual (the tower stage), or None; ``no_merging`` then
+    says why tokens cannot be merged inside this tower.
+    """
 
     layers: Callable[[nn.Module], nn.ModuleList]
     norm: str  # attribute of an encoder layer: the norm applied before self-attention
@@ -31,6 +49,8 @@ class TowerSpec:
     query: str | None
     key: str | None
     has_cls: bool
+    merging_layer: Callable | None = None
+    no_merging: str = ""
 
 
 def _clip_style_layers(tower: nn.Module) -> nn.ModuleList:
@@ -39,14 +59,30 @@ def _clip_style_layers(tower: nn.Module) -> nn.ModuleList:
     return body.encoder.layers
 
 
+_QWEN_NO_MERGING = (
+    "its patch merger concatenates every 2x2 block of neighbouring patches into one language-model token, "
+    "so a patch merged with any other patch leaves a block the merger cannot form (and Qwen2.5-VL's "
+    "windowed attention groups patches by place); use a vision-stage pruner after the tower instead"
+)
+
 _SPECS = {
-    "CLIPVisionModel": TowerSpec(_clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", True),
-    "Dinov2Model": TowerSpec(lambda t: t.encoder.layer, "norm1", "attention", "q_proj", "k_proj", True),
-    "SiglipVisionModel": TowerSpec(_clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", False),
+    "CLIPVisionModel": TowerSpec(
+        _clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", True, _clip_layer_merging
+    ),
+    "Dinov2Model": TowerSpec(
+        lambda t: t.encoder.layer, "norm1", "attention", "q_proj", "k_proj", True, _dinov2_layer_merging
+    ),
+    "SiglipVisionModel": TowerSpec(
+        _clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", False, _clip_layer_merging
+    ),
     # Qwen2-VL / Qwen2.5-VL: every image's patches in one sequence, attention within segments
     # (cu_seqlens), 2-D rotary embeddings; no CLS token.
-    "Qwen2VisionTransformerPretrainedModel": TowerSpec(lambda t: t.blocks, "norm1", "attn", None, None, False),
-    "Qwen2_5_VisionTransformerPretrainedModel": TowerSpec(lambda t: t.blocks, "norm1", "attn", None, None, False),
+    "Qwen2VisionTransformerPretrainedModel": TowerSpec(
+        lambda t: t.blocks, "norm1", "attn", None, None, False, no_merging=_QWEN_NO_MERGING
+    ),
+    "Qwen2_5_VisionTransformerPretrainedModel": TowerSpec(
+        lambda t: t.blocks, "norm1", "attn", None, None, False, no_merging=_QWEN_NO_MERGING
+    ),
 }
 
 

@@ -6,6 +6,7 @@ from vtprune.pruners.cls import CLSPrune
 from vtprune.pruners.divprune import DivPrune
 from vtprune.pruners.fastv import FastV
 from vtprune.pruners.pdrop import PyramidDrop
+from vtprune.pruners.pitome import PiToMe
 from vtprune.pruners.random import RandomPrune
 from vtprune.pruners.todre import ToDRE
 from vtprune.pruners.tome import ToMe
@@ -24,6 +25,7 @@ __all__ = [
     "RandomPrune",
     "ScheduledPruner",
     "ToDRE",
+    "PiToMe",
     "ToMe",
     "TowerPruner",
     "TransPrune",

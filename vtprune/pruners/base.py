@@ -11,7 +11,7 @@ import torch
 
 from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_explicit, explicit, fit_average
 from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, VisionTokens
-from vtprune.ops.bipartite import Matching, spread_merges
+from vtprune.ops.bipartite import Matching, max_merges_in, spread_merges
 
 # What the stages hand a pruner, re-exported here: a pruner's file imports everything it needs from base.
 
@@ -223,8 +223,10 @@ class TowerPruner(Pruner):
     keep: patch tokens per image leaving the last block (an int, or a fraction of the patches; 1.0
         merges nothing). Prefix tokens (CLS, registers) are never merged and not counted.
     layers: the blocks that merge (None: every block). ``keep`` is spread over them as evenly as each
-        block's limit allows (a block merges at most half the tokens it holds, earlier blocks taking
-        the remainder; ``vtprune.ops.spread_merges``).
+        block's limit allows (one matching merges at most half the tokens a block holds, earlier blocks
+        taking the remainder; ``vtprune.ops.spread_merges``). Where the blocks are too few to reach
+        ``keep`` that way (small towers, or a VLM selecting an early layer), each block runs as many
+        matchings in a row as needed, the fewest that reach it.
     """
 
     layers: tuple[int, ...] | None = field(default=None, kw_only=True)
@@ -261,14 +263,19 @@ class TowerPruner(Pruner):
         """Tokens to merge away in each of ``blocks`` blocks, for ``patches`` patch tokens and
         ``protected`` prefix tokens; a ValueError when ``keep`` cannot be reached."""
         merging = self.merging_blocks(blocks)
-        r = spread_merges(patches, self.keep_count(patches), len(merging), protected)
+        keep = self.keep_count(patches)
+        rounds = 1
+        while max_merges_in(patches + protected, protected, rounds * len(merging)) < patches - keep:
+            rounds += 1  # too few blocks to get there by halving once each: match again within a block
+        r = spread_merges(patches, keep, len(merging), protected, rounds)
         plan = [0] * blocks
         for block, count in zip(merging, r):
             plan[block] = count
         return plan
 
-    def match(self, metric: torch.Tensor, r: int, protected: int) -> Matching:
-        """Which ``r`` tokens of ``metric`` (B, N, C) merge into which (``vtprune.ops.Matching``)."""
+    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int) -> Matching:
+        """Which ``r`` tokens of ``metric`` (B, N, C) merge into which (``vtprune.ops.Matching``), the
+        first ``protected`` taking no part, in block ``layer`` of a tower of ``layers`` blocks."""
         raise NotImplementedError(f"{type(self).__name__} must define match()")
 
 

@@ -1,9 +1,11 @@
-"""Composition: one vision-stage pruner, then LLM-stage pruners at increasing decoder layers.
+"""Composition: a tower-stage pruner, a vision-stage pruner, then LLM-stage pruners at increasing
+decoder layers (each stage optional, in that order).
 
     vtprune.apply(model, vtprune.Pipeline([vtprune.DivPrune(keep=192), vtprune.FastV(layer=2, keep=64)]))
     vtprune.apply(model, [vtprune.DivPrune(keep=192), vtprune.FastV(layer=2, keep=64)])   # the same
 
-LLM-stage budgets count the visual tokens that enter the language model (after the vision stage);
+A vision-stage pruner after a tower-stage one chooses among the tokens leaving the tower; LLM-stage
+budgets count the visual tokens that enter the language model (after the vision stage);
 ``handle.last.kept`` indexes the original visual tokens.
 """
 
@@ -16,7 +18,7 @@ from typing import ClassVar
 from vtprune.core.llm_signals import check_signals
 from vtprune.core.schedule import check_llm_order
 from vtprune.core.tokens import ModelInfo
-from vtprune.pruners.base import LLMPruner, Pruner, ScheduledPruner, VisionPruner
+from vtprune.pruners.base import LLMPruner, Pruner, ScheduledPruner, TowerPruner, VisionPruner
 
 
 @dataclass
@@ -32,15 +34,23 @@ class Pipeline:
         bad = [p for p in self.pruners if not isinstance(p, Pruner) or isinstance(p, Pipeline)]
         if bad:
             raise TypeError(f"a Pipeline takes pruner objects such as vtprune.DivPrune(keep=192); got {bad!r}")
+        tower = [p for p in self.pruners if isinstance(p, TowerPruner)]
+        if len(tower) > 1:
+            raise ValueError(f"a Pipeline takes at most one tower-stage pruner, got {[p.name for p in tower]}")
+        if tower and self.pruners[0] is not tower[0]:
+            raise ValueError(
+                f"the tower-stage pruner ({tower[0].name!r}) must come first in a Pipeline: it runs inside the "
+                f"vision tower, before every other stage"
+            )
         vision = [p for p in self.pruners if isinstance(p, VisionPruner)]
         if len(vision) > 1:
             raise ValueError(f"a Pipeline takes at most one vision-stage pruner, got {[p.name for p in vision]}")
-        if vision and self.pruners[0] is not vision[0]:
+        if vision and self.pruners[len(tower)] is not vision[0]:
             raise ValueError(
-                f"the vision-stage pruner ({vision[0].name!r}) must come first in a Pipeline: it runs before "
-                f"the language model"
+                f"the vision-stage pruner ({vision[0].name!r}) must come first in a Pipeline (after a tower-stage "
+                f"pruner): it runs before the language model"
             )
-        if vision and vision[0].merges and len(self.pruners) > 1:
+        if vision and vision[0].merges and self.llm:
             raise ValueError(
                 f"{vision[0].name!r} merges tokens; LLM-stage pruners after a merging pruner are not supported yet"
             )
@@ -51,8 +61,9 @@ class Pipeline:
                 f"{[p.budget for p in self.pruners]} (give every pruner budget='per_frame' or every one 'per_video')"
             )
         for earlier, later in zip(self.pruners, self.pruners[1:]):
-            # Scheduled pruners' keep is a mean per layer: their drop points are checked in check().
-            if isinstance(later, ScheduledPruner) or isinstance(earlier, ScheduledPruner):
+            # Scheduled pruners' keep is a mean per layer: their drop points are checked in check(). A
+            # tower pruner's int keep counts per tower input (an anyres image's crops each).
+            if isinstance(later, ScheduledPruner) or isinstance(earlier, (ScheduledPruner, TowerPruner)):
                 continue
             if _comparable(earlier.keep, later.keep) and later.keep > earlier.keep:
                 raise ValueError(
@@ -68,8 +79,12 @@ class Pipeline:
                 )
 
     @property
+    def tower(self) -> TowerPruner | None:
+        return self.pruners[0] if isinstance(self.pruners[0], TowerPruner) else None
+
+    @property
     def vision(self) -> VisionPruner | None:
-        return self.pruners[0] if isinstance(self.pruners[0], VisionPruner) else None
+        return next((p for p in self.pruners if isinstance(p, VisionPruner)), None)
 
     @property
     def budget(self) -> str:
@@ -86,7 +101,9 @@ class Pipeline:
             check_signals(p.name, p.signals)
         if info.visual_tokens is None:
             return
-        n = info.visual_tokens if self.vision is None else self.vision.keep_count(info.visual_tokens)
+        n = info.visual_tokens
+        for p in (self.tower, self.vision):
+            n = n if p is None else p.keep_count(n)
         check_llm_order(self.llm, info, n)
 
     def options(self) -> dict:

@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.ops.bipartite import Matching, bipartite_matching
+from vtprune.ops.bipartite import Matching, bipartite_matching, max_merges
 from vtprune.pruners.base import TowerPruner
+from vtprune.registry import register
 
 DEFAULT_KEEP = 64
 
 
+@register
 @dataclass
 class ToMe(TowerPruner):
     """Token Merging: in each merging block, after attention, the tokens at even positions are linked to
@@ -50,8 +52,12 @@ class ToMe(TowerPruner):
     def merge_plan(self, patches: int, protected: int, blocks: int) -> list[int]:
         if self.r is None:
             return super().merge_plan(patches, protected, blocks)
-        merging = set(self.merging_blocks(blocks))
-        return [self.r if block in merging else 0 for block in range(blocks)]
+        merging, plan, present = set(self.merging_blocks(blocks)), [], patches
+        for block in range(blocks):
+            r = min(self.r, max_merges(present + protected, protected)) if block in merging else 0
+            plan.append(r)  # ToMe's cap: one matching, at most half the tokens present
+            present -= r
+        return plan
 
-    def match(self, metric: torch.Tensor, r: int, protected: int) -> Matching:
+    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int) -> Matching:
         return bipartite_matching(metric, r, protected)
