@@ -159,6 +159,10 @@ def test_bad_options_and_wrong_stages_are_refused_before_the_model_is_touched():
         (lambda: vtprune.ToMe(keep=16, r=4), "give keep .* or r .*, not both"),
         (lambda: vtprune.ToMe(r=-1), "r must be an int >= 0"),
         (lambda: vtprune.ToMe(layers=[3, 1]), "ascending"),
+        (lambda: vtprune.PiToMe(keep=16, ratio=0.9), "give keep .* or ratio .*, not both"),
+        (lambda: vtprune.PiToMe(ratio=0.3), r"ratio must be a float in \[0.5, 1\]"),
+        (lambda: vtprune.PiToMe(margin=2), r"margin must be a number in \[-1, 1\]"),
+        (lambda: vtprune.PiToMe(proportional="yes"), "proportional must be True or False"),
         (lambda: vtprune.apply(model, vtprune.ToMe(layers=[9])), r"layers=\[9\]: the tower has blocks 0 to 5"),
         (lambda: vtprune.apply(model, "divprune", keep=16), "takes one tower-stage pruner"),
     ]

@@ -11,7 +11,7 @@ import torch
 
 from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_explicit, explicit, fit_average
 from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, VisionTokens
-from vtprune.ops.bipartite import Matching, max_merges_in, spread_merges
+from vtprune.ops.bipartite import Matching, max_merges, max_merges_in, spread_merges
 
 # What the stages hand a pruner, re-exported here: a pruner's file imports everything it needs from base.
 
@@ -227,15 +227,47 @@ class TowerPruner(Pruner):
         taking the remainder; ``vtprune.ops.spread_merges``). Where the blocks are too few to reach
         ``keep`` that way (small towers, or a VLM selecting an early layer), each block runs as many
         matchings in a row as needed, the fewest that reach it.
+
+    A subclass may also offer its paper's own budget, an option named by ``paper_budget`` (ToMe's
+    ``r``) that sets each merging block's merges from the tokens it holds (``paper_merges``) instead of
+    ``keep``; a user gives one or the other.
     """
 
+    keep: int | float | None = None
     layers: tuple[int, ...] | None = field(default=None, kw_only=True)
 
     stage: ClassVar[str] = "tower"
+    default_keep: ClassVar[int] = 64
+    paper_budget: ClassVar[str] = ""  # the option name, e.g. "r"; "" for none
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        if self._paper_budget() is None:
+            self.keep = self.default_keep if self.keep is None else self.keep
+            super().__post_init__()
+        else:
+            if self.keep is not None:
+                raise ValueError(
+                    f"give keep (patch tokens leaving the tower) or {self.paper_budget} (the paper's budget), not both"
+                )
+            self._check_paper_budget()
+            self._check_budget()
         self._check_layers()
+        proportional = getattr(self, "proportional", False)
+        if not isinstance(proportional, bool):
+            raise ValueError(f"proportional must be True or False, got {proportional!r}")
+
+    def _paper_budget(self):
+        return getattr(self, self.paper_budget) if self.paper_budget else None
+
+    def _check_paper_budget(self) -> None:
+        """Raise ValueError for a bad value of the ``paper_budget`` option."""
+
+    def paper_merges(self, present: int) -> int:
+        """Tokens a merging block removes of the ``present`` patch tokens it holds, by the paper's budget."""
+        raise NotImplementedError(f"{type(self).__name__} must define paper_merges()")
+
+    def keep_count(self, n: int) -> int:
+        return n if self._paper_budget() is not None else super().keep_count(n)
 
     def _check_layers(self) -> None:
         if self.layers is None:
@@ -263,6 +295,17 @@ class TowerPruner(Pruner):
         """Tokens to merge away in each of ``blocks`` blocks, for ``patches`` patch tokens and
         ``protected`` prefix tokens; a ValueError when ``keep`` cannot be reached."""
         merging = self.merging_blocks(blocks)
+        if self._paper_budget() is not None:
+            plan, present = [], patches
+            for block in range(blocks):
+                r = (
+                    min(self.paper_merges(present), max_merges(present + protected, protected))
+                    if block in merging
+                    else 0
+                )
+                plan.append(r)  # at most one matching's worth: the papers' own cap
+                present -= r
+            return plan
         keep = self.keep_count(patches)
         rounds = 1
         while max_merges_in(patches + protected, protected, rounds * len(merging)) < patches - keep:

@@ -8,12 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.ops.bipartite import Matching, max_merges
+from vtprune.ops.bipartite import Matching
 from vtprune.ops.energy import energy_matching
 from vtprune.pruners.base import TowerPruner
 from vtprune.registry import register
-
-DEFAULT_KEEP = 64
 
 
 @register
@@ -33,42 +31,24 @@ class PiToMe(TowerPruner):
     ``log(size)`` to later attention logits (off, as in the reference code).
     """
 
-    keep: int | float | None = None
     ratio: float | None = None
     margin: float = 0.9
     proportional: bool = False
 
     name = "pitome"
+    paper_budget = "ratio"
 
     def __post_init__(self) -> None:
-        if self.ratio is None:
-            self.keep = DEFAULT_KEEP if self.keep is None else self.keep
-            super().__post_init__()
-        else:
-            if self.keep is not None:
-                raise ValueError("give keep (patch tokens leaving the tower) or ratio (kept per block), not both")
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0.5 <= self.ratio <= 1:
-                raise ValueError(f"ratio must be a float in [0.5, 1] (tokens each block keeps), got {self.ratio!r}")
-            self._check_budget()
-            self._check_layers()
+        super().__post_init__()
         if isinstance(self.margin, bool) or not isinstance(self.margin, numbers.Real) or not -1 <= self.margin <= 1:
             raise ValueError(f"margin must be a number in [-1, 1] (a cosine), got {self.margin!r}")
-        if not isinstance(self.proportional, bool):
-            raise ValueError(f"proportional must be True or False, got {self.proportional!r}")
 
-    def keep_count(self, n: int) -> int:
-        return n if self.ratio is not None else super().keep_count(n)
+    def _check_paper_budget(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0.5 <= self.ratio <= 1:
+            raise ValueError(f"ratio must be a float in [0.5, 1] (tokens each block keeps), got {self.ratio!r}")
 
-    def merge_plan(self, patches: int, protected: int, blocks: int) -> list[int]:
-        if self.ratio is None:
-            return super().merge_plan(patches, protected, blocks)
-        merging, plan, present = set(self.merging_blocks(blocks)), [], patches
-        for block in range(blocks):
-            r = math.floor(present - present * self.ratio) if block in merging else 0
-            r = min(r, max_merges(present + protected, protected))
-            plan.append(r)
-            present -= r
-        return plan
+    def paper_merges(self, present: int) -> int:
+        return math.floor(present - present * self.ratio)
 
     def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int) -> Matching:
         mode = "pitome_bsm" if layer < math.ceil(layers / 2) else "pitome"
