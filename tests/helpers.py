@@ -13,6 +13,9 @@ _OPTIONS = {
     "fastv": {"layer": 2},
     "adaptive": {"mass": 0.6},
     "todre": {"threshold": 0.0},  # the late drop-all depends on the data: tests/integration/test_todre.py
+    # 8x8 windows reach the matrix's keeps (16 of 576, or of a crop's 64) in the one block MustDrop
+    # merges; its 3x3 default is tested in test_mustdrop_merge.py
+    "mustdrop_merge": {"window": 8},
 }
 PRUNER_OPTIONS = {name: _OPTIONS.get(name, {}) for name in vtprune.available()}
 VISION = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "vision")

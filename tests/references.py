@@ -184,3 +184,52 @@ def pitome_matching(metric, r, margin, mode, class_token=True):
         return torch.stack(out)
 
     return merge
+
+
+# MustDrop's conditional pooling (liuting20/MustDrop, local_merge.py), restated one sample and one
+# window at a time: a CLS token first, the patches on a square grid cut into k x k windows; a window's
+# score is the mean cosine of its distinct token pairs; with a threshold, every sample merges as many
+# windows as the sample with the fewest windows scoring at least it (its best ones); with ``merges``
+# (vtprune's keep), the best windows merge whole and the next one partly (its tokens most similar to
+# its last one). Returns a merge function like tome_matching's, in the reference's order: CLS, the
+# merged windows (best first, each into its last token), the other patches ascending.
+def mustdrop_windows(metric, k=3, threshold=None, merges=None):
+    cos = torch.nn.functional.cosine_similarity
+    patches = metric[:, 1:].double()
+    side = math.isqrt(patches.shape[1])
+    windows = [
+        [(wr * k + i) * side + wc * k + j for i in range(k) for j in range(k)]
+        for wr in range(side // k)
+        for wc in range(side // k)
+    ]
+
+    def score(p, w):
+        pairs = [float(cos(p[a], p[b], dim=0)) for a in w for b in w if a != b]
+        return sum(pairs) / len(pairs)
+
+    scores = [[score(p, w) for w in windows] for p in patches]
+    ranks = [sorted(range(len(windows)), key=lambda i: -s[i]) for s in scores]  # stable on ties
+    if threshold is not None:
+        whole, partial = min(sum(v >= threshold for v in s) for s in scores), 0
+    else:
+        whole, partial = divmod(merges, k * k - 1)
+    plans = []
+    for p, rank in zip(patches, ranks):
+        groups = [windows[i] for i in rank[:whole]]
+        if partial:
+            w = windows[rank[whole]]
+            near = sorted(w[:-1], key=lambda a: -float(cos(p[a], p[w[-1]], dim=0)))
+            groups.append(near[:partial] + [w[-1]])
+        merged = {a for g in groups for a in g}
+        plans.append((groups, [a for a in range(patches.shape[1]) if a not in merged]))
+
+    def merge(x, mode):
+        out = []
+        for xs, (groups, rest) in zip(x, plans):
+            body = xs[1:]
+            reduce = (lambda t: t.amax(0)) if mode == "amax" else (lambda t: t.sum(0))
+            dst = [reduce(body[g]) for g in groups]
+            out.append(torch.cat([xs[:1], torch.stack(dst) if dst else body[:0], body[rest]]))
+        return torch.stack(out)
+
+    return merge

@@ -55,6 +55,18 @@ TIMING_NOTE = (
     "speed-up: the median of the paired ratios and (in parentheses) their interquartile range"
 )
 TIME_COLUMNS = f"{'unpruned ms':>11} {'prefill ms':>10} {'speed-up (IQR)':>20}"
+NAME = 14  # width of the pruner column: the longest registry name
+
+
+def refusal(model, name: str, keep, forward) -> str | None:
+    """Why ``name`` at ``keep`` is refused on ``model`` (e.g. a keep below what the pruner's rule can
+    reach; some towers know their grid only when ``forward()`` runs), or None."""
+    try:
+        with vtprune.apply(model, name, keep=keep), torch.no_grad():
+            forward()
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def _times(unpruned: list[float], pruned: list[float]) -> tuple[str, Spread]:
@@ -85,12 +97,15 @@ def tiny_demo(keep, repeats: int) -> None:
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     print(f"tiny random LLaVA: {n_visual} visual tokens per image, prompt of {inputs['input_ids'].shape[1]} tokens")
     print(TIMING_NOTE.format(runs=runs_phrase(repeats)))
-    print(f"{'pruner':<10} {'kept':>6} {'per decoder layer':<20} {TIME_COLUMNS}")
+    print(f"{'pruner':<{NAME}} {'kept':>6} {'per decoder layer':<20} {TIME_COLUMNS}")
     noisy = []
     for name in vtprune.available():
+        if why := refusal(model, name, keep, lambda: model(**inputs)):
+            print(f"{name:<{NAME}} refused: {why}")
+            continue
         unpruned, seconds, stats = timed_pair(model, name, keep, lambda: model(**inputs), repeats)
         columns, ratio = _times(unpruned, seconds)
-        print(f"{name:<10} {stats.token_counts[0]:>6} {_per_layer(stats):<20} {columns}")
+        print(f"{name:<{NAME}} {stats.token_counts[0]:>6} {_per_layer(stats):<20} {columns}")
         if pruned_nothing(stats, n_visual) and not ratio.contains(1.0):
             noisy.append(name)
     if warning := noise_warning(noisy):
@@ -181,19 +196,22 @@ def proxy_demo(keep, image_arg: str, question: str, out: Path, repeats: int, max
     elif image_id is not None:
         print(f"true answer: unknown (easy-vqa does not ask this question about test image {image_id})")
     print(TIMING_NOTE.format(runs=runs_phrase(repeats)))
-    print(f"{'pruner':<10} {'kept':>8} {'per decoder layer':<20} {TIME_COLUMNS}  answer")
+    print(f"{'pruner':<{NAME}} {'kept':>8} {'per decoder layer':<20} {TIME_COLUMNS}  answer")
     reply = answer()
     blank = " " * len(TIME_COLUMNS)
-    print(f"{'(none)':<10} {f'{grid * grid}':>8} {'':<20} {blank}  {_verdict(reply, truth)}")
+    print(f"{'(none)':<{NAME}} {f'{grid * grid}':>8} {'':<20} {blank}  {_verdict(reply, truth)}")
     noisy = []
     panels = [(f"input, {grid * grid} tokens\n-> {_verdict(reply, truth, PANEL_TEXT)}", view)]
     for name in vtprune.available():
+        if why := refusal(model, name, keep, prefill):
+            print(f"{name:<{NAME}} refused: {why}")
+            continue
         unpruned, seconds, stats = timed_pair(model, name, keep, prefill, repeats)
         with vtprune.apply(model, name, keep=keep):
             reply = answer()
         kept = stats.kept[0]
         columns, ratio = _times(unpruned, seconds)
-        print(f"{name:<10} {stats.token_counts[0]:>8} {_per_layer(stats):<20} {columns}  {_verdict(reply, truth)}")
+        print(f"{name:<{NAME}} {stats.token_counts[0]:>8} {_per_layer(stats):<20} {columns}  {_verdict(reply, truth)}")
         if pruned_nothing(stats, grid * grid) and not ratio.contains(1.0):
             noisy.append(name)
         title, panel = kept_panel(name, view, kept, grid, merged=len(stats.merged[0]) if stats.merged else 0)

@@ -220,3 +220,21 @@ def test_videos_with_pooled_frames_are_refused_and_the_model_is_unchanged():
         with pytest.raises(NotImplementedError, match="videos whose frames are pooled after the tower"):
             logits(model, inputs)
     assert torch.equal(logits(model, inputs), expected)
+
+
+@torch.no_grad()
+def test_a_tower_that_resizes_its_positions_is_checked_on_the_grid_it_is_fed():
+    # The proxy's DINOv2 has a 37x37 position table and is fed 16x16 patches: config.image_size does
+    # not tell the grid, so a keep is checked at the forward, on the grid the tower really sees.
+    model = tiny_dinov2_llava()  # a 4x4 table, fed 84 px here: 6x6 patches, four 3x3 windows
+    ids = torch.tensor([[1, 5] + [91] * 36 + [8, 9]])
+    pixels = torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "pixel_values": pixels}
+    expected = logits(model, inputs)
+    with vtprune.apply(model, "mustdrop_merge", keep=5) as handle:  # 4x4 could not reach 5; 6x6 can
+        logits(model, inputs)
+    assert handle.last.token_counts == [5]
+    with vtprune.apply(model, "mustdrop_merge", keep=3):
+        with pytest.raises(ValueError, match="on a 6x6 grid leave at least 4 of 36 patches"):
+            logits(model, inputs)
+    assert torch.equal(logits(model, inputs), expected)

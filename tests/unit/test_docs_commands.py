@@ -125,11 +125,12 @@ def _sample(page: str, after: str) -> list[str]:
 
 def test_the_demo_output_shown_is_the_current_one():
     import vtprune
-    from vtprune.__main__ import TIME_COLUMNS
+    from vtprune.__main__ import NAME, TIME_COLUMNS
 
+    assert NAME >= max(len(name) for name in vtprune.available())  # the pruner column fits every name
     lines = _sample("docs/demo.md", "on the 2-core CPU machine")
     header = next(line for line in lines if line.startswith("pruner"))
-    assert header == f"{'pruner':<10} {'kept':>8} {'per decoder layer':<20} {TIME_COLUMNS}  answer"
+    assert header == f"{'pruner':<{NAME}} {'kept':>8} {'per decoder layer':<20} {TIME_COLUMNS}  answer"
     rows = [line for line in lines[lines.index(header) + 1 :] if not line.startswith(("warning:", "overlay of"))]
     names = [row.split()[0] for row in rows]
     assert names == ["(none)", *vtprune.available()]

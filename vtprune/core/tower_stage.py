@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from vtprune.core.stats import PruneStats
-from vtprune.ops.bipartite import max_merges, merge_origin, merge_weighted, proportional_bias, unmerge
+from vtprune.ops.bipartite import merge_origin, merge_weighted, proportional_bias, unmerge
 
 _EXACT_IDS = 2**24  # token ids travel with the tower signals in fp32, exact below this
 
@@ -25,8 +25,11 @@ class TowerMerging(Protocol):
     """What a tower-stage pruner must offer the stage (``vtprune.pruners.base.TowerPruner``)."""
 
     proportional: bool
+    exact_plan: bool
 
     def merge_plan(self, patches: int, protected: int, blocks: int) -> list[int]: ...
+
+    def most_merges(self, n: int, protected: int) -> int: ...
 
     def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int): ...
 
@@ -83,16 +86,16 @@ class TowerStage:
         if r == 0:
             return x
         size = run.size if run.size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
-        while r > 0:  # one matching, or several in a row where the plan merges more than half
-            step = min(r, max_merges(x.shape[1], self.protected))
+        while r > 0:  # one matching, or several in a row where the plan merges more than one can
+            step = min(r, self.pruner.most_merges(x.shape[1], self.protected))
             matching = self.pruner.match(metric, step, self.protected, block, self.layers)
-            if matching.r < r:
+            if step == 0 or (matching.r < step and self.pruner.exact_plan):
+                raise RuntimeError(f"block {block} cannot merge {r} more of its {x.shape[1]} tokens")
+            if step < r:
                 metric, _ = merge_weighted(metric, size, matching)  # the next matching compares merged tokens
             x, size = merge_weighted(x, size, matching)
             run.origin = merge_origin(run.origin, matching)
-            if matching.r == 0:
-                raise RuntimeError(f"block {block} cannot merge {r} more of its {x.shape[1]} tokens")
-            r -= matching.r
+            r = r - matching.r if matching.r == step else 0  # fewer: the plan was a bound the rule decided
         run.size = size
         run.origins[x.shape[1]] = run.origin
         return x

@@ -3,8 +3,8 @@
 Each scoring op takes ``backend="auto" | "torch" | "triton"``. ``torch`` is the readable reference and
 the oracle in the tests; ``triton`` runs fused kernels (CUDA, or Triton's CPU interpreter under
 ``TRITON_INTERPRET=1``); ``auto`` picks Triton for CUDA tensors when it is installed. Triton is
-imported only when a kernel first runs. The merging helpers (VisionZip's; ToMe's bipartite matching,
-for the tower stage) are plain torch.
+imported only when a kernel first runs. The merging helpers (VisionZip's; ToMe's bipartite matching and
+MustDrop's window merge, for the tower stage) are plain torch.
 """
 
 from vtprune.ops._backend import BACKENDS, check_backend, resolve_backend, triton_available
@@ -24,6 +24,7 @@ from vtprune.ops.k_center import k_center
 from vtprune.ops.merging import nearest_targets, strided_targets
 from vtprune.ops.spatial import farthest_points
 from vtprune.ops.transition import transition_variation
+from vtprune.ops.windows import window_matching, window_scores
 
 __all__ = [
     "BACKENDS",
@@ -45,4 +46,6 @@ __all__ = [
     "transition_variation",
     "triton_available",
     "unmerge",
+    "window_matching",
+    "window_scores",
 ]

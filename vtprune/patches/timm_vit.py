@@ -5,7 +5,8 @@ Each block's ``forward`` is shadowed for the duration (``MethodPatch``; ``state_
 are untouched): the block runs its own sub-modules in timm's order, passing the proportional-attention
 term as the additive ``attn_mask`` timm's ``Attention`` takes (its fused SDPA and its eager path both
 add it), and merges after the attention residual. The keys are read by a forward hook on the
-attention's ``qkv`` projection, without changing its output. ``forward_features`` scopes one tower
+attention's ``qkv`` projection, without changing its output. Pruners that merge a block's output
+(MustDrop) merge after the MLP residual instead, comparing the hidden states. ``forward_features`` scopes one tower
 forward (per thread) and records ``handle.last``. Pooling after the blocks is timm's own (``avg``: a
 plain mean over the remaining tokens, as in ToMe's timm patch).
 """
@@ -104,5 +105,7 @@ class TimmViTAdapter:
         mask = bias if attn_mask is None else attn_mask if bias is None else attn_mask + bias
         causal = {"is_causal": True} if is_causal else {}  # older timm attention takes no is_causal
         x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=mask, **causal)))
-        x = stage.merge(run, index, x, run.metric)
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        if stage.pruner.merges_after == "attention":
+            x = stage.merge(run, index, x, run.metric)
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return stage.merge(run, index, x, x) if stage.pruner.merges_after == "block" else x

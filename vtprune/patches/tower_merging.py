@@ -3,8 +3,9 @@
 The encoder layers up to the last one whose output the VLM selects (``vision_feature_layer``) have
 their ``forward`` shadowed for the duration (``MethodPatch``): each runs its own sub-modules in its
 own order (``TowerSpec.merging_layer``), with the proportional-attention term as the attention mask
-its attention adds, and merges after the attention residual; the keys are read by a forward hook on
-the attention's key projection. Layers after the selected one merge nothing.
+its attention adds, and merges after the attention residual (the keys, read by a forward hook on the
+attention's key projection, compared) or, for pruners that merge a block's output (MustDrop), after
+the layer (its hidden states compared). Layers after the selected one merge nothing.
 
 At the tower's exit the merged tokens go back on the patch grid: every tensor of per-token rows the
 tower returns (``last_hidden_state``, ``hidden_states``) has each patch carry the token it was merged
@@ -42,8 +43,13 @@ def check_tower_merging(pruner, tower: torch.nn.Module, model_name: str, blocks:
             f"the {pruner.name!r} pruner adds log(size) to the tower's attention (proportional attention), "
             f"which attn_implementation={impl!r} cannot take; use sdpa or eager, or proportional=False"
         )
-    config = tower.config
-    pruner.merge_plan((config.image_size // config.patch_size) ** 2, int(spec.has_cls), blocks)  # keep reachable?
+    if spec.grid_from_config:  # keep reachable? (otherwise the first forward tells, on its real grid)
+        config = tower.config
+        pruner.merge_plan((config.image_size // config.patch_size) ** 2, int(spec.has_cls), blocks)
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 @dataclass
@@ -133,8 +139,12 @@ class TowerMerging:
                 f"supports unmasked towers only"
             )
         layer = self.spec.layers(self.tower)[index]
+        mask = attention_mask if bias is None else bias
+        if stage.pruner.merges_after == "block":  # merge the layer's output, comparing its hidden states
+            out = self.spec.merging_layer(layer, hidden_states, mask, kwargs, _unchanged)
+            return stage.merge(run, index, out, out)
         merge = functools.partial(self._merge, run, index)
-        return self.spec.merging_layer(layer, hidden_states, attention_mask if bias is None else bias, kwargs, merge)
+        return self.spec.merging_layer(layer, hidden_states, mask, kwargs, merge)
 
     def _merge(self, run: TowerRun, index: int, x: torch.Tensor) -> torch.Tensor:
         return self.stage.merge(run, index, x, run.metric)  # the metric the layer's attention just read

@@ -51,6 +51,9 @@ class TowerSpec:
     has_cls: bool
     merging_layer: Callable | None = None
     no_merging: str = ""
+    # Whether config.image_size is the input size; DINOv2's is its position table's (518 px), resized
+    # to whatever input comes (the proxy feeds 224 px), so its grid is known only at the forward.
+    grid_from_config: bool = True
 
 
 def _clip_style_layers(tower: nn.Module) -> nn.ModuleList:
@@ -70,7 +73,14 @@ _SPECS = {
         _clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", True, _clip_layer_merging
     ),
     "Dinov2Model": TowerSpec(
-        lambda t: t.encoder.layer, "norm1", "attention", "q_proj", "k_proj", True, _dinov2_layer_merging
+        lambda t: t.encoder.layer,
+        "norm1",
+        "attention",
+        "q_proj",
+        "k_proj",
+        True,
+        _dinov2_layer_merging,
+        grid_from_config=False,
     ),
     "SiglipVisionModel": TowerSpec(
         _clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", False, _clip_layer_merging

@@ -5,6 +5,7 @@ from vtprune.pruners.base import LLMPruner, Pruner, ScheduledPruner, TowerPruner
 from vtprune.pruners.cls import CLSPrune
 from vtprune.pruners.divprune import DivPrune
 from vtprune.pruners.fastv import FastV
+from vtprune.pruners.mustdrop_merge import MustDropMerge
 from vtprune.pruners.pdrop import PyramidDrop
 from vtprune.pruners.pitome import PiToMe
 from vtprune.pruners.random import RandomPrune
@@ -20,6 +21,7 @@ __all__ = [
     "DivPrune",
     "FastV",
     "LLMPruner",
+    "MustDropMerge",
     "Pruner",
     "PyramidDrop",
     "RandomPrune",

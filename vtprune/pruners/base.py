@@ -239,6 +239,9 @@ class TowerPruner(Pruner):
     stage: ClassVar[str] = "tower"
     default_keep: ClassVar[int] = 64
     paper_budget: ClassVar[str] = ""  # the option name, e.g. "r"; "" for none
+    # Where a block merges: "attention" (after the attention residual, comparing the keys averaged over
+    # heads, as ToMe) or "block" (after the block's output, comparing its hidden states, as MustDrop).
+    merges_after: ClassVar[str] = "attention"
 
     def __post_init__(self) -> None:
         if self._paper_budget() is None:
@@ -315,6 +318,15 @@ class TowerPruner(Pruner):
         for block, count in zip(merging, r):
             plan[block] = count
         return plan
+
+    def most_merges(self, n: int, protected: int) -> int:
+        """The most tokens one ``match`` can merge away of ``n`` (``protected`` of them prefix tokens)."""
+        return max_merges(n, protected)
+
+    @property
+    def exact_plan(self) -> bool:
+        """False where ``merge_plan`` is only a bound and ``match`` decides from the data how many merge."""
+        return True
 
     def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int) -> Matching:
         """Which ``r`` tokens of ``metric`` (B, N, C) merge into which (``vtprune.ops.Matching``), the
