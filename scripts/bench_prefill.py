@@ -243,9 +243,16 @@ def main() -> None:
     for name in args.pruners or vtprune.available():
         options = {"layer": args.fastv_layer} if name == "fastv" else {}
         for keep in keeps:
-            with vtprune.apply(model, name, keep=keep, **options) as handle:
+            try:
+                handle = vtprune.apply(model, name, keep=keep, **options)
                 with torch.no_grad():
                     prefill()
+            except ValueError as error:  # a keep the pruner's rule cannot reach, or a tower it cannot run in
+                print(f"| {name} | {keep} | refused: {error} | | | | | |")
+                if vtprune.handle_of(model) is not None:
+                    handle.remove()
+                continue
+            with handle:
                 stats = handle.last
                 if stats.drops:
                     ideal_fn = ideal_llm(model, inputs, stats.drops, fixed)

@@ -196,10 +196,14 @@ def main(argv=None) -> int:
             name = key(pruner, keep)
             if name in results["runs"]:
                 continue
-            context = contextlib.nullcontext() if pruner == UNPRUNED else vtprune.apply(model, pruner, keep=keep)
             start = time.perf_counter()
-            with context:
-                predictions = predict(model, processor, items, batch_size=args.batch_size)
+            try:
+                context = contextlib.nullcontext() if pruner == UNPRUNED else vtprune.apply(model, pruner, keep=keep)
+                with context:
+                    predictions = predict(model, processor, items, batch_size=args.batch_size)
+            except ValueError as error:  # a keep the pruner's rule cannot reach, or a tower it cannot run in
+                print(f"{name:<16} refused: {error}", flush=True)
+                continue
             seconds = time.perf_counter() - start
             share = accuracy(items, predictions)
             by_kind = accuracy_by_kind(items, predictions)

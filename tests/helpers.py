@@ -17,7 +17,10 @@ _OPTIONS = {
     # merges; its 3x3 default is tested in test_mustdrop_merge.py
     "mustdrop_merge": {"window": 8},
 }
-PRUNER_OPTIONS = {name: _OPTIONS.get(name, {}) for name in vtprune.available()}
+# Pruners for timm ViTs only, refused on every VLM tower (their refusal: test_tower_vlm.py).
+TIMM_ONLY = sorted(n for n in vtprune.available() if getattr(vtprune.registry.pruner_class(n), "drops", False))
+# The VLM test matrix: every registered pruner that runs on VLMs.
+PRUNER_OPTIONS = {name: _OPTIONS.get(name, {}) for name in vtprune.available() if name not in TIMM_ONLY}
 VISION = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "vision")
 TOWER = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "tower")
 LLM = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "llm")

@@ -233,3 +233,31 @@ def mustdrop_windows(metric, k=3, threshold=None, merges=None):
         return torch.stack(out)
 
     return merge
+
+
+# Zero-TPrune's step in one block, restated one sample, head and token at a time: the Weighted PageRank
+# s_j <- sum_i s_i A[i, j] from uniform scores (prefix tokens sqrt(N) times higher), heads whose
+# variance of N * s lies outside the band left out (all kept if none is in it), root mean square over
+# heads; then the less important half of the patches, each by its largest cosine to the other half,
+# the r largest dropped. Returns the dropped positions per sample.
+def zerotprune_drops(attention, metric, r, iterations, protected=1, band=(0.01, 0.7)):
+    dropped = []
+    for a, m in zip(attention.double(), metric.double()):
+        heads, n = a.shape[0], a.shape[-1]
+        scores = []
+        for h in range(heads):
+            s = [math.sqrt(n) if j < protected else 1.0 for j in range(n)]
+            s = [v / sum(s) for v in s]
+            for _ in range(iterations):
+                s = [sum(s[i] * float(a[h, i, j]) for i in range(n)) for j in range(n)]
+            scores.append(s)
+        spread = [sum((n * v - sum(n * w for w in s) / n) ** 2 for v in s) / n for s in scores]
+        chosen = [h for h in range(heads) if band is None or band[0] <= spread[h] <= band[1]] or list(range(heads))
+        importance = [math.sqrt(sum(scores[h][j] ** 2 for h in chosen) / len(chosen)) for j in range(n)]
+        order = sorted(range(protected, n), key=lambda j: importance[j])
+        half = (n - protected) // 2
+        low, high = order[:half], order[half:]
+        cos = torch.nn.functional.cosine_similarity
+        closest = {i: max(float(cos(m[i], m[j], dim=0)) for j in high) for i in low}
+        dropped.append(sorted(sorted(low, key=lambda i: -closest[i])[: min(r, half)]))
+    return dropped

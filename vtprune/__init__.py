@@ -29,6 +29,7 @@ from vtprune.pruners import (
     UniformPrune,
     VisionPruner,
     VisionZip,
+    ZeroTPrune,
 )
 from vtprune.pruners.pipeline import Pipeline
 from vtprune.registry import available
@@ -57,6 +58,7 @@ __all__ = [
     "UniformPrune",
     "VisionPruner",
     "VisionZip",
+    "ZeroTPrune",
     "apply",
     "available",
     "handle_of",

@@ -11,6 +11,7 @@ from vtprune import __main__ as demo
 from vtprune import proxy
 from vtprune.__main__ import main
 
+REFUSED = re.compile(r"^(\S+)\s+refused: (.*)$", re.MULTILINE)
 ROW = re.compile(r"^(\S+)\s+(\d+)\s+(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x \(([\d.]+)-([\d.]+)\)")
 
 
@@ -25,7 +26,11 @@ def test_tiny_demo_prints_every_pruner(capsys):
     out = capsys.readouterr().out
     assert "prefill times: one run, unpruned and pruned alternately" in out
     table = rows(out)
-    assert sorted(table) == vtprune.available()
+    refused = dict(REFUSED.findall(out))
+    assert sorted([*table, *refused]) == vtprune.available()
+    # 3x3 windows leave at least 64 of 576 patches; Zero-TPrune drops inside VLM towers: not yet
+    assert sorted(refused) == ["mustdrop_merge", "zerotprune"]
+    assert "leave at least 64 of 576 patches" in refused["mustdrop_merge"] and "timm" in refused["zerotprune"]
     for name, row in table.items():
         _, kept, per_layer, unpruned_ms, pruned_ms, ratio, low, high = row.groups()
         # one run: the speed-up is that run's ratio and its interquartile range is that one value
@@ -59,8 +64,9 @@ def test_keep_all_with_a_speed_up_beyond_the_noise_is_flagged(capsys, monkeypatc
     table = rows(out)
     assert {row.group(2) for row in table.values()} == {"576"}  # keep 1.0 prunes nothing
     assert {row.group(6) for row in table.values()} == {"2.00"}
+    assert list(REFUSED.findall(out)) == [("zerotprune", REFUSED.search(out).group(2))]  # timm ViTs only
     warning = next(line for line in out.splitlines() if line.startswith("warning:"))
-    assert f"{', '.join(vtprune.available())} pruned nothing at this keep" in warning and "raise --repeats" in warning
+    assert f"{', '.join(sorted(table))} pruned nothing at this keep" in warning and "raise --repeats" in warning
 
 
 def test_a_real_reduction_or_a_speed_up_within_the_noise_is_not_flagged(capsys, monkeypatch):
@@ -96,7 +102,10 @@ def test_default_demo_asks_an_easy_vqa_question_and_writes_the_overlay(capsys, t
     assert "note:" not in out  # the photo warning is for images the proxy was not trained on
     rows = {row.split()[0]: row.split() for row in out.splitlines() if row.split()}
     assert rows["(none)"][1:] == ["256", "red", "(right)"]  # the default is a question the unpruned proxy gets
-    for name in vtprune.available():
+    refused = dict(REFUSED.findall(out))
+    assert sorted(refused) == ["mustdrop_merge", "zerotprune"]  # 56 of 256 at least; timm ViTs only
+    answered = [name for name in vtprune.available() if name not in refused]
+    for name in answered:
         assert rows[name][-1] in ("(right)", "(wrong)"), rows.get(name)
         if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner):
             assert 1 <= int(rows[name][1]) < 16, rows[name]  # keep is the mean per layer; fewer reach the end
@@ -105,7 +114,7 @@ def test_default_demo_asks_an_easy_vqa_question_and_writes_the_overlay(capsys, t
         else:
             assert rows[name][1] == "16", rows[name]
     with Image.open(out_png) as sheet:
-        assert sheet.width > (1 + len(vtprune.available())) * 224
+        assert sheet.width > (1 + len(answered)) * 224
         # the question and keep above, two title lines (name and count, answer), the legend below
         assert sheet.height >= 224 + 5 * 16
 

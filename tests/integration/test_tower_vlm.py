@@ -200,6 +200,7 @@ def test_tower_pruners_are_refused_where_they_cannot_merge():
         ([vtprune.DivPrune(keep=32), vtprune.ToMe(keep=64)], "tower-stage pruner .* must come first"),
         ([vtprune.ToMe(keep=64), vtprune.ToMe(keep=32)], "at most one tower-stage pruner"),
         ([vtprune.ToMe(keep=64, layers=[2])], r"layers=\[2\]: the tower has blocks 0 to 1"),
+        ([vtprune.ZeroTPrune(keep=64)], "drops patches inside the vision tower, which vtprune supports on timm"),
     ]:
         with pytest.raises(ValueError, match=message):
             vtprune.apply(llava, pipeline)

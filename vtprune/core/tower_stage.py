@@ -31,7 +31,7 @@ class TowerMerging(Protocol):
 
     def most_merges(self, n: int, protected: int) -> int: ...
 
-    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int): ...
+    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int, attention=None): ...
 
 
 @dataclass
@@ -39,13 +39,16 @@ class TowerRun:
     """One tower forward in flight: ``size`` (B, N) patches per token (None until the first merge),
     ``origin`` (B, P) the token each of the P patches now belongs to, ``layer_tokens`` the patch tokens
     entering each block so far, ``metric`` (B, N, C) what the current block's merge compares;
-    ``origins`` the ``origin`` after each merging block, by the number of tokens it left."""
+    ``origins`` the ``origin`` after each merging block, by the number of tokens it left; ``attention``
+    (B, H, N, N) the current block's attention probabilities where the pruner reads them. Dropped
+    patches (pruners that drop, e.g. Zero-TPrune) have origin -1."""
 
     plan: list[int]
     size: torch.Tensor | None = None
     origin: torch.Tensor | None = None
     layer_tokens: list[int] = field(default_factory=list)
     metric: torch.Tensor | None = None  # the current block's, as the adapter read it
+    attention: torch.Tensor | None = None  # (B, H, N, N) the block's attention, for pruners that read it
     origins: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -86,13 +89,15 @@ class TowerStage:
         if r == 0:
             return x
         size = run.size if run.size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
+        attention = run.attention
         while r > 0:  # one matching, or several in a row where the plan merges more than one can
             step = min(r, self.pruner.most_merges(x.shape[1], self.protected))
-            matching = self.pruner.match(metric, step, self.protected, block, self.layers)
+            matching = self.pruner.match(metric, step, self.protected, block, self.layers, attention=attention)
             if step == 0 or (matching.r < step and self.pruner.exact_plan):
                 raise RuntimeError(f"block {block} cannot merge {r} more of its {x.shape[1]} tokens")
             if step < r:
                 metric, _ = merge_weighted(metric, size, matching)  # the next matching compares merged tokens
+                attention = _among(attention, matching.kept)
             x, size = merge_weighted(x, size, matching)
             run.origin = merge_origin(run.origin, matching)
             r = r - matching.r if matching.r == step else 0  # fewer: the plan was a bound the rule decided
@@ -124,9 +129,20 @@ class TowerStage:
         in order, the patches behind it; layer_tokens[b]: patch tokens entering each block."""
         kept, merged = [], []
         for origin in run.origin.cpu():
-            tokens = origin - self.protected
+            present = (origin >= 0).nonzero().flatten()  # the patches not dropped
+            tokens = origin[present] - self.protected
             counts = torch.bincount(tokens).tolist()
-            groups = torch.argsort(tokens, stable=True).split(counts)  # per token, its patches ascending
+            groups = present[torch.argsort(tokens, stable=True)].split(counts)  # per token, its patches ascending
             kept.append(torch.stack([g[0] for g in groups if len(g) == 1]) if 1 in counts else tokens[:0])
             merged.append([g for g in groups if len(g) > 1])
         return PruneStats(kept=kept, layer_tokens=[list(run.layer_tokens) for _ in kept], merged=merged)
+
+
+def _among(attention: torch.Tensor | None, kept: torch.Tensor) -> torch.Tensor | None:
+    """The attention (B, H, N, N) among the ``kept`` (B, M) tokens only, rows renormalised."""
+    if attention is None:
+        return None
+    heads = attention.shape[1]
+    rows = kept[:, None, :, None].expand(-1, heads, -1, attention.shape[-1])
+    sub = attention.gather(2, rows).gather(3, kept[:, None, None, :].expand(-1, heads, kept.shape[1], -1))
+    return sub / sub.sum(-1, keepdim=True)

@@ -22,6 +22,7 @@ from vtprune.ops.bipartite import (
 from vtprune.ops.diversity import max_min_diversity
 from vtprune.ops.k_center import k_center
 from vtprune.ops.merging import nearest_targets, strided_targets
+from vtprune.ops.pagerank import attention_rank, importance_guided_drops
 from vtprune.ops.spatial import farthest_points
 from vtprune.ops.transition import transition_variation
 from vtprune.ops.windows import window_matching, window_scores
@@ -29,10 +30,12 @@ from vtprune.ops.windows import window_matching, window_scores
 __all__ = [
     "BACKENDS",
     "Matching",
+    "attention_rank",
     "attention_rows",
     "bipartite_matching",
     "check_backend",
     "farthest_points",
+    "importance_guided_drops",
     "k_center",
     "max_merges",
     "max_min_diversity",

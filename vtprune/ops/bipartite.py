@@ -31,7 +31,8 @@ class Matching:
 
     kept: (B, N - r) positions of the tokens that remain, in the order the merged sequence holds them
     (ToMe's: protected tokens, unmerged A tokens, B tokens); merged: (B, r) positions of the tokens
-    merged away; into: (B, r) positions of the tokens each of them merges into (all in ``kept``).
+    merged away; into: (B, r) positions of the tokens each of them merges into (all in ``kept``), or
+    -1 for a token dropped outright (pruning, as Zero-TPrune's).
     """
 
     kept: torch.Tensor
@@ -143,9 +144,12 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor, matching: Matching) -> t
         return x, size
     weight = size.float()
     total = x.float() * weight[..., None]
-    index = matching.into[..., None].expand(-1, -1, x.shape[-1])
-    total = total.scatter_add(1, index, total.gather(1, matching.merged[..., None].expand_as(index)))
-    weight = weight.scatter_add(1, matching.into, weight.gather(1, matching.merged))
+    joins = (matching.into >= 0).float()  # dropped tokens (into -1) add nothing
+    into = matching.into.clamp(min=0)
+    index = into[..., None].expand(-1, -1, x.shape[-1])
+    moved = total.gather(1, matching.merged[..., None].expand_as(index)) * joins[..., None]
+    total = total.scatter_add(1, index, moved)
+    weight = weight.scatter_add(1, into, weight.gather(1, matching.merged) * joins)
     kept = matching.kept
     kept_total = total.gather(1, kept[..., None].expand(-1, -1, x.shape[-1]))
     kept_weight = weight.gather(1, kept)
@@ -155,15 +159,16 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor, matching: Matching) -> t
 def merge_origin(origin: torch.Tensor, matching: Matching) -> torch.Tensor:
     """Which token each original patch belongs to, after ``matching``.
 
-    origin: (B, P) long, for each of the tower's P original tokens its token index before the step.
-    Returns (B, P) indices among the N - r tokens after it.
+    origin: (B, P) long, for each of the tower's P original tokens its token index before the step (-1:
+    dropped). Returns (B, P) indices among the N - r tokens after it, -1 for the patches dropped so far.
     """
     batch, n = origin.shape[0], matching.kept.shape[1] + matching.r
-    target = torch.arange(n, device=origin.device).expand(batch, n).clone()
-    target.scatter_(1, matching.merged, matching.into)  # a merged token now is its partner
-    rank = torch.full((batch, n), -1, dtype=torch.long, device=origin.device)
+    gone = n  # one more slot, for dropped tokens
+    target = torch.arange(n + 1, device=origin.device).expand(batch, n + 1).clone()
+    target.scatter_(1, matching.merged, matching.into.where(matching.into >= 0, gone))  # a merged token is its partner
+    rank = torch.full((batch, n + 1), -1, dtype=torch.long, device=origin.device)
     rank.scatter_(1, matching.kept, torch.arange(matching.kept.shape[1], device=origin.device).expand_as(matching.kept))
-    return rank.gather(1, target).gather(1, origin)
+    return rank.gather(1, target).gather(1, origin.where(origin >= 0, gone))
 
 
 def unmerge(x: torch.Tensor, origin: torch.Tensor, protected: int = 0) -> torch.Tensor:

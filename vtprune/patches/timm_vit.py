@@ -92,8 +92,11 @@ class TimmViTAdapter:
         if run is None:
             return
         batch, n = qkv.shape[:2]
-        keys = qkv.reshape(batch, n, 3, attn.num_heads, -1)[:, :, 1].transpose(1, 2)  # (B, heads, N, d)
-        run.metric = attn.k_norm(keys).mean(1)  # ToMe's metric: keys averaged over heads
+        q, k = qkv.reshape(batch, n, 3, attn.num_heads, -1)[:, :, :2].permute(2, 0, 3, 1, 4)  # (B, heads, N, d)
+        keys = attn.k_norm(k)
+        run.metric = keys.mean(1)  # ToMe's metric: keys averaged over heads
+        if self._stage.pruner.reads_attention:  # the probabilities timm's fused attention never forms
+            run.attention = ((attn.q_norm(q) * attn.scale) @ keys.transpose(-2, -1)).float().softmax(-1)
 
     def _block_forward(self, index, original, x, attn_mask=None, is_causal=False):
         run = self._runs.get()

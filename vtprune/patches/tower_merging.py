@@ -37,6 +37,11 @@ def check_tower_merging(pruner, tower: torch.nn.Module, model_name: str, blocks:
             f"the {pruner.name!r} pruner merges tokens inside the vision tower, which it cannot do in "
             f"{type(tower).__name__} ({model_name}): {why}"
         )
+    if pruner.drops:
+        raise ValueError(
+            f"the {pruner.name!r} pruner drops patches inside the vision tower, which vtprune supports on timm "
+            f"ViTs only for now: in {model_name} the tokens leaving the tower must account for every patch"
+        )
     impl = tower.config._attn_implementation or "eager"
     if getattr(pruner, "proportional", False) and ("flash" in impl or "flex" in impl):
         raise ValueError(

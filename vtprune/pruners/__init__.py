@@ -14,6 +14,7 @@ from vtprune.pruners.tome import ToMe
 from vtprune.pruners.transprune import TransPrune
 from vtprune.pruners.uniform import UniformPrune
 from vtprune.pruners.visionzip import VisionZip
+from vtprune.pruners.zerotprune import ZeroTPrune
 
 __all__ = [
     "AdaptivePrune",
@@ -34,4 +35,5 @@ __all__ = [
     "UniformPrune",
     "VisionPruner",
     "VisionZip",
+    "ZeroTPrune",
 ]

@@ -242,6 +242,8 @@ class TowerPruner(Pruner):
     # Where a block merges: "attention" (after the attention residual, comparing the keys averaged over
     # heads, as ToMe) or "block" (after the block's output, comparing its hidden states, as MustDrop).
     merges_after: ClassVar[str] = "attention"
+    reads_attention: ClassVar[bool] = False  # the adapter then computes the attention probabilities
+    drops: ClassVar[bool] = False  # whether tokens are dropped (Matching.into -1) rather than merged
 
     def __post_init__(self) -> None:
         if self._paper_budget() is None:
@@ -328,9 +330,11 @@ class TowerPruner(Pruner):
         """False where ``merge_plan`` is only a bound and ``match`` decides from the data how many merge."""
         return True
 
-    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int) -> Matching:
+    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int, attention=None) -> Matching:
         """Which ``r`` tokens of ``metric`` (B, N, C) merge into which (``vtprune.ops.Matching``), the
-        first ``protected`` taking no part, in block ``layer`` of a tower of ``layers`` blocks."""
+        first ``protected`` taking no part, in block ``layer`` of a tower of ``layers`` blocks;
+        ``attention`` (B, H, N, N), the block's attention probabilities, for pruners with
+        ``reads_attention``."""
         raise NotImplementedError(f"{type(self).__name__} must define match()")
 
 

@@ -90,6 +90,6 @@ class MustDropMerge(TowerPruner):
         plan[block] = r
         return plan
 
-    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int) -> Matching:
+    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int, attention=None) -> Matching:
         grid = square_grid(metric.shape[1] - protected)
         return window_matching(metric, r, protected, grid, self.window, self.threshold)

@@ -50,6 +50,6 @@ class PiToMe(TowerPruner):
     def paper_merges(self, present: int) -> int:
         return math.floor(present - present * self.ratio)
 
-    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int) -> Matching:
+    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int, attention=None) -> Matching:
         mode = "pitome_bsm" if layer < math.ceil(layers / 2) else "pitome"
         return energy_matching(metric, r, protected, self.margin * (1 - layer / layers), mode)

@@ -37,5 +37,5 @@ class ToMe(TowerPruner):
     def paper_merges(self, present: int) -> int:
         return self.r
 
-    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int) -> Matching:
+    def match(self, metric: torch.Tensor, r: int, protected: int, layer: int, layers: int, attention=None) -> Matching:
         return bipartite_matching(metric, r, protected)
