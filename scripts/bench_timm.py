@@ -24,7 +24,7 @@ import torch
 import vtprune
 from vtprune.timing import paired_seconds, speedup
 
-# The papers' settings (ToMe's r, PiToMe's DeiT ratio, MustDrop's threshold) and keeps of a half and a
+# The papers' settings (ToMe's and Zero-TPrune's r, PiToMe's DeiT ratio, MustDrop's threshold) and keeps of a half and a
 # quarter of the patches.
 DEFAULT_RUNS = [
     "tome:r=8",
@@ -37,6 +37,9 @@ DEFAULT_RUNS = [
     "pitome:keep=0.25",
     "mustdrop_merge:threshold=0.8",
     "mustdrop_merge:keep=0.5",
+    "zerotprune:r=8",
+    "zerotprune:keep=0.5",
+    "zerotprune:keep=0.25",
 ]
 
 
