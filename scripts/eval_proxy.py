@@ -6,7 +6,9 @@ Runs ``vtprune.proxy.evaluate`` (the fixed 1,000-question easy-vqa test subset, 
 question) unpruned and under ``vtprune.apply(model, pruner, keep=k)`` for every pruner and keep. Each
 result is written to ``--results`` as soon as it is measured and found there on the next run, so an
 interrupted sweep resumes (results made with another question subset or projector file are refused);
-``--plot-only`` redraws the table and plot from that file.
+``--plot-only`` redraws the table and plot from that file. A pruner written ``a+b`` is a Pipeline in
+which ``a`` keeps twice ``b``'s keep (``tome+divprune`` at 16: ToMe leaves 32 tokens, DivPrune keeps 16
+of them), so its tokens entering the language model compare with ``b`` alone at the same keep.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def parse_args(argv=None):
     import vtprune
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pruners", nargs="+", default=list(vtprune.available()), choices=list(vtprune.available()))
+    p.add_argument("--pruners", nargs="+", default=list(vtprune.available()), help="names, or a+b for a Pipeline")
     p.add_argument("--keeps", nargs="+", type=int, default=[8, 16, 32, 64], help="visual tokens kept of 256")
     p.add_argument("--n", type=int, default=1000, help="test questions (the fixed seeded subset)")
     p.add_argument("--seed", type=int, default=0, help="seed of the question subset")
@@ -37,11 +39,24 @@ def parse_args(argv=None):
     p.add_argument("--plot", type=Path, default=None, help="write accuracy vs. kept tokens here (PNG)")
     p.add_argument("--plot-only", action="store_true", help="only print the table and draw the plot")
     args = p.parse_args(argv)
+    unknown = [part for name in args.pruners for part in name.split("+") if part not in vtprune.available()]
+    if unknown:
+        p.error(f"--pruners: unknown {unknown}; choose from {vtprune.available()} or join two with +")
     if any(k < 1 or k > 256 for k in args.keeps):
         p.error(f"--keeps must lie in [1, 256], got {args.keeps}")
     if args.threads < 1 or args.batch_size < 1:
         p.error("--threads and --batch-size must be >= 1")
     return args
+
+
+def pruned(model, pruner: str, keep: int):
+    """``vtprune.apply`` of ``pruner`` (a name, or ``a+b``: a Pipeline where ``a`` keeps twice ``keep``)."""
+    import vtprune
+
+    if "+" not in pruner:
+        return vtprune.apply(model, pruner, keep=keep)
+    first, second = (vtprune.registry.pruner_class(name) for name in pruner.split("+"))
+    return vtprune.apply(model, vtprune.Pipeline([first(keep=2 * keep), second(keep=keep)]))
 
 
 def key(pruner: str, keep: int | None) -> str:
@@ -181,7 +196,6 @@ def main(argv=None) -> int:
     if not args.plot_only:
         import torch
 
-        import vtprune
         from vtprune.proxy import data, load_proxy
         from vtprune.proxy.evaluate import accuracy, accuracy_by_kind, predict
 
@@ -198,7 +212,7 @@ def main(argv=None) -> int:
                 continue
             start = time.perf_counter()
             try:
-                context = contextlib.nullcontext() if pruner == UNPRUNED else vtprune.apply(model, pruner, keep=keep)
+                context = contextlib.nullcontext() if pruner == UNPRUNED else pruned(model, pruner, keep)
                 with context:
                     predictions = predict(model, processor, items, batch_size=args.batch_size)
             except ValueError as error:  # a keep the pruner's rule cannot reach, or a tower it cannot run in

@@ -17,10 +17,7 @@ _OPTIONS = {
     # merges; its 3x3 default is tested in test_mustdrop_merge.py
     "mustdrop_merge": {"window": 8},
 }
-# Pruners for timm ViTs only, refused on every VLM tower (their refusal: test_tower_vlm.py).
-TIMM_ONLY = sorted(n for n in vtprune.available() if getattr(vtprune.registry.pruner_class(n), "drops", False))
-# The VLM test matrix: every registered pruner that runs on VLMs.
-PRUNER_OPTIONS = {name: _OPTIONS.get(name, {}) for name in vtprune.available() if name not in TIMM_ONLY}
+PRUNER_OPTIONS = {name: _OPTIONS.get(name, {}) for name in vtprune.available()}
 VISION = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "vision")
 TOWER = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "tower")
 LLM = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "llm")
@@ -32,6 +29,8 @@ def skip_if_refused(family: str, name: str, videos: bool = False) -> None:
         pytest.skip("tower-stage pruners are refused on Qwen2-VL's tower (its 2x2 patch merger)")
     if name in TOWER and videos:
         pytest.skip("tower-stage pruners are refused on videos whose frames are pooled after the tower")
+    if name in TOWER and family == "llava_onevision" and vtprune.registry.pruner_class(name).drops:
+        pytest.skip("pruners that drop inside the tower are refused on OneVision (its resampling)")
 
 
 PIPELINE = "divprune+fastv"  # a Pipeline in the test matrix: DivPrune keeps twice FastV's keep
@@ -116,3 +115,45 @@ def pruned_image_tokens(features, fixed, kept, groups, at_anchor: bool) -> tuple
     placed = features.clone()
     placed[anchors] = merged
     return stays, placed[stays]
+
+
+def prompt_with_image_tokens_at(model, inputs, stays_at, features):
+    """Logits of the prompt a user would write with only the image tokens at ``stays_at`` (indices
+    among the one image's tokens, ascending), fed ``features`` (len(stays_at), D) in their places."""
+    from vtprune.testing import IMAGE_TOKEN_ID
+
+    ids = inputs["input_ids"][0]
+    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+    stays = torch.ones(ids.numel(), dtype=torch.bool)
+    stays[image] = False
+    stays[image[stays_at]] = True
+    short = ids[stays][None]
+    embeds = model.get_input_embeddings()(short)
+    embeds[short == IMAGE_TOKEN_ID] = features
+    with torch.no_grad():
+        return model(inputs_embeds=embeds).logits
+
+
+def timm_vit(img_size=64, depth=6, **options):
+    """A tiny timm ViT (8x8-pixel patches), seeded."""
+    import timm
+
+    torch.manual_seed(0)
+    config = dict(img_size=img_size, patch_size=8, embed_dim=48, depth=depth, num_heads=3, num_classes=7)
+    return timm.models.vision_transformer.VisionTransformer(**{**config, **options}).eval()
+
+
+def timm_images(n=3, size=64):
+    torch.manual_seed(1)
+    return torch.randn(n, 3, size, size)
+
+
+def fused_eager_and_alone(model, x):
+    """A timm ViT's outputs for ``x`` with fused attention, with eager attention, and image by image."""
+    with torch.no_grad():
+        fused = model(x)
+        for block in model.blocks:
+            block.attn.fused_attn = False
+        eager = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    return fused, eager, alone

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 from families import FAMILIES, VIDEO_FAMILIES
-from helpers import PIPELINE, PRUNER_OPTIONS, TIMM_ONLY, apply, greedy, hooks_of, logits
+from helpers import PIPELINE, PRUNER_OPTIONS, apply, greedy, hooks_of, logits
 
 import vtprune
 
@@ -16,7 +16,7 @@ def warm(model, inputs):
 
 
 def test_every_registered_pruner_is_a_public_class_named_after_its_registry_name():
-    assert vtprune.available() == sorted([*PRUNER_OPTIONS, *TIMM_ONLY])
+    assert vtprune.available() == sorted(PRUNER_OPTIONS)
     for name in vtprune.available():
         cls = vtprune.registry.pruner_class(name)
         assert cls.name == name and getattr(vtprune, cls.__name__) is cls and cls.__name__ in vtprune.__all__

@@ -94,6 +94,11 @@ def test_kept_counts_match_keep(family, name, keep):
             assert stats.token_counts == [len(stats.kept[0]) + len(stats.merged[0])]
             for group in stats.merged[0]:  # a merged token's patches carry copies of its row
                 assert distinct_rows(rows[group]) == 1
+            covered = torch.cat([stats.kept[0], *stats.merged[0]]).sort().values
+            if vtprune.registry.pruner_class(name).drops:  # dropped patches stand for no token
+                rows = rows[covered]
+            else:
+                assert torch.equal(covered, torch.arange(rows.shape[0]))
             if family.name == "llava_onevision":  # its resampling may blend the same tokens alike twice
                 assert distinct_rows(rows) <= stats.token_counts[0]
             else:

@@ -5,25 +5,21 @@ merge; bad options are refused. The family matrix (test_families.py) covers the 
 
 import pytest
 import torch
-from helpers import logits
+from helpers import fused_eager_and_alone, logits, prompt_with_image_tokens_at, timm_images, timm_vit
 from references import mustdrop_windows
 
 import vtprune
 from vtprune.ops import window_matching, window_scores
-from vtprune.testing import IMAGE_TOKEN_ID
 
 timm = pytest.importorskip("timm")
 
 
 def vit(**options):
-    torch.manual_seed(0)
-    config = dict(img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=7)
-    return timm.models.vision_transformer.VisionTransformer(**{**config, **options}).eval()
+    return timm_vit(depth=4, **options)
 
 
-def images(n=4):
-    torch.manual_seed(1)
-    return torch.randn(n, 3, 64, 64)
+def images():
+    return timm_images(4)
 
 
 def pooled(x, **rule):
@@ -88,11 +84,7 @@ def test_fused_equals_eager_batched_equals_alone_and_identities():
         with vtprune.apply(model, identity):
             assert torch.equal(model(x), expected)
     with vtprune.apply(model, vtprune.MustDropMerge(keep=0.6, layers=[1])) as handle:
-        fused = model(x)
-        for block in model.blocks:
-            block.attn.fused_attn = False
-        eager = model(x)
-        alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+        fused, eager, alone = fused_eager_and_alone(model, x)
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(alone, eager, rtol=1e-4, atol=1e-5)
     assert handle.last.layer_tokens[0] == [64, 64, 38, 38]  # merged after block 1's output
@@ -161,12 +153,5 @@ def test_llava_equals_a_hand_run_tower_and_a_prompt_with_one_token_per_merged_to
     features, token = merged_clip_features(model, inputs["pixel_values"], **rule)
     firsts = torch.tensor(sorted({int((token[0] == t).nonzero()[0]) for t in token[0].unique()}))
     assert handle.last.token_counts == [firsts.numel()] and firsts.numel() < 576
-    ids = inputs["input_ids"][0]
-    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
-    stays = torch.ones(ids.numel(), dtype=torch.bool)
-    stays[image] = False
-    stays[image[firsts]] = True
-    short = ids[stays][None]
-    embeds = model.get_input_embeddings()(short)
-    embeds[short == IMAGE_TOKEN_ID] = features[0, firsts]
-    torch.testing.assert_close(pruned, model(inputs_embeds=embeds).logits, atol=1e-5, rtol=0)
+    expected = prompt_with_image_tokens_at(model, inputs, firsts, features[0, firsts])
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)

@@ -3,6 +3,7 @@ ToMe's own merge code, fused == eager attention, batched == per-sample, stats, r
 
 import pytest
 import torch
+from helpers import fused_eager_and_alone, timm_images, timm_vit
 from references import pitome_matching, tome_matching
 
 import vtprune
@@ -10,10 +11,7 @@ import vtprune
 timm = pytest.importorskip("timm")
 
 
-def vit(**options):
-    torch.manual_seed(0)
-    config = dict(img_size=64, patch_size=8, embed_dim=48, depth=6, num_heads=3, num_classes=7)
-    return timm.models.vision_transformer.VisionTransformer(**{**config, **options}).eval()
+vit = timm_vit
 
 
 MODELS = {
@@ -23,9 +21,7 @@ MODELS = {
 }
 
 
-def images(n=3):
-    torch.manual_seed(1)
-    return torch.randn(n, 3, 64, 64)
+images = timm_images
 
 
 def tome_forward(model, x, r, distill_token=False, match=None, proportional=True):
@@ -104,11 +100,7 @@ def test_merging_nothing_is_the_unpruned_model_exactly(kind, pruner):
 def test_fused_attention_equals_eager_and_batched_equals_per_sample(kind):
     model, x = vit(**MODELS[kind]), images()
     with vtprune.apply(model, vtprune.ToMe(keep=20)) as handle:
-        fused = model(x)
-        for block in model.blocks:
-            block.attn.fused_attn = False
-        eager = model(x)
-        alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+        fused, eager, alone = fused_eager_and_alone(model, x)
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(alone, eager, rtol=1e-4, atol=1e-5)
     assert handle.last.token_counts == [20]  # the last forward was one image

@@ -7,7 +7,7 @@ batched == per-sample and remove() for every family."""
 import pytest
 import torch
 from families import FAMILIES, VIDEO_FAMILIES
-from helpers import logits
+from helpers import logits, prompt_with_image_tokens_at
 from references import tome_matching
 
 import vtprune
@@ -72,15 +72,8 @@ def test_llava_equals_a_hand_run_tower_and_a_prompt_with_one_token_per_merged_to
     groups = [(token[0] == token[0][f]).nonzero().flatten() for f in firsts]
     assert handle.last.kept[0].tolist() == [int(g[0]) for g in groups if g.numel() == 1]
     assert [g.tolist() for g in handle.last.merged[0]] == [g.tolist() for g in groups if g.numel() > 1]
-    ids = inputs["input_ids"][0]
-    image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
-    stays = torch.ones(ids.numel(), dtype=torch.bool)
-    stays[image] = False
-    stays[image[firsts]] = True
-    short = ids[stays][None]
-    embeds = model.get_input_embeddings()(short)
-    embeds[short == IMAGE_TOKEN_ID] = features[0, firsts]
-    torch.testing.assert_close(pruned, model(inputs_embeds=embeds).logits, atol=1e-5, rtol=0)
+    expected = prompt_with_image_tokens_at(model, inputs, firsts, features[0, firsts])
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -195,12 +188,15 @@ def test_tower_pruners_are_refused_where_they_cannot_merge():
     with pytest.raises(ValueError, match="its patch merger concatenates every 2x2 block"):
         vtprune.apply(qwen, "tome", keep=16)
     assert vtprune.handle_of(qwen) is None
+    onevision = FAMILY["llava_onevision"].model()
+    with pytest.raises(ValueError, match="drops patches inside the vision tower, which .* cannot take: its packing"):
+        vtprune.apply(onevision, "zerotprune", keep=16)
+    assert vtprune.handle_of(onevision) is None
     llava = FAMILY["llava"].model()
     for pipeline, message in [
         ([vtprune.DivPrune(keep=32), vtprune.ToMe(keep=64)], "tower-stage pruner .* must come first"),
         ([vtprune.ToMe(keep=64), vtprune.ToMe(keep=32)], "at most one tower-stage pruner"),
         ([vtprune.ToMe(keep=64, layers=[2])], r"layers=\[2\]: the tower has blocks 0 to 1"),
-        ([vtprune.ZeroTPrune(keep=64)], "drops patches inside the vision tower, which vtprune supports on timm"),
     ]:
         with pytest.raises(ValueError, match=message):
             vtprune.apply(llava, pipeline)
@@ -239,3 +235,37 @@ def test_a_tower_that_resizes_its_positions_is_checked_on_the_grid_it_is_fed():
         with pytest.raises(ValueError, match="on a 6x6 grid leave at least 4 of 36 patches"):
             logits(model, inputs)
     assert torch.equal(logits(model, inputs), expected)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_zerotprune_in_clip_equals_a_hand_run_tower_and_a_prompt_without_the_dropped_patches(attn):
+    """The ops (checked against the method restated token by token in test_zerotprune.py) applied by
+    hand to CLIP's attention: dropped patches leave no token; the rest enter at their own places."""
+    from vtprune.ops import attention_rank, importance_guided_drops
+
+    family = FAMILY["llava"]
+    model = family.model(attn)
+    inputs, _ = family.batch(model, ONE_IMAGE)
+    pruner = vtprune.ZeroTPrune(keep=200)
+    tower = model.model.vision_tower
+    plan = pruner.merge_plan(576, 1, 2)  # the tiny tower selects layer 1 of 3: layers 0 and 1 drop
+    with vtprune.apply(model, pruner) as handle:
+        pruned = logits(model, inputs)
+    x = tower.pre_layrnorm(tower.embeddings(inputs["pixel_values"]))
+    places = torch.arange(-1, 576)  # the patch each row stands for (-1: CLS)
+    for index, (layer, r) in enumerate(zip(tower.encoder.layers, plan)):
+        a, h = layer.self_attn, layer.layer_norm1(x)
+        q, k, v = (p(h).view(1, x.shape[1], -1, a.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
+        probs = ((q @ k.transpose(-2, -1)) * a.scale).softmax(-1)
+        x = x + a.out_proj((probs @ v).transpose(1, 2).reshape(1, x.shape[1], -1))
+        importance = attention_rank(probs, pruner.iterations_at(index, 3), 1, pruner.variance_band)
+        kept = importance_guided_drops(k.mean(1), importance, r, 1).kept[0]
+        x, places = x[:, kept], places[kept]
+        x = x + layer.mlp(layer.layer_norm2(x))
+    order = places[1:].argsort()
+    features = model.model.multi_modal_projector(x[0, 1:][order])
+    stays_at = places[1:][order]
+    assert handle.last.token_counts == [200] and torch.equal(handle.last.kept[0], stays_at)
+    expected = prompt_with_image_tokens_at(model, inputs, stays_at, features)
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)

@@ -5,6 +5,7 @@ answer is known."""
 
 import pytest
 import torch
+from helpers import fused_eager_and_alone, timm_images, timm_vit
 from references import zerotprune_drops
 
 import vtprune
@@ -14,14 +15,11 @@ timm = pytest.importorskip("timm")
 
 
 def vit(**options):
-    torch.manual_seed(0)
-    config = dict(img_size=32, patch_size=8, embed_dim=48, depth=6, num_heads=3, num_classes=7)
-    return timm.models.vision_transformer.VisionTransformer(**{**config, **options}).eval()
+    return timm_vit(**{"img_size": 32, **options})
 
 
-def images(n=3):
-    torch.manual_seed(1)
-    return torch.randn(n, 3, 32, 32)
+def images():
+    return timm_images(3, 32)
 
 
 def hand_run(model, x, plan, pruner):
@@ -64,11 +62,7 @@ def test_fused_equals_eager_batched_equals_alone_and_identities():
         with vtprune.apply(model, identity):
             assert torch.equal(model(x), expected)
     with vtprune.apply(model, vtprune.ZeroTPrune(keep=8)) as handle:
-        fused = model(x)
-        for block in model.blocks:
-            block.attn.fused_attn = False
-        eager = model(x)
-        alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+        fused, eager, alone = fused_eager_and_alone(model, x)
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(alone, eager, rtol=1e-4, atol=1e-5)
     assert handle.last.token_counts == [8] and handle.last.layer_tokens[0][0] == 64

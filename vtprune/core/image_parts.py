@@ -40,7 +40,7 @@ class ImageParts:
 
     tower_ids: (n_tokens,) long when a tower-stage pruner merged patches inside the tower: tokens with
     the same id came from one merged token (the tower's output copied onto each of its patches), -1 at
-    fixed tokens; None otherwise.
+    fixed tokens and at patches dropped inside the tower; None otherwise.
     """
 
     n_tokens: int
@@ -87,9 +87,12 @@ class ImageParts:
 
     def tower_tokens(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The tokens that left the tower (``tower_ids``): the prunable index of each one's first
-        patch in prompt order, ascending, and per such token the prunable indices of all its patches."""
-        _, token = torch.unique(self.tower_ids[self.prunable], return_inverse=True)
-        members = torch.argsort(token, stable=True).split(torch.bincount(token).tolist())
+        patch in prompt order, ascending, and per such token the prunable indices of all its patches.
+        Patches dropped inside the tower (id -1) belong to none."""
+        ids = self.tower_ids[self.prunable]
+        present = (ids >= 0).nonzero().flatten()
+        _, token = torch.unique(ids[present], return_inverse=True)
+        members = present[torch.argsort(token, stable=True)].split(torch.bincount(token).tolist())
         firsts = torch.stack([m[0] for m in members])
         order = firsts.argsort()
         return firsts[order], [members[i] for i in order.tolist()]

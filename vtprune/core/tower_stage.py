@@ -115,14 +115,16 @@ class TowerStage:
 
     def token_ids(self, run: TowerRun) -> torch.Tensor:
         """(B, N) fp32: for each original token (prefix tokens included), the id of the token it left
-        the tower in, distinct across the batch: patches with the same id were merged into one token."""
+        the tower in, distinct across the batch: patches with the same id were merged into one token;
+        -1 for patches dropped inside the tower."""
         batch, patches = run.origin.shape
         n = self.protected + patches
         if batch * n >= _EXACT_IDS:
             raise ValueError(f"{batch} tower inputs of {n} tokens are too many to follow their merged tokens")
         prefix = torch.arange(self.protected, device=run.origin.device).expand(batch, self.protected)
         offsets = torch.arange(batch, device=run.origin.device)[:, None] * n
-        return (torch.cat([prefix, run.origin], dim=1) + offsets).float()
+        origin = torch.cat([prefix, run.origin], dim=1)
+        return torch.where(origin >= 0, origin + offsets, -1).float()
 
     def stats(self, run: TowerRun) -> PruneStats:
         """kept[b]: the patches (0-based among the patch tokens) still alone; merged[b]: per merged token,

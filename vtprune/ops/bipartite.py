@@ -175,9 +175,14 @@ def unmerge(x: torch.Tensor, origin: torch.Tensor, protected: int = 0) -> torch.
     """Merged tokens back on the original token grid: (B, N', ...) -> (B, protected + P, ...), where
     each of the P patches carries the token it was merged into (``origin`` (B, P), as ``merge_origin``
     keeps it) and the ``protected`` prefix tokens stay first. Copies, so the patches of one merged
-    token hold identical values."""
-    index = origin.reshape(*origin.shape, *([1] * (x.dim() - 2))).expand(*origin.shape, *x.shape[2:])
-    return torch.cat([x[:, :protected], x.gather(1, index.to(x.device))], dim=1)
+    token hold identical values; dropped patches (origin -1) hold zeros."""
+    origin = origin.to(x.device)
+    shape = (*origin.shape, *([1] * (x.dim() - 2)))
+    index = origin.clamp(min=0).reshape(shape).expand(*origin.shape, *x.shape[2:])
+    rows = x.gather(1, index)
+    if bool((origin < 0).any()):
+        rows = rows * (origin >= 0).reshape(shape).to(rows.dtype)
+    return torch.cat([x[:, :protected], rows], dim=1)
 
 
 def proportional_bias(size: torch.Tensor) -> torch.Tensor:

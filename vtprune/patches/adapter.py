@@ -60,6 +60,8 @@ class Adapter:
     # shortened together with input_ids.
     keeps_positions: bool = False
     token_aligned: tuple[str, ...] = ()
+    # Tower stage: why patches dropped inside the tower cannot go through this family ("": they can).
+    no_tower_drops: str = ""
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -158,7 +160,7 @@ class Adapter:
         return min(self.info.feature_layers) + 1
 
     def _check_tower(self, pruner) -> None:
-        check_tower_merging(pruner, self.tower, type(self.model).__name__, self._merging_blocks())
+        check_tower_merging(pruner, self.tower, type(self.model).__name__, self._merging_blocks(), self.no_tower_drops)
 
     # -- installation ------------------------------------------------------------------------------
     def install(self, config) -> list:

@@ -23,6 +23,9 @@ from vtprune.patches.llava_next_video import pooled_frames
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     supported = ("LlavaOnevisionForConditionalGeneration",)
+    no_tower_drops = (
+        "its packing resamples large crop grids, which would blend a dropped patch into the tokens around it"
+    )
 
     def _pack(self, markers: torch.Tensor, image_size: torch.Tensor, arguments: dict, newline: torch.Tensor):
         ratio = arguments.get("vision_aspect_ratio") or self.config.vision_aspect_ratio

@@ -12,6 +12,9 @@ tower returns (``last_hidden_state``, ``hidden_states``) has each patch carry th
 into (``TowerStage.restore``). The model's own code after the tower (feature selection, projector,
 LLaVA-NeXT's packing) then runs as without pruning; which patches share a token travels to the vision
 stage as ids (``TowerStage.token_ids``), and there each merged token enters the language model once.
+Patches a pruner dropped (Zero-TPrune) hold zeros and have id -1: they enter as no token. For pruners
+that read attention probabilities, a hook on the query projection keeps the queries until the keys
+come.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from vtprune.core.tower_stage import TowerRun, TowerStage
 from vtprune.patches.towers import TowerSpec, tower_spec
 
 
-def check_tower_merging(pruner, tower: torch.nn.Module, model_name: str, blocks: int) -> None:
-    """Raise ValueError unless ``pruner`` can merge in ``tower``'s first ``blocks`` layers."""
+def check_tower_merging(pruner, tower: torch.nn.Module, model_name: str, blocks: int, no_drops: str = "") -> None:
+    """Raise ValueError unless ``pruner`` can merge in ``tower``'s first ``blocks`` layers; ``no_drops``:
+    why the family cannot take patches dropped inside the tower ("" if it can)."""
     spec = tower_spec(tower)
     if spec is None or spec.merging_layer is None:
         why = spec.no_merging if spec is not None else "vtprune does not know its encoder layers"
@@ -37,10 +41,10 @@ def check_tower_merging(pruner, tower: torch.nn.Module, model_name: str, blocks:
             f"the {pruner.name!r} pruner merges tokens inside the vision tower, which it cannot do in "
             f"{type(tower).__name__} ({model_name}): {why}"
         )
-    if pruner.drops:
+    if pruner.drops and no_drops:
         raise ValueError(
-            f"the {pruner.name!r} pruner drops patches inside the vision tower, which vtprune supports on timm "
-            f"ViTs only for now: in {model_name} the tokens leaving the tower must account for every patch"
+            f"the {pruner.name!r} pruner drops patches inside the vision tower, which {model_name} cannot "
+            f"take: {no_drops}"
         )
     impl = tower.config._attn_implementation or "eager"
     if getattr(pruner, "proportional", False) and ("flash" in impl or "flex" in impl):
@@ -62,6 +66,7 @@ class _Call:
     """One tower forward in flight; its run starts at the first layer, when the tokens are known."""
 
     run: TowerRun | None = None
+    queries: torch.Tensor | None = None  # the current layer's, for pruners that read attention
 
 
 class TowerMerging:
@@ -81,8 +86,11 @@ class TowerMerging:
             for index in range(self.stage.blocks):
                 undo.append(MethodPatch(layers[index], "forward", functools.partial(self._layer_forward, index)).undo)
                 attention = getattr(layers[index], self.spec.attention)
-                hook = functools.partial(self._read_keys, attention.head_dim)
+                hook = functools.partial(self._read_keys, attention)
                 undo.append(getattr(attention, self.spec.key).register_forward_hook(hook).remove)
+                if self.stage.pruner.reads_attention:
+                    hook = functools.partial(self._read_queries, attention)
+                    undo.append(getattr(attention, self.spec.query).register_forward_hook(hook).remove)
         except Exception:
             for step in reversed(undo):
                 step()
@@ -122,11 +130,23 @@ class TowerMerging:
             finished.append(run)
         return out
 
-    def _read_keys(self, head_dim: int, _module, _inputs, keys: torch.Tensor) -> None:
+    def _read_queries(self, attention, _module, _inputs, queries: torch.Tensor) -> None:
         call = self._calls.get()
         if call is not None and call.run is not None:
-            batch, n = keys.shape[:2]
-            call.run.metric = keys.view(batch, n, -1, head_dim).mean(2)  # ToMe's metric: keys averaged over heads
+            call.queries = queries
+
+    def _read_keys(self, attention, _module, _inputs, keys: torch.Tensor) -> None:
+        call = self._calls.get()
+        if call is None or call.run is None:
+            return
+        batch, n = keys.shape[:2]
+        heads = keys.view(batch, n, -1, attention.head_dim)
+        call.run.metric = heads.mean(2)  # ToMe's metric: keys averaged over heads
+        if call.queries is not None:  # the probabilities fused attention never forms (Zero-TPrune reads them)
+            q = call.queries.view(batch, n, -1, attention.head_dim).transpose(1, 2)
+            scale = getattr(attention, "scale", None) or getattr(attention, "scaling", None)
+            call.run.attention = ((q @ heads.permute(0, 2, 3, 1)) * scale).float().softmax(-1)
+            call.queries = None
 
     def _layer_forward(self, index: int, original, hidden_states, attention_mask=None, **kwargs):
         call = self._calls.get()

@@ -29,8 +29,8 @@ class ZeroTPrune(TowerPruner):
 
     Give ``keep`` (patch tokens leaving the tower, int or fraction; default 64) or the paper's ``r``
     (tokens dropped per block, at most half of those present), not both. ``iterations``: PageRank
-    steps in the first three blocks, the middle ones and the last three. Runs on timm ViTs; in a VLM's
-    tower it is refused for now (the tokens leaving a VLM's tower must cover every patch).
+    steps in the first three blocks, the middle ones and the last three. In a VLM, dropped patches
+    enter the language model as no token (families that resample the tower's grid refuse it).
     """
 
     r: int | None = None
