@@ -101,11 +101,19 @@ def main(argv=None) -> int:
     import torch
 
     from vtprune.proxy import data, load_proxy
-    from vtprune.proxy.overlay import DEFAULT_QUESTION, overlay_row, panel_grid
+    from vtprune.proxy.overlay import DEFAULT_QUESTION, kept_tokens, overlay_row, panel_grid
 
     torch.set_num_threads(args.threads)
     question = args.question or DEFAULT_QUESTION
     model, processor = load_proxy(projector=args.projector)
+    refused = {}
+    for name in args.pruners:  # a keep the pruner's rule cannot reach (mustdrop_merge's windows)
+        try:
+            kept_tokens(model, processor, data.load_image("test", 0), name, question=question, keep=args.keep)
+        except ValueError as error:
+            refused[name] = str(error)
+            print(f"{name} refused: {error}")
+    args.pruners = [name for name in args.pruners if name not in refused]
     if args.out is not None:
         images = [(f"test {i}", data.load_image("test", i)) for i in args.test_images]
         images += [(name, data.load_photo(name)) for name in args.photos]

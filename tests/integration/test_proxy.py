@@ -256,9 +256,11 @@ def test_overlay_script_draws_every_pruner_and_measures_where_it_looks(tmp_path,
     ]
     assert script.main(argv) == 0
     text = capsys.readouterr().out
+    assert "mustdrop_merge refused: keep=16" in text  # its 3x3 windows leave at least 56 of 256
+    drawn = [name for name in vtprune.available() if name != "mustdrop_merge"]
     with Image.open(out) as sheet:
-        assert sheet.width > len(vtprune.available()) * 224 and sheet.height > 2 * 224
-    for name in vtprune.available():
+        assert sheet.width > len(drawn) * 224 and sheet.height > 2 * 224
+    for name in drawn:
         assert f"| {name} | " in text
 
 
