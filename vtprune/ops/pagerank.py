@@ -4,8 +4,8 @@ A block's attention (B, H, N, N), each query row a distribution over the keys, i
 token j is important when important tokens attend to it. ``attention_rank`` runs the Weighted PageRank
 ``s <- A^T s`` from uniform scores (the prefix tokens, CLS and registers, starting ``sqrt(N)`` times
 higher: the paper's emphasis on the informative region) for ``iterations`` steps per head, drops the
-heads whose score spread is outside ``variance_band`` (the variance of ``N * s``, 1 being uniform:
-heads that attend to nearly everything alike or to a single token), and combines the remaining
+heads whose score spread is outside ``variance_band`` (the variance of ``N * s``, 0 for a head that
+ranks every token alike, large for one that ranks a single token far above the rest), and combines the remaining
 heads by the root mean square.
 
 ``importance_guided_drops`` is the similarity stage: the patch tokens are sorted by importance and split
