@@ -23,12 +23,12 @@ TOWER = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).sta
 LLM = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "llm")
 
 
-def skip_if_refused(family: str, name: str, videos: bool = False) -> None:
+def skip_if_refused(family: str, name: str, budget: str | None = None) -> None:
     """Skip the combinations vtprune refuses on purpose (their refusal is tested in test_tower_vlm.py)."""
     if name in TOWER and family.startswith("qwen2"):
         pytest.skip("tower-stage pruners are refused on Qwen2-VL's tower (its 2x2 patch merger)")
-    if name in TOWER and videos:
-        pytest.skip("tower-stage pruners are refused on videos whose frames are pooled after the tower")
+    if name in TOWER and budget == "per_video":
+        pytest.skip("tower-stage pruners count keep per frame (each frame passes the tower alone)")
     if name in TOWER and family == "llava_onevision" and vtprune.registry.pruner_class(name).drops:
         pytest.skip("pruners that drop inside the tower are refused on OneVision (its resampling)")
 

@@ -203,20 +203,75 @@ def test_tower_pruners_are_refused_where_they_cannot_merge():
         assert vtprune.handle_of(llava) is None
 
 
-@torch.no_grad()
-def test_videos_with_pooled_frames_are_refused_and_the_model_is_unchanged():
+def pooled_video(frames=3, seed=0, **options):
+    """LLaVA-NeXT-Video's tiny model and a prompt with one video: each frame's 8 x 8 patches are pooled
+    to 4 x 4 tokens after the tower."""
     from vtprune.testing import tiny_llava_next_video, video_token_counts
 
-    model = tiny_llava_next_video()
-    side = model.config.vision_config.image_size
-    videos = torch.randn(1, 2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    model = tiny_llava_next_video(**options)
+    videos = torch.randn(1, frames, 3, 112, 112, generator=torch.Generator().manual_seed(seed))
     n = video_token_counts(model, pixel_values_videos=videos)[0]
-    inputs = {"input_ids": torch.tensor([[1, 5] + [VIDEO_TOKEN_ID] * n + [8]]), "pixel_values_videos": videos}
+    assert n == 16 * frames
+    return model, {"input_ids": torch.tensor([[1, 5] + [VIDEO_TOKEN_ID] * n + [8]]), "pixel_values_videos": videos}
+
+
+def prompt_with_video_tokens(model, inputs, features):
+    """Logits of the prompt with as many video tokens as ``features`` rows, fed them in order."""
+    ids = inputs["input_ids"][0]
+    is_video = ids == VIDEO_TOKEN_ID
+    first = int(is_video.nonzero()[0])
+    short = torch.cat([ids[:first], torch.full((features.shape[0],), VIDEO_TOKEN_ID), ids[first:][~is_video[first:]]])
+    embeds = model.get_input_embeddings()(short[None])
+    embeds[0, short == VIDEO_TOKEN_ID] = features
+    return model(inputs_embeds=embeds).logits
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_pooled_frames_take_the_tokens_leaving_the_tower_in_their_slots(attn):
+    """The tokens leaving the tower take the pooling's place: per frame, ``keep`` of its 16 pooled
+    tokens, the hand-run tower's tokens in the order of their first patch, in the frame's first slots."""
+    model, inputs = pooled_video(attn=attn, vision_layers=4)
+    pruner = vtprune.ToMe(keep=10)
+    plan = pruner.merge_plan(64, 1, 3, counted_on=16)  # layers 0 to 2 merge, one matching each: 64 -> 10
+    with vtprune.apply(model, pruner) as handle:
+        pruned = logits(model, inputs)
+    features, token = merged_clip_features(model, inputs["pixel_values_videos"][0], plan)
+    firsts = [first_of_each_token(t) for t in token]
+    assert [f.numel() for f in firsts] == [10, 10, 10]
+    assert handle.last.token_counts == [30] and handle.last.merged in ([], [[]])
+    assert handle.last.kept[0].tolist() == [s + 16 * f for f in range(3) for s in range(10)]
+    expected = prompt_with_video_tokens(model, inputs, torch.cat([features[f, i] for f, i in enumerate(firsts)]))
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_pooled_frames_keep_all_leaves_the_pooling_and_a_pipeline_chooses_among_the_slots():
+    model, inputs = pooled_video(frames=2)
     expected = logits(model, inputs)
-    with vtprune.apply(model, "tome", keep=0.5):
-        with pytest.raises(NotImplementedError, match="videos whose frames are pooled after the tower"):
+    with vtprune.apply(model, "tome", keep=1.0) as handle:
+        assert torch.equal(logits(model, inputs), expected) and handle.last.token_counts == [32]
+    with vtprune.apply(model, "tome", keep=8):
+        tokens = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"]).pooler_output[0]
+    assert torch.equal(tokens[8:16], torch.zeros_like(tokens[8:16])) and bool(tokens[:8].abs().sum(-1).gt(0).all())
+    chosen = [vtprune.DivPrune(keep=3).select(VisionTokens(tokens[16 * f : 16 * f + 8], keep=3)) for f in range(2)]
+    with vtprune.apply(model, [vtprune.ToMe(keep=8), vtprune.DivPrune(keep=3)]) as handle:
+        pruned = logits(model, inputs)
+    assert handle.last.kept[0].tolist() == [int(i) + 16 * f for f, c in enumerate(chosen) for i in c]
+    rows = torch.cat([tokens[16 * f : 16 * f + 8][c] for f, c in enumerate(chosen)])
+    torch.testing.assert_close(pruned, prompt_with_video_tokens(model, inputs, rows), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_pooled_frames_refuse_more_tokens_than_slots_and_a_per_video_budget():
+    model, inputs = pooled_video(frames=2)
+    expected = logits(model, inputs)
+    with vtprune.apply(model, "tome", r=2):  # 64 -> 60 tokens per frame: more than its 16 slots
+        with pytest.raises(ValueError, match="left the vision tower as 60 tokens, more than the 16"):
             logits(model, inputs)
     assert torch.equal(logits(model, inputs), expected)
+    with pytest.raises(ValueError, match="only budget='per_frame'"):
+        vtprune.ToMe(keep=8, budget="per_video")
 
 
 @torch.no_grad()

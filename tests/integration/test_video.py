@@ -10,6 +10,7 @@ from families import VIDEO_FAMILIES, assert_sdpa_equals_eager
 from helpers import (
     PIPELINE,
     PRUNER_OPTIONS,
+    TOWER,
     VISION,
     apply,
     greedy,
@@ -35,7 +36,7 @@ ONE_VIDEO = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 0, 1)]
 def family(request):
     name = request.node.callspec.params.get("name")
     if name is not None:
-        skip_if_refused(request.param.name, name, videos=True)
+        skip_if_refused(request.param.name, name, request.node.callspec.params.get("budget"))
     return request.param
 
 
@@ -277,7 +278,7 @@ def test_remove_restores_the_model(family, name):
     inputs, _ = family.batch(model, ONE_VIDEO)
     base = logits(model, inputs)
     forward, encode = model.forward, model.model.get_video_features
-    handle = apply(model, name, keep=3, budget="per_video")
+    handle = apply(model, name, keep=3, budget="per_frame" if name in TOWER else "per_video")
     logits(model, inputs)
     handle.remove()
     assert model.forward == forward and model.model.get_video_features == encode

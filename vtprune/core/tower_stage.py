@@ -27,7 +27,7 @@ class TowerMerging(Protocol):
     proportional: bool
     exact_plan: bool
 
-    def merge_plan(self, patches: int, protected: int, blocks: int) -> list[int]: ...
+    def merge_plan(self, patches: int, protected: int, blocks: int, counted_on: int | None = None) -> list[int]: ...
 
     def most_merges(self, n: int, protected: int) -> int: ...
 
@@ -66,8 +66,10 @@ class TowerStage:
         self.protected = protected
         self.layers = blocks if layers is None else layers
 
-    def start(self, patches: int) -> TowerRun:
-        return TowerRun(self.pruner.merge_plan(patches, self.protected, self.blocks))
+    def start(self, patches: int, counted_on: int | None = None) -> TowerRun:
+        """A run over ``patches`` patch tokens; ``counted_on``: the tokens ``keep`` counts when they are
+        not the patches (a frame the model pools after the tower)."""
+        return TowerRun(self.pruner.merge_plan(patches, self.protected, self.blocks, counted_on))
 
     def enter(self, run: TowerRun, x: torch.Tensor) -> None:
         """Record the tokens entering the next block (x: (B, N, D))."""

@@ -28,7 +28,7 @@ from vtprune.core.patching import MethodPatch
 from vtprune.core.stats import PruneStats
 from vtprune.core.tokens import ModelInfo
 from vtprune.core.tower_signals import TowerSignals
-from vtprune.core.video_frames import VideoFrames
+from vtprune.core.video_frames import VideoFrames, tokens_in_slots
 from vtprune.core.vision_stage import Prompt, VisionStage, Visual, visuals_of
 from vtprune.patches import towers
 from vtprune.patches.llama import LLAMA
@@ -90,6 +90,25 @@ class Adapter:
 
     def vision_tower(self):
         return self.model.model.vision_tower
+
+    def frame_pool(self):
+        """How the model pools a video frame's patches after the tower, as a function of (frames, side,
+        side, C) maps -> (frames, tokens, C); None when it does not pool them."""
+        return None
+
+    def pooling_site(self) -> tuple[torch.nn.Module, str] | None:
+        """The module and method that pool a video's frames inside ``get_video_features``, which a
+        tower-stage pruner's tokens replace (``vtprune.core.video_frames``); None: no pooling."""
+        return None
+
+    def frame_side(self) -> int:
+        """Patches along each side of a video frame's grid in the tower."""
+        return self.config.vision_config.image_size // self.config.vision_config.patch_size
+
+    def pooled_frame_tokens(self) -> int:
+        """Tokens of one frame after the model's pooling."""
+        side = self.frame_side()
+        return self.frame_pool()(torch.zeros(1, side, side, 1)).shape[1]
 
     def decoder_access(self) -> DecoderAccess:
         """How the LLM stage reaches a decoder layer's queries, keys and sub-layers (Llama-shaped by
@@ -180,6 +199,10 @@ class Adapter:
         try:
             if self._merging is not None:
                 undo += self._merging.install()
+                if "video" in self.modalities and self.pooling_site() is not None:
+                    self._frame_tokens = self.pooled_frame_tokens()  # before the pooling is patched
+                    owner, method = self.pooling_site()
+                    undo.append(MethodPatch(owner, method, self._tokens_instead_of_pooling).undo)
             undo += [h.remove for h in self._tower_reader.install()]
             for modality in self.modalities:
                 encode = functools.partial(self._encoded_features, modality)
@@ -203,7 +226,12 @@ class Adapter:
     def _encoded_features(self, modality: str, original, *args, **kwargs):
         bound = inspect.signature(original).bind(*args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
-        with self._tower_reader.reading() as read, self._tower_runs() as runs, weights_loaded(self.model.model):
+        with (
+            self._tower_reader.reading() as read,
+            self._tower_runs() as runs,
+            self._tower_keep_counting(modality),
+            weights_loaded(self.model.model),
+        ):
             out = original(*args, **kwargs)
         signals = self._signals(read, runs)
         if isinstance(out, tuple):
@@ -220,6 +248,26 @@ class Adapter:
 
     def _tower_runs(self):
         return self._merging.collecting() if self._merging is not None else contextlib.nullcontext([])
+
+    def _tower_keep_counting(self, modality: str):
+        """On frames pooled after the tower, a tower-stage pruner's ``keep`` counts the pooled tokens."""
+        if self._merging is None or modality != "video" or self.pooling_site() is None:
+            return contextlib.nullcontext()
+        return self._merging.counting_on(self._frame_tokens)
+
+    def _tokens_instead_of_pooling(self, original, features: torch.Tensor, *args, **kwargs):
+        """The model's frame pooling, or, when a tower-stage pruner reduced the frames, the tokens
+        leaving the tower in the frames' slots (features: (frames, patches, D))."""
+        ids = self._merging.last_token_ids()
+        if ids is None:
+            return original(features, *args, **kwargs)
+        if features.shape[1] != ids.shape[1] - self._merging.stage.protected:
+            raise NotImplementedError(
+                f"{type(self.model).__name__} pools {features.shape[1]} tokens per frame, not the tower's "
+                f"{ids.shape[1] - self._merging.stage.protected} patches: vtprune cannot place a tower-stage "
+                f"pruner's tokens (vision_feature_select_strategy='full'?)"
+            )
+        return tokens_in_slots(features, ids, self._frame_tokens)
 
     def _signals(self, read: dict, runs: list) -> TowerSignals | None:
         if not runs:
@@ -243,6 +291,12 @@ class Adapter:
                 "model.model.get_image_features while vtprune is applied"
             )
         vision = self._pipeline.vision
+        if self._pipeline.tower is not None:
+            raise NotImplementedError(
+                f"the {self._pipeline.tower.name!r} pruner's tokens of a video are lost when generate() repeats "
+                f"the video features (num_return_sequences > 1 or beam search) on {type(self.model).__name__}; "
+                f"generate one sequence per prompt, or use a vision-stage pruner"
+            )
         if vision is not None and vision.reads_tower(self.info):
             raise NotImplementedError(
                 f"the {vision.name!r} pruner scores a video with what it reads in the tower, which is lost when "

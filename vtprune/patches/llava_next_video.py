@@ -15,22 +15,27 @@ import torch
 import torch.nn.functional as F
 
 from vtprune.core.tower_signals import TowerSignals
-from vtprune.core.video_frames import VideoFrames
+from vtprune.core.video_frames import VideoFrames, merged_slots
 from vtprune.patches.llava_next import LlavaNextAdapter
 
 
 class LlavaNextVideoAdapter(LlavaNextAdapter):
     supported = ("LlavaNextVideoForConditionalGeneration",)
 
-    def video_frames(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[VideoFrames]:
+    def frame_pool(self):
         stride = self.config.spatial_pool_stride
         pool = F.max_pool2d if self.config.spatial_pool_mode == "max" else F.avg_pool2d
 
         def pooled(maps: torch.Tensor) -> torch.Tensor:  # (frames, side, side, C) -> (frames, tokens, C)
             return pool(maps.permute(0, 3, 1, 2), kernel_size=stride, stride=stride).flatten(2).transpose(1, 2)
 
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        return pooled_frames(features, side, 0, signals, pooled)
+        return pooled
+
+    def pooling_site(self):
+        return self.model.model.vision_resampler, "forward"
+
+    def video_frames(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[VideoFrames]:
+        return pooled_frames(features, self.frame_side(), 0, signals, self.frame_pool())
 
 
 def pooled_frames(
@@ -38,12 +43,9 @@ def pooled_frames(
 ) -> list[VideoFrames]:
     """Videos whose frames are ``side`` x ``side`` patch grids pooled by ``pool`` ((frames, side, side,
     C) maps -> (frames, tokens, C)), followed by ``tail`` fixed tokens. signals: per frame of all
-    videos, the tower's signals, the patches being the last side * side tokens."""
-    if signals is not None and signals.has_ids:
-        raise NotImplementedError(
-            "tower-stage pruners on videos whose frames are pooled after the tower are not supported yet: a "
-            "pooled token mixes patches of several merged tokens; prune videos with a vision-stage pruner"
-        )
+    videos, the tower's signals, the patches being the last side * side tokens. When a tower-stage
+    pruner reduced the frames, their tokens fill the slots instead (``merged_slots``), and so do the
+    signals: each slot's are its token's."""
     tokens = pool(torch.zeros(1, side, side, 1)).shape[1]
     pooled_side = int(round(tokens**0.5))
     out, start = [], 0
@@ -52,10 +54,22 @@ def pooled_frames(
         if rest:
             raise RuntimeError(f"a video of {f.shape[0]} tokens is not frames of {tokens} tokens plus {tail}")
         scores = keys = None
+        ids = None
         if signals is not None:
             values = signals.values[start : start + frames, -side * side :].float().cpu()
-            values = pool(values.reshape(frames, side, side, -1)).reshape(frames * tokens, -1)
+            if signals.has_ids:
+                slots = merged_slots(signals.token_ids(values), tokens)
+                values = values.gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, values.shape[-1]))
+                values = values.masked_fill((slots < 0)[..., None], 0).reshape(frames * tokens, -1)
+                ids = torch.cat(
+                    [
+                        signals.token_ids(values).masked_fill(slots.flatten() < 0, -1),
+                        -torch.ones(tail, dtype=torch.long),
+                    ]
+                )
+            else:
+                values = pool(values.reshape(frames, side, side, -1)).reshape(frames * tokens, -1)
             scores, keys = signals.split(torch.cat([values, values.new_zeros(tail, values.shape[1])]))
         start += frames
-        out.append(VideoFrames(frames, (pooled_side, pooled_side), tail, scores, keys))
+        out.append(VideoFrames(frames, (pooled_side, pooled_side), tail, scores, keys, ids))
     return out

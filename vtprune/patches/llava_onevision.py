@@ -42,10 +42,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         alone = [int(n) == 1 for n in per_sample for _ in range(int(n))]
         return [n if single else 1 for n, single in zip(crops, alone)]
 
-    def video_frames(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[VideoFrames]:
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-
+    def frame_pool(self):
         def pooled(maps: torch.Tensor) -> torch.Tensor:  # (frames, side, side, C) -> (frames, tokens, C)
-            return self.model.model.apply_pooling(maps.reshape(maps.shape[0], side * side, -1))
+            return self.model.model.apply_pooling(maps.reshape(maps.shape[0], maps.shape[1] * maps.shape[2], -1))
 
-        return pooled_frames(features, side, 1, signals, pooled)
+        return pooled
+
+    def pooling_site(self):
+        return self.model.model, "apply_pooling"
+
+    def video_frames(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[VideoFrames]:
+        return pooled_frames(features, self.frame_side(), 1, signals, self.frame_pool())

@@ -12,7 +12,9 @@ tower returns (``last_hidden_state``, ``hidden_states``) has each patch carry th
 into (``TowerStage.restore``). The model's own code after the tower (feature selection, projector,
 LLaVA-NeXT's packing) then runs as without pruning; which patches share a token travels to the vision
 stage as ids (``TowerStage.token_ids``), and there each merged token enters the language model once.
-Patches a pruner dropped (Zero-TPrune) hold zeros and have id -1: they enter as no token. For pruners
+Patches a pruner dropped (Zero-TPrune) hold zeros and have id -1: they enter as no token. On video
+frames the model pools after the tower, ``keep`` counts the pooled frame's tokens (``counting_on``) and
+the family's pooling is replaced by the tokens themselves (``vtprune.core.video_frames``). For pruners
 that read attention probabilities, a hook on the query projection keeps the queries until the keys
 come.
 """
@@ -78,6 +80,7 @@ class TowerMerging:
         self.stage = TowerStage(pruner, blocks, int(spec.has_cls), len(spec.layers(tower)))
         self._calls = PerThread()
         self._finished = PerThread()
+        self._counted_on = PerThread()
 
     def install(self) -> list:
         layers = self.spec.layers(self.tower)
@@ -102,6 +105,19 @@ class TowerMerging:
         """The runs of the tower forwards in this thread (those that merged), in call order."""
         with self._finished.set([]) as runs:
             yield runs
+
+    @contextmanager
+    def counting_on(self, tokens: int):
+        """Tower forwards in this thread whose ``keep`` counts ``tokens`` per tower input rather than
+        its patches (video frames pooled after the tower to that many tokens)."""
+        with self._counted_on.set(tokens):
+            yield
+
+    def last_token_ids(self) -> torch.Tensor | None:
+        """(inputs, tokens) the merged-token ids (``TowerStage.token_ids``) of this thread's last tower
+        forward within ``collecting``, None when it merged nothing."""
+        runs = self._finished.get()
+        return self.stage.token_ids(runs[-1]) if runs else None
 
     def signals(self, read: dict, runs: list, model_name: str) -> TowerSignals:
         """What the pruners read in the tower (``TowerReader``'s ``read``), on the patch grid, with the
@@ -154,7 +170,7 @@ class TowerMerging:
             return original(hidden_states, attention_mask, **kwargs)
         stage = self.stage
         if call.run is None:
-            call.run = stage.start(hidden_states.shape[1] - stage.protected)
+            call.run = stage.start(hidden_states.shape[1] - stage.protected, self._counted_on.get())
         run = call.run
         stage.enter(run, hidden_states)
         bias = stage.attention_bias(run, hidden_states.dtype)

@@ -231,6 +231,11 @@ class TowerPruner(Pruner):
     A subclass may also offer its paper's own budget, an option named by ``paper_budget`` (ToMe's
     ``r``) that sets each merging block's merges from the tokens it holds (``paper_merges``) instead of
     ``keep``; a user gives one or the other.
+
+    Video frames the model pools after the tower (LLaVA-NeXT-Video, OneVision): ``keep`` counts the
+    frame's tokens as the language model gets them (the pooled grid's, e.g. 144 of 576 patches), and
+    the tokens leaving the tower take the pooling's place (``vtprune.core.video_frames``). Every frame
+    passes the tower on its own, so ``budget`` can only be ``"per_frame"``.
     """
 
     keep: int | float | None = None
@@ -256,6 +261,11 @@ class TowerPruner(Pruner):
                 )
             self._check_paper_budget()
             self._check_budget()
+        if self.budget != "per_frame":
+            raise ValueError(
+                f"budget={self.budget!r}: a tower-stage pruner reduces each tower input (an image, a crop, a "
+                f"video frame) on its own, so keep counts per frame; only budget='per_frame' is available"
+            )
         self._check_layers()
         proportional = getattr(self, "proportional", False)
         if not isinstance(proportional, bool):
@@ -296,9 +306,18 @@ class TowerPruner(Pruner):
             raise ValueError(f"layers={list(self.layers)}: the tower has blocks 0 to {blocks - 1}")
         return self.layers
 
-    def merge_plan(self, patches: int, protected: int, blocks: int) -> list[int]:
+    def leaving(self, patches: int, counted_on: int | None = None) -> int:
+        """Patch tokens to leave the tower of ``patches``, ``keep`` counting ``counted_on`` tokens
+        (default the patches; a pooled frame's tokens): all of them when ``keep`` keeps all it counts,
+        so that ``keep=1.0`` is the identity everywhere."""
+        counted_on = patches if counted_on is None else counted_on
+        keep = self.keep_count(counted_on)
+        return patches if keep >= counted_on else keep
+
+    def merge_plan(self, patches: int, protected: int, blocks: int, counted_on: int | None = None) -> list[int]:
         """Tokens to merge away in each of ``blocks`` blocks, for ``patches`` patch tokens and
-        ``protected`` prefix tokens; a ValueError when ``keep`` cannot be reached."""
+        ``protected`` prefix tokens (``keep`` counting ``counted_on`` tokens, see ``leaving``); a
+        ValueError when ``keep`` cannot be reached."""
         merging = self.merging_blocks(blocks)
         if self._paper_budget() is not None:
             plan, present = [], patches
@@ -311,7 +330,7 @@ class TowerPruner(Pruner):
                 plan.append(r)  # at most one matching's worth: the papers' own cap
                 present -= r
             return plan
-        keep = self.keep_count(patches)
+        keep = self.leaving(patches, counted_on)
         rounds = 1
         while max_merges_in(patches + protected, protected, rounds * len(merging)) < patches - keep:
             rounds += 1  # too few blocks to get there by halving once each: match again within a block

@@ -76,10 +76,10 @@ class MustDropMerge(TowerPruner):
     def most_merges(self, n: int, protected: int) -> int:
         return len(window_positions(square_grid(n - protected), self.window)) * (self.window**2 - 1)
 
-    def merge_plan(self, patches: int, protected: int, blocks: int) -> list[int]:
+    def merge_plan(self, patches: int, protected: int, blocks: int, counted_on: int | None = None) -> list[int]:
         (block,) = self.merging_blocks(blocks)
         most = self.most_merges(patches + protected, protected)
-        r = most if self.threshold is not None else patches - self.keep_count(patches)
+        r = most if self.threshold is not None else patches - self.leaving(patches, counted_on)
         if r > most:
             side = math.isqrt(patches)
             raise ValueError(
