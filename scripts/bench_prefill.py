@@ -3,10 +3,14 @@
 The ideal is what pruning cannot beat: for vision-stage pruners, the vision tower plus the language
 model fed the already-shortened prompt directly; for LLM-stage pruners, the tower plus the decoder
 layers, each on the tokens the schedule leaves it (all before the first drop point, fewer after each),
-with no scoring. Both are timed from the same kept indices the pruner chose, so the ratio pruned / ideal
-is the cost of scoring and of vtprune's plumbing. "decoder FLOPs" is the theoretical prefill cost of
-the decoder layers from ``handle.last.layer_tokens`` (FastV's count), as a share of the unpruned one;
-multi-drop pruners read ``keep`` as the mean number of visual tokens per layer.
+with no scoring; for tower-stage pruners (alone or first in a Pipeline), the tower as they prune it
+(that is their work and their saving) plus the language model fed the shortened prompt. Both are
+timed from the same kept indices the pruner chose, so the ratio pruned / ideal is the cost of scoring
+and of vtprune's plumbing. "decoder FLOPs" is the theoretical prefill cost of the decoder layers from
+``handle.last.layer_tokens`` (FastV's count), as a share of the unpruned one; multi-drop pruners read
+``keep`` as the mean number of visual tokens per layer. The speed-up divides the unpruned prefill
+timed once at the start by the pruned one; ``--paired-unpruned`` times each row against an untouched
+copy of the model instead, run alternately with it (twice the time, robust to machine drift).
 
     python scripts/bench_prefill.py                 # LLaVA-shaped CPU model, keep 64/128/192
     python scripts/bench_prefill.py --repeats 3 --keeps 64
@@ -14,6 +18,7 @@ multi-drop pruners read ``keep`` as the mean number of visual tokens per layer.
     python scripts/bench_prefill.py --family llava_onevision  # a 756x756 image: 3,645 visual tokens
     python scripts/bench_prefill.py --family qwen2_vl     # a 728x1176 image: 1,092 visual tokens
     python scripts/bench_prefill.py --family llava_next_video  # 16 frames: 2,304 visual tokens
+    python scripts/bench_prefill.py --pruners tome tome+divprune  # a+b: a Pipeline, a keeping twice b's keep
 
 Model (random weights): CLIP-like tower (336 px, patch 14 -> 576 patches per tower input), Llama
 decoder with hidden 1024, 8 layers, 16 heads, vocabulary 32,000; fp32. ``--family llava_next``: the
@@ -32,6 +37,7 @@ frame (``budget="per_frame"``).
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 
 import torch
@@ -134,11 +140,13 @@ def unwrapped(model, kind: str):
     return forward, encode
 
 
-def ideal_vision(model, inputs, kept, fixed, groups=()):
+def ideal_vision(model, inputs, kept, fixed, groups=(), tower_pruned=False):
     """Tower + projector, then the LLM on the prompt holding only the kept (and fixed) image tokens,
     and after them one token per merged group (its mean)."""
     kind, token_id = modality(inputs)
     forward, encode = unwrapped(model, kind)
+    if tower_pruned:  # the encoder as patched: the tower stage's saving is the pruner's own work
+        encode = getattr(model.model, f"get_{kind}_features")
     ids = inputs["input_ids"][0]
     stays = surviving_positions(ids, kept, fixed, token_id)
     image = (ids == token_id).nonzero().flatten()
@@ -200,13 +208,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=FAMILIES, default="llava")
     parser.add_argument("--keeps", type=int, nargs="+", default=None, help="default: 64 128 192 (llava), 160 320 640")
-    parser.add_argument("--pruners", nargs="+", default=None, choices=vtprune.available(), help="default: all")
+    parser.add_argument(
+        "--pruners",
+        nargs="+",
+        default=None,
+        help="names, or a+b for a Pipeline where a keeps twice b's keep; default: all",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--vision-hidden", type=int, default=512)
     parser.add_argument("--vision-layers", type=int, default=12)
     parser.add_argument("--fastv-layer", type=int, default=2)
+    parser.add_argument(
+        "--paired-unpruned",
+        action="store_true",
+        help="time each row's speed-up against an untouched copy of the model, run alternately with it",
+    )
     args = parser.parse_args()
+    unknown = [part for name in args.pruners or [] for part in name.split("+") if part not in vtprune.available()]
+    if unknown:
+        parser.error(f"unknown pruners {unknown}; available: {', '.join(vtprune.available())}")
     torch.set_num_threads(args.threads)
 
     keeps = args.keeps or DEFAULT_KEEPS[args.family]
@@ -228,6 +249,11 @@ def main() -> None:
     )
     base = timed(prefill)
     print(f"unpruned prefill: {base * 1e3:.0f} ms\n")
+    untouched = copy.deepcopy(model) if args.paired_unpruned else None
+
+    def unpruned_prefill():
+        return untouched(**inputs, logits_to_keep=1)
+
     text = length - n_image + fixed.numel()
     layers, hidden, intermediate = (
         LLAVA_SHAPED_LLM["layers"],
@@ -244,7 +270,8 @@ def main() -> None:
         options = {"layer": args.fastv_layer} if name == "fastv" else {}
         for keep in keeps:
             try:
-                handle = vtprune.apply(model, name, keep=keep, **options)
+                pruner = vtprune.Pipeline.of_two(name, keep) if "+" in name else name
+                handle = vtprune.apply(model, pruner, **({} if "+" in name else {"keep": keep, **options}))
                 with torch.no_grad():
                     prefill()
             except ValueError as error:  # a keep the pruner's rule cannot reach, or a tower it cannot run in
@@ -257,17 +284,25 @@ def main() -> None:
                 if stats.drops:
                     ideal_fn = ideal_llm(model, inputs, stats.drops, fixed)
                 else:
-                    ideal_fn = ideal_vision(
-                        model, inputs, stats.kept[0], fixed, stats.merged[0] if stats.merged else ()
-                    )
+                    tower = vtprune.registry.pruner_class(name.split("+")[0]).stage == "tower"
+                    merged = stats.merged[0] if stats.merged else ()
+                    ideal_fn = ideal_vision(model, inputs, stats.kept[0], fixed, merged, tower_pruned=tower)
                 # Interleaved runs, so drift in machine speed hits both sides alike.
                 pruned, ideal = paired_median_seconds(prefill, ideal_fn, repeats=args.repeats)
+                unpruned = base
+                if untouched is not None:  # the speed-up from runs alternating with the unpruned model
+                    pruned_again, unpruned = paired_median_seconds(prefill, unpruned_prefill, repeats=args.repeats)
             per_layer = stats.layer_tokens[0]
             mean = sum(per_layer) / len(per_layer)
             flops = decoder_flops([text + t for t in per_layer], hidden, intermediate) / full_flops
             print(
                 f"| {name} | {keep} | {mean:.1f} | {100 * flops:.0f}% | {pruned * 1e3:.0f} | {ideal * 1e3:.0f} | "
-                f"{pruned / ideal:.2f}x | {base / pruned:.2f}x |"
+                f"{pruned / ideal:.2f}x | "
+                + (
+                    f"{unpruned / pruned_again:.2f}x ({unpruned * 1e3:.0f} ms unpruned) |"
+                    if untouched
+                    else f"{base / pruned:.2f}x |"
+                )
             )
 
 

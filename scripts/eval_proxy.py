@@ -55,8 +55,7 @@ def pruned(model, pruner: str, keep: int):
 
     if "+" not in pruner:
         return vtprune.apply(model, pruner, keep=keep)
-    first, second = (vtprune.registry.pruner_class(name) for name in pruner.split("+"))
-    return vtprune.apply(model, vtprune.Pipeline([first(keep=2 * keep), second(keep=keep)]))
+    return vtprune.apply(model, vtprune.Pipeline.of_two(pruner, keep))
 
 
 def key(pruner: str, keep: int | None) -> str:

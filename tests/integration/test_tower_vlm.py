@@ -263,6 +263,18 @@ def test_pooled_frames_keep_all_leaves_the_pooling_and_a_pipeline_chooses_among_
 
 
 @torch.no_grad()
+def test_a_vision_stage_pruner_after_the_tower_may_count_the_whole_video():
+    model, inputs = pooled_video(frames=2)
+    with vtprune.apply(model, "tome", keep=8):
+        tokens = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"]).pooler_output[0]
+    slots = torch.cat([torch.arange(8), 16 + torch.arange(8)])
+    chosen = vtprune.DivPrune(keep=6).select(VisionTokens(tokens[slots], keep=6))
+    with vtprune.apply(model, [vtprune.ToMe(keep=8), vtprune.DivPrune(keep=6, budget="per_video")]) as handle:
+        logits(model, inputs)
+    assert handle.last.kept[0].tolist() == slots[chosen.sort().values].tolist()
+
+
+@torch.no_grad()
 def test_pooled_frames_refuse_more_tokens_than_slots_and_a_per_video_budget():
     model, inputs = pooled_video(frames=2)
     expected = logits(model, inputs)

@@ -54,11 +54,11 @@ class Pipeline:
             raise ValueError(
                 f"{vision[0].name!r} merges tokens; LLM-stage pruners after a merging pruner are not supported yet"
             )
-        budgets = {p.budget for p in self.pruners}
-        if len(budgets) > 1:
+        after_tower = self.pruners[len(tower) :]  # a tower-stage pruner counts per frame, whatever follows
+        if len({p.budget for p in after_tower}) > 1:
             raise ValueError(
                 f"the pruners of a Pipeline must count a video's tokens the same way; got budget="
-                f"{[p.budget for p in self.pruners]} (give every pruner budget='per_frame' or every one 'per_video')"
+                f"{[p.budget for p in after_tower]} (give every pruner budget='per_frame' or every one 'per_video')"
             )
         for earlier, later in zip(self.pruners, self.pruners[1:]):
             # Scheduled pruners' keep is a mean per layer: their drop points are checked in check(). A
@@ -88,7 +88,22 @@ class Pipeline:
 
     @property
     def budget(self) -> str:
-        return self.pruners[0].budget
+        """How the stages after the tower count a video's tokens."""
+        return self.pruners[-1].budget
+
+    @classmethod
+    def of_two(cls, names: str, keep: int | float, **options) -> Pipeline:
+        """The Pipeline written ``"a+b"`` (registered names): ``b`` keeps ``keep``, ``a`` twice as many
+        (a fraction at most 1.0), so the tokens entering the language model are ``b``'s alone at
+        ``keep``; ``options`` go to both (e.g. ``budget``). What the benchmark scripts compare."""
+        from vtprune.registry import pruner_class
+
+        parts = names.split("+")
+        if len(parts) != 2:
+            raise ValueError(f"write two registered pruner names joined by '+', e.g. 'tome+divprune'; got {names!r}")
+        first, second = (pruner_class(name) for name in parts)
+        twice = min(1.0, 2 * keep) if isinstance(keep, float) else 2 * keep
+        return cls([first(keep=twice, **options), second(keep=keep, **options)])
 
     @property
     def llm(self) -> list[LLMPruner]:
