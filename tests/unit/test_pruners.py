@@ -161,3 +161,13 @@ def test_a_malformed_schedule_is_refused_before_the_model_is_known():
     with pytest.raises(ValueError, match="schedule must be"):
         vtprune.PyramidDrop(keep=8, schedule=[(2, 64), (1, 32)])
     vtprune.PyramidDrop(keep=8, schedule=[(100, 64)])  # the layer range needs the model: checked by apply
+
+
+def test_a_pipeline_of_two_names_keeps_twice_in_its_first_pruner():
+    pipeline = vtprune.Pipeline.of_two("tome+divprune", 16)
+    assert [(p.name, p.keep) for p in pipeline.pruners] == [("tome", 32), ("divprune", 16)]
+    assert [p.keep for p in vtprune.Pipeline.of_two("divprune+fastv", 0.75).pruners] == [1.0, 0.75]
+    with pytest.raises(ValueError, match="two registered pruner names joined by"):
+        vtprune.Pipeline.of_two("tome", 16)
+    with pytest.raises(ValueError, match="unknown"):
+        vtprune.Pipeline.of_two("tome+nothing", 16)
