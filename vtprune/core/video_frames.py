@@ -94,6 +94,12 @@ def tokens_in_slots(rows: torch.Tensor, token_ids: torch.Tensor, slots: int) -> 
     rows (F, P, D) per frame and patch (a merged token's row on each of its patches), token_ids (F, T)
     with the P patches last -> (F, slots, D), zeros in slots holding no token."""
     patches = rows.shape[1]
-    index = merged_slots(token_ids[:, -patches:], slots).to(rows.device)
+    return fill_slots(rows, merged_slots(token_ids[:, -patches:], slots))
+
+
+def fill_slots(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows (F, P, C) and ``merged_slots``' index (F, S) -> (F, S, C): each slot its patch's row, zeros
+    in slots holding no token."""
+    index = index.to(rows.device)
     out = rows.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, rows.shape[-1]))
     return out.masked_fill((index < 0)[..., None], 0)

@@ -192,6 +192,7 @@ class Adapter:
             vision.tower_key_layers(self.info) if vision is not None else [],
         )
         self._merging = None
+        self._frame_tokens = None  # a pooled frame's tokens, where a tower pruner's tokens replace the pooling
         if pipeline.tower is not None:
             spec = towers.tower_spec(self.tower)
             self._merging = TowerMerging(self.tower, spec, pipeline.tower, self._merging_blocks())
@@ -251,7 +252,7 @@ class Adapter:
 
     def _tower_keep_counting(self, modality: str):
         """On frames pooled after the tower, a tower-stage pruner's ``keep`` counts the pooled tokens."""
-        if self._merging is None or modality != "video" or self.pooling_site() is None:
+        if modality != "video" or self._frame_tokens is None:
             return contextlib.nullcontext()
         return self._merging.counting_on(self._frame_tokens)
 

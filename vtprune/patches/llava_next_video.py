@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vtprune.core.tower_signals import TowerSignals
-from vtprune.core.video_frames import VideoFrames, merged_slots
+from vtprune.core.video_frames import VideoFrames, fill_slots, merged_slots
 from vtprune.patches.llava_next import LlavaNextAdapter
 
 
@@ -59,8 +59,7 @@ def pooled_frames(
             values = signals.values[start : start + frames, -side * side :].float().cpu()
             if signals.has_ids:
                 slots = merged_slots(signals.token_ids(values), tokens)
-                values = values.gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, values.shape[-1]))
-                values = values.masked_fill((slots < 0)[..., None], 0).reshape(frames * tokens, -1)
+                values = fill_slots(values, slots).reshape(frames * tokens, -1)
                 ids = torch.cat(
                     [
                         signals.token_ids(values).masked_fill(slots.flatten() < 0, -1),
