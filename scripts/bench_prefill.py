@@ -44,6 +44,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
+from vtprune.pruners.base import keep_from_text
 from vtprune.testing import (
     IMAGE_TOKEN_ID,
     LLAVA_SHAPED_LLM,
@@ -207,7 +208,13 @@ def decoder_flops(tokens_per_layer: list[int], hidden: int, intermediate: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=FAMILIES, default="llava")
-    parser.add_argument("--keeps", type=int, nargs="+", default=None, help="default: 64 128 192 (llava), 160 320 640")
+    parser.add_argument(
+        "--keeps",
+        type=keep_from_text,
+        nargs="+",
+        default=None,
+        help="ints (tokens per image) or fractions in (0, 1]; default: 64 128 192 (llava), 160 320 640",
+    )
     parser.add_argument(
         "--pruners",
         nargs="+",

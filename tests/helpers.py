@@ -34,6 +34,10 @@ def skip_if_refused(family: str, name: str, budget: str | None = None) -> None:
 
 
 PIPELINE = "divprune+fastv"  # a Pipeline in the test matrix: DivPrune keeps twice FastV's keep
+# A Pipeline whose cache policy (MustDrop's output-aware cache) shortens the caches of the layers
+# between PyramidDrop's drops before the first decode step.
+CACHED = "pdrop+mustdrop.cache"
+PIPELINES = [PIPELINE, CACHED]
 
 
 def _twice(keep):
@@ -45,6 +49,8 @@ def apply(model, name, **options):
         keep = options.pop("keep")
         pruners = [vtprune.DivPrune(keep=_twice(keep), **options), vtprune.FastV(keep=keep, layer=2, **options)]
         return vtprune.apply(model, pruners)
+    if name == CACHED:
+        return vtprune.apply(model, [vtprune.PyramidDrop(**options), vtprune.MustDropCache()])
     return vtprune.apply(model, name, **{**PRUNER_OPTIONS[name], **options})
 
 
@@ -78,7 +84,9 @@ def scheduled_count(model, name, keep, n=576):
     if name == PIPELINE:
         entering = vtprune.DivPrune(keep=_twice(keep)).keep_count(n)
         return vtprune.FastV(keep=keep).keep_count(entering)
-    pruner = make_pruner(name, **{**PRUNER_OPTIONS[name], "keep": keep})
+    pruner = make_pruner(
+        name.split("+")[0] if name == CACHED else name, **{**PRUNER_OPTIONS.get(name, {}), "keep": keep}
+    )
     if isinstance(pruner, vtprune.Pipeline):  # a registered pipeline (todre): its vision stage, then drops
         entering = pruner.vision.keep_count(n)
         info = adapter_for(model).info

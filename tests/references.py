@@ -46,16 +46,20 @@ def fastv_reference_kept(eager_model, inputs, layer, keep):
     return scores.topk(keep).indices.sort().values
 
 
-def reference_generate(model, inputs, drops, n, features=None):
+def reference_generate(model, inputs, drops, n, features=None, held=None, scores=None):
     """Greedy decoding with no cache, recomputing everything each step: from each drop point's layer
     on, only that drop's kept image tokens (``drops``: [(layer, kept indices), ...], kept as in
     ``PruneStats``) plus all text and generated tokens go on, at their original positions.
-    ``features``: the image tokens to place in the prompt (default: the image's features)."""
+    ``features``: the image tokens to place in the prompt (default: the image's features).
+    ``held``: {layer: kept indices}, the image tokens the generated tokens may attend to in that layer
+    (a cache policy's choice; default: those the prompt's tokens see there). ``scores``: a list to
+    which each step's last-position logits (1, V) are appended."""
     lm = model.model.language_model
     ids = inputs["input_ids"]
+    prompt = ids.shape[1]
     image = (ids[0] == IMAGE_TOKEN_ID).nonzero().flatten()
     features = image_features(model, inputs) if features is None else features
-    drops = dict(drops)
+    drops, held = dict(drops), held or {}
     for _ in range(n):
         length = ids.shape[1]
         with torch.no_grad():
@@ -72,9 +76,17 @@ def reference_generate(model, inputs, drops, n, features=None):
                     keep = keep[positions]  # of the tokens still here
                     h, cos, sin, positions = h[:, keep], cos[:, keep], sin[:, keep], positions[keep]
                 allowed = positions[None, :] <= positions[:, None]
+                if i in held:
+                    unseen = torch.zeros(length, dtype=torch.bool)  # by the generated tokens
+                    unseen[image] = True
+                    unseen[image[held[i]]] = False
+                    allowed &= ~((positions[:, None] >= prompt) & unseen[positions][None, :])
                 mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
                 h = decoder_layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions[None])
-            next_token = model.lm_head(lm.norm(h[:, -1])).argmax(-1)
+            step_logits = model.lm_head(lm.norm(h[:, -1]))
+            next_token = step_logits.argmax(-1)
+        if scores is not None:
+            scores.append(step_logits)
         ids = torch.cat([ids, next_token[:, None]], dim=1)
     return ids
 

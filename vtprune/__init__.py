@@ -13,9 +13,11 @@ from vtprune.patches import supported_classes
 from vtprune.pruners import (
     AdaptivePrune,
     CLSPrune,
+    DecodePruner,
     DivPrune,
     FastV,
     LLMPruner,
+    MustDropCache,
     MustDropMerge,
     PiToMe,
     Pruner,
@@ -39,9 +41,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptivePrune",
     "CLSPrune",
+    "DecodePruner",
     "DivPrune",
     "FastV",
     "LLMPruner",
+    "MustDropCache",
     "MustDropMerge",
     "PiToMe",
     "Pipeline",

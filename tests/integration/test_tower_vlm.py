@@ -183,6 +183,21 @@ def test_a_pipeline_chooses_among_the_tokens_leaving_the_tower_then_drops_in_the
     assert all(torch.equal(g, behind[int(g[0])]) for g in stats.merged[0])  # merged tokens name their patches
 
 
+@pytest.mark.parametrize("keep", [48, 0.25, 0.75])
+@torch.no_grad()
+def test_a_pipeline_of_two_sends_the_language_model_as_many_tokens_as_its_second_pruner_alone(keep):
+    family = FAMILY["llava"]
+    model = family.model()
+    inputs, _ = family.batch(model, ONE_IMAGE)
+    counts = []
+    for pruner in (vtprune.Pipeline.of_two("tome+divprune", keep), vtprune.DivPrune(keep=keep)):
+        with vtprune.apply(model, pruner) as handle:
+            logits(model, inputs)
+            counts.append(handle.last.token_counts)
+    n = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    assert counts == [[keep if isinstance(keep, int) else round(keep * n)]] * 2
+
+
 def test_tower_pruners_are_refused_where_they_cannot_merge():
     qwen = FAMILY["qwen2_vl"].model()
     with pytest.raises(ValueError, match="its patch merger concatenates every 2x2 block"):

@@ -48,7 +48,7 @@ class ImageState:
 class CallState:
     """State of one forward call through the decoder."""
 
-    layout: VisualLayout | None  # None: no images in this call (decode step or text only)
+    layout: VisualLayout | None  # None: no images in this call (the LLM stage does nothing)
     key_mask: torch.Tensor | None = None  # (B, L) bool padding mask of the prompt
     score_row: int | None = None  # position of the last prompt token; None: the last position
     restore_outputs: bool = False  # the caller collects every layer's hidden states or attention weights
@@ -60,9 +60,8 @@ class CallState:
     transition_layers: frozenset = frozenset()
     compaction: Compaction | None = None  # original positions still present; None: nothing dropped yet
     full_hidden: torch.Tensor | None = None
-    layer_compactions: list | None = None  # per decoder layer, stored on the cache for decode steps
+    layer_compactions: list | None = None  # per decoder layer (None before the first drop), for decode steps
     choices: dict = field(default_factory=dict)  # drop layer -> presents per image
-    decode_columns: dict = field(default_factory=dict)  # decode steps: layer -> (kv_index, kv_valid, kv_len)
     converted: dict = field(default_factory=dict)  # (id(kwarg), id(compaction)) -> (kwarg, compaction, converted)
     stats: PruneStats | None = None  # what this call kept, once it has run
 

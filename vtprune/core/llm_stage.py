@@ -4,8 +4,9 @@ A forward pre-hook on every decoder layer rewrites what the layer receives. At a
 pruner scores the visual tokens still present and the hidden states are compacted again; every layer
 after the first drop gets the position embeddings, position ids and mask columns of the tokens still
 present, gathered from the model's own (full-length) ones, so kept tokens keep their original
-positions and each layer's KV cache holds exactly the tokens that entered it. Decode steps map each
-layer group's cache with the compaction stored for it.
+positions and each layer's KV cache holds exactly the tokens that entered it. The compaction of each
+layer (``CallState.layer_compactions``) goes to the decode stage (``core/decode_stage.py``), which maps
+decode steps onto those shorter caches.
 
 A forward hook writes the kept tokens' outputs back into a full-length sequence, where dropped
 tokens carry the hidden state they had when they were dropped, so outputs keep their usual shape:
@@ -23,7 +24,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from vtprune.core.cache_state import CacheState
 from vtprune.core.compaction import Compaction, scatter_attention
 from vtprune.core.decoder import DecoderAccess
 from vtprune.core.layout import VisualLayout
@@ -52,7 +52,6 @@ class LLMStage:
         self.decoder = decoder
         self.flash = flash
         self._calls = PerThread()
-        self._caches = CacheState("llm_stage")
         self.last: PruneStats | None = None
 
     def install(self) -> list:
@@ -103,10 +102,8 @@ class LLMStage:
     # -- hooks -------------------------------------------------------------------------------------
     def _before(self, i: int, layer, args, kwargs):
         call = self._calls.get()
-        if call is None:
+        if call is None or call.layout is None:
             return None
-        if call.layout is None:
-            return self._before_decode(i, args, kwargs)
         hidden = _hidden(args, kwargs)
         original = {k: kwargs.get(k) for k in ("position_embeddings", "position_ids", "attention_mask")}
         if call.compaction is not None and call.restore_outputs:
@@ -124,34 +121,6 @@ class LLMStage:
         kwargs.update(self._inputs(call, call.compaction, original))
         return _replace_hidden(args, kwargs, hidden)
 
-    def _before_decode(self, i: int, args, kwargs):
-        call = self._calls.get()
-        compactions = self._caches.get(kwargs.get("past_key_values"))
-        comp = compactions[i] if compactions is not None else None
-        if comp is None:
-            return None
-        mask = kwargs.get("attention_mask")
-        q_len = _hidden(args, kwargs).shape[1]
-        kv_len = mask.shape[-1] if mask is not None else kwargs["past_key_values"].get_seq_length(0)
-        kv_index, kv_valid = comp.key_columns(kv_len)
-        call.decode_columns[i] = (kv_index, kv_valid, kv_len)
-        kwargs["attention_mask"] = self._convert(
-            call,
-            mask,
-            comp,
-            lambda m: compact_mask(
-                m,
-                q_index=None,
-                q_valid=None,
-                kv_index=kv_index,
-                kv_valid=kv_valid,
-                q_len=q_len,
-                kv_len=kv_len,
-                flash=self.flash,
-            ),
-        )
-        return args, kwargs
-
     def _after(self, i: int, layer, args, output):
         call = self._calls.get()
         if call is None or call.compaction is None:
@@ -168,13 +137,10 @@ class LLMStage:
             self._accumulate_transition(call, _hidden(args, kwargs), output[0])
         if not call.restore_outputs or not isinstance(output, tuple) or output[1] is None:
             return None
-        if call.compaction is not None:
-            comp = call.compaction
-            weights = scatter_attention(output[1], comp.index, comp.valid, comp.length, q_rows=(comp.index, comp.valid))
-        elif call.layout is None and i in call.decode_columns:
-            weights = scatter_attention(output[1], *call.decode_columns[i])
-        else:
+        if call.compaction is None:
             return None
+        comp = call.compaction
+        weights = scatter_attention(output[1], comp.index, comp.valid, comp.length, q_rows=(comp.index, comp.valid))
         return (output[0], weights, *output[2:])
 
     def _after_mlp(self, i: int, mlp, args, output):
@@ -266,7 +232,6 @@ class LLMStage:
         if cache is not None:
             if call.layer_compactions is None:
                 call.layer_compactions = [None] * len(self.layers)
-                self._caches[cache] = call.layer_compactions
             call.layer_compactions[i:] = [new] * (len(self.layers) - i)
         return hidden
 

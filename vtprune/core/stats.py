@@ -17,12 +17,21 @@ class PruneStats:
     the vision stage's choice is the first, at layer 0.
     merged[b]: for merging pruners (vision stage, or tower stage: then the patches merged inside the
     tower), per merged token of sample b the indices (like ``kept``) of the tokens behind it; with
-    ``kept``, they account for every visual token that reaches the last decoder layer."""
+    ``kept``, they account for every visual token that reaches the last decoder layer.
+    decode_tokens[b][s][l]: with a cache policy (the decode stage), the visual entries decoder layer
+    l's KV cache held in sample (beam) b at decode step s, after the policy's choice; one step per
+    forward that continued the cache."""
 
     kept: list[torch.Tensor]
     layer_tokens: list[list[int]]
     drops: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)
     merged: list[list[torch.Tensor]] = field(default_factory=list)
+    decode_tokens: list[list[list[int]]] = field(default_factory=list)
+
+    @classmethod
+    def all_kept(cls, counts: list[int], layers: int) -> PruneStats:
+        """Nothing pruned: ``counts[b]`` visual tokens of sample b in every one of ``layers`` layers."""
+        return cls(kept=[torch.arange(n) for n in counts], layer_tokens=[[n] * layers for n in counts])
 
     @property
     def kept_counts(self) -> list[int]:

@@ -19,6 +19,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vtprune.core.compaction import Compaction
+from vtprune.core.decode_stage import DecodeStage
 from vtprune.core.decoder import DecoderAccess
 from vtprune.core.generation import Generation, is_static
 from vtprune.core.image_parts import ImageParts
@@ -148,6 +149,7 @@ class Adapter:
         self._pipeline: Pipeline | None = None
         self._vision: VisionStage | None = None
         self._llm: LLMStage | None = None
+        self._decode: DecodeStage | None = None
         self._generation = Generation()
         has_videos = hasattr(model.model, "get_video_features") and getattr(self.config, "video_token_id", None)
         self.modalities = ("image", "video") if has_videos else ("image",)
@@ -211,10 +213,14 @@ class Adapter:
             if pipeline.vision is not None or pipeline.tower is not None:
                 tower = None if pipeline.tower is None else pipeline.tower.name
                 self._vision = VisionStage(pipeline.vision, self.info.num_decoder_layers, self.keeps_positions, tower)
+            flash = "flash" in self.attn_implementation
             if pipeline.llm:
-                flash = "flash" in self.attn_implementation
                 self._llm = LLMStage(pipeline.llm, self.decoder_layers, self.info, self.decoder_access(), flash)
                 undo += [h.remove for h in self._llm.install()]
+            if pipeline.llm or pipeline.decode is not None:
+                access = self.decoder_access()
+                self._decode = DecodeStage(pipeline.decode, self.decoder_layers, self.info, access, flash)
+                undo += [h.remove for h in self._decode.install()]
             undo.append(MethodPatch(self.model, "forward", self._patched_forward).undo)
             undo.append(MethodPatch(self.model, "generate", self._generation.generate).undo)
             undo.append(MethodPatch(self.model, "prepare_inputs_for_generation", self._generation.prepare_inputs).undo)
@@ -315,9 +321,10 @@ class Adapter:
     # -- the forward -------------------------------------------------------------------------------
     def _forward(self, original, a: dict):
         cache = a.get("past_key_values")
-        if self._llm is not None and is_static(cache):
+        if self._decode is not None and is_static(cache):
+            name = self._llm.pruners[0].name if self._llm is not None else self._pipeline.decode.name
             raise ValueError(
-                f"the {self._llm.pruners[0].name!r} pruner drops tokens inside the decoder, so its pruned layers hold "
+                f"the {name!r} pruner removes tokens from the decoder's layers, so its pruned layers hold "
                 f"fewer tokens than a static cache's fixed slots: cache_implementation='static' (or a "
                 f"{type(cache).__name__}) is not supported with it; use the default dynamic cache, or a "
                 f"vision-stage pruner ({', '.join(_vision_pruner_names())})"
@@ -352,8 +359,10 @@ class Adapter:
         tail = None if generating is None or self._llm is None else input_ids.shape[1] - generating.prompt_length
         if self._vision is None:
             grids = [visuals[i].parts.grid for items in layout.items for i in items]
-            out, stats = self._llm_forward(original, a, layout, grids, tail)
-            self.last = stats
+            out, stats, slots = self._llm_forward(original, a, layout, grids, tail)
+            layers = len(self.decoder_layers)
+            self.last = stats if stats is not None else PruneStats.all_kept(layout.visual_counts(), layers)
+            self._remember_cache(out, layout, slots)
             return out
         return self._vision_forward(original, a, encoded, visuals, layout, tail)
 
@@ -392,7 +401,10 @@ class Adapter:
         return encoded
 
     def _llm_forward(self, original, a: dict, layout: VisualLayout, grids: list, tail: int | None) -> tuple:
-        """Run the forward with the LLM stage's drops; returns the output and the stage's stats."""
+        """Run the forward with the LLM stage's drops; returns the output, the stage's stats and its
+        compaction per decoder layer (None without an LLM stage or before its first drop)."""
+        if self._llm is None:
+            return original(**a), None, None
         mask = a.get("attention_mask")
         generating = self._generation.current()
         score_row = None if tail is None else a["input_ids"].shape[1] - 1 - tail
@@ -405,13 +417,18 @@ class Adapter:
             out = original(**a)
         if generating is not None:
             generating.kept = call.choices
-        return out, call.stats
+        return out, call.stats, call.layer_compactions
+
+    def _remember_cache(self, out, layout: VisualLayout, slots: list | None) -> None:
+        """What the prefill left in the decoder's KV cache, for the decode stage."""
+        if self._decode is not None:
+            self._decode.prefill(getattr(out, "past_key_values", None), layout, slots, self.last)
 
     def _forward_without_images(self, original, a: dict):
         self._generation.map_decode_step(a)
-        if self._llm is not None:
+        if self._decode is not None:
             restore = _requested(a, self.config, "output_attentions")
-            with self._llm.call(None, None, restore_outputs=restore):
+            with self._decode.call(restore_outputs=restore):
                 return original(**a)
         return original(**a)
 
@@ -432,11 +449,11 @@ class Adapter:
                 self.shortened(outcome.compaction, outcome.full_positions, a.get("attention_mask"))
             a.update({k: v for k, v in outcome.prompt.items() if k != "labels" or "labels" in a})
             a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], **_encoder_outputs(encoded, outcome.tokens)}
-        if self._llm is None:
-            out = original(**a)
-        else:
-            out, stats = self._llm_forward(original, a, self._layout(a["input_ids"], outcome.remaining), None, tail)
+        remaining = self._layout(a["input_ids"], outcome.remaining) if self._decode is not None else None
+        out, stats, slots = self._llm_forward(original, a, remaining, None, tail)
+        if stats is not None:
             self.last = outcome.stats.followed_by(stats)
+        self._remember_cache(out, remaining, slots)
         cache = getattr(out, "past_key_values", None)
         if cache is not None and outcome.translation is not None:
             self._generation.decode[cache] = outcome.translation

@@ -1,10 +1,11 @@
 """The pruners: one file each, each a small dataclass with a ``score`` (a ranking) or a ``select``."""
 
 from vtprune.pruners.adaptive import AdaptivePrune
-from vtprune.pruners.base import LLMPruner, Pruner, ScheduledPruner, TowerPruner, VisionPruner
+from vtprune.pruners.base import DecodePruner, LLMPruner, Pruner, ScheduledPruner, TowerPruner, VisionPruner
 from vtprune.pruners.cls import CLSPrune
 from vtprune.pruners.divprune import DivPrune
 from vtprune.pruners.fastv import FastV
+from vtprune.pruners.mustdrop_cache import MustDropCache
 from vtprune.pruners.mustdrop_merge import MustDropMerge
 from vtprune.pruners.pdrop import PyramidDrop
 from vtprune.pruners.pitome import PiToMe
@@ -19,9 +20,11 @@ from vtprune.pruners.zerotprune import ZeroTPrune
 __all__ = [
     "AdaptivePrune",
     "CLSPrune",
+    "DecodePruner",
     "DivPrune",
     "FastV",
     "LLMPruner",
+    "MustDropCache",
     "MustDropMerge",
     "Pruner",
     "PyramidDrop",

@@ -1,4 +1,5 @@
-"""What every pruner shares: the token budget, the two stages and the inputs each stage scores."""
+"""What every pruner shares: the token budget, the stages (tower, vision, LLM, decode) and the inputs
+each stage scores."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from vtprune.core.decode_stage import HeldTokens
 from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_explicit, explicit, fit_average
 from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, VisionTokens
 from vtprune.ops.bipartite import Matching, max_merges, max_merges_in, spread_merges
@@ -45,6 +47,8 @@ def keep_from_text(text: str) -> int | float:
 
 
 __all__ = [
+    "DecodePruner",
+    "HeldTokens",
     "LLMPruner",
     "ModelInfo",
     "PromptTokens",
@@ -75,7 +79,9 @@ class Pruner:
     budget: str = field(default="per_frame", kw_only=True)
 
     name: ClassVar[str] = ""
-    stage: ClassVar[str] = ""  # "vision": before the LLM; "llm": inside a decoder layer
+    # "tower": inside the vision tower; "vision": before the LLM; "llm": inside a decoder layer; "decode":
+    # in the KV cache between decoding steps
+    stage: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.keep = _checked_keep(self.keep)
@@ -212,6 +218,34 @@ class ScheduledPruner(LLMPruner):
             return explicit(self.schedule, n_tokens)
         average = budget_tokens(self.keep, n_tokens)
         return fit_average(list(self.depths), list(self.ratios), info.num_decoder_layers, n_tokens, average)
+
+
+@dataclass
+class DecodePruner(Pruner):
+    """A cache policy: removes visual entries from the KV cache between decoding steps (the decode
+    stage, ``vtprune/core/decode_stage.py``), after whatever the other stages kept.
+
+    Before each decode step at which ``evicts_at(step)`` holds (step 0: the first step after the
+    prefill), every decoder layer from ``first_layer(info)`` on (never layer 0, whose length is the
+    sequence length ``generate()`` counts) shows the policy each image's visual entries it holds
+    (``HeldTokens``), and ``hold`` returns the ascending indices of those that stay, per image, per
+    layer, per sample. ``keep`` is the policy's own to read (a policy that follows the prefill's choice
+    ignores it). Last in a Pipeline.
+    """
+
+    stage: ClassVar[str] = "decode"
+
+    def evicts_at(self, step: int) -> bool:
+        """Whether the policy chooses before decode step ``step`` (default: once, after the prefill)."""
+        return step == 0
+
+    def first_layer(self, info: ModelInfo) -> int:
+        """The first decoder layer whose cache the policy may shorten (at least 1)."""
+        return 1
+
+    def hold(self, tokens: HeldTokens) -> torch.Tensor:
+        """Ascending (k,) long indices into ``tokens`` of the entries that stay in the layer's cache."""
+        raise NotImplementedError(f"{type(self).__name__} must define hold()")
 
 
 @dataclass

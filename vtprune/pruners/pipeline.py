@@ -1,5 +1,5 @@
-"""Composition: a tower-stage pruner, a vision-stage pruner, then LLM-stage pruners at increasing
-decoder layers (each stage optional, in that order).
+"""Composition: a tower-stage pruner, a vision-stage pruner, LLM-stage pruners at increasing decoder
+layers, then a cache policy for the decode steps (each stage optional, in that order).
 
     vtprune.apply(model, vtprune.Pipeline([vtprune.DivPrune(keep=192), vtprune.FastV(layer=2, keep=64)]))
     vtprune.apply(model, [vtprune.DivPrune(keep=192), vtprune.FastV(layer=2, keep=64)])   # the same
@@ -18,7 +18,7 @@ from typing import ClassVar
 from vtprune.core.llm_signals import check_signals
 from vtprune.core.schedule import check_llm_order
 from vtprune.core.tokens import ModelInfo
-from vtprune.pruners.base import LLMPruner, Pruner, ScheduledPruner, TowerPruner, VisionPruner
+from vtprune.pruners.base import DecodePruner, LLMPruner, Pruner, ScheduledPruner, TowerPruner, VisionPruner
 
 
 @dataclass
@@ -50,11 +50,20 @@ class Pipeline:
                 f"the vision-stage pruner ({vision[0].name!r}) must come first in a Pipeline (after a tower-stage "
                 f"pruner): it runs before the language model"
             )
+        decode = [p for p in self.pruners if isinstance(p, DecodePruner)]
+        if len(decode) > 1:
+            raise ValueError(f"a Pipeline takes at most one cache policy, got {[p.name for p in decode]}")
+        if decode and self.pruners[-1] is not decode[0]:
+            raise ValueError(
+                f"the cache policy ({decode[0].name!r}) must come last in a Pipeline: it acts in the decode steps, "
+                f"after every other stage"
+            )
         if vision and vision[0].merges and self.llm:
             raise ValueError(
                 f"{vision[0].name!r} merges tokens; LLM-stage pruners after a merging pruner are not supported yet"
             )
-        after_tower = self.pruners[len(tower) :]  # a tower-stage pruner counts per frame, whatever follows
+        # A tower-stage pruner counts per frame, whatever follows; a cache policy counts nothing.
+        after_tower = [p for p in self.pruners[len(tower) :] if not isinstance(p, DecodePruner)]
         if len({p.budget for p in after_tower}) > 1:
             raise ValueError(
                 f"the pruners of a Pipeline must count a video's tokens the same way; got budget="
@@ -63,7 +72,8 @@ class Pipeline:
         for earlier, later in zip(self.pruners, self.pruners[1:]):
             # Scheduled pruners' keep is a mean per layer: their drop points are checked in check(). A
             # tower pruner's int keep counts per tower input (an anyres image's crops each).
-            if isinstance(later, ScheduledPruner) or isinstance(earlier, (ScheduledPruner, TowerPruner)):
+            unchecked_after = isinstance(later, (ScheduledPruner, DecodePruner))
+            if unchecked_after or isinstance(earlier, (ScheduledPruner, TowerPruner)):
                 continue
             if _comparable(earlier.keep, later.keep) and later.keep > earlier.keep:
                 raise ValueError(
@@ -87,23 +97,32 @@ class Pipeline:
         return next((p for p in self.pruners if isinstance(p, VisionPruner)), None)
 
     @property
+    def decode(self) -> DecodePruner | None:
+        return self.pruners[-1] if isinstance(self.pruners[-1], DecodePruner) else None
+
+    @property
     def budget(self) -> str:
         """How the stages after the tower count a video's tokens."""
-        return self.pruners[-1].budget
+        counting = [p for p in self.pruners if not isinstance(p, DecodePruner)] or self.pruners
+        return counting[-1].budget
 
     @classmethod
     def of_two(cls, names: str, keep: int | float, **options) -> Pipeline:
-        """The Pipeline written ``"a+b"`` (registered names): ``b`` keeps ``keep``, ``a`` twice as many
-        (a fraction at most 1.0), so the tokens entering the language model are ``b``'s alone at
-        ``keep``; ``options`` go to both (e.g. ``budget``). What the benchmark scripts compare."""
+        """The Pipeline written ``"a+b"`` (registered names): ``a`` keeps twice ``keep`` (a fraction at
+        most 1.0) and ``b`` keeps what ``b`` alone would keep at ``keep`` (a fraction counts the tokens
+        ``b`` receives, so it is divided by ``a``'s): the tokens entering the language model are as
+        many as with ``b`` alone. ``options`` go to both (e.g. ``budget``). What the benchmark scripts
+        compare."""
         from vtprune.registry import pruner_class
 
         parts = names.split("+")
         if len(parts) != 2:
             raise ValueError(f"write two registered pruner names joined by '+', e.g. 'tome+divprune'; got {names!r}")
         first, second = (pruner_class(name) for name in parts)
-        twice = min(1.0, 2 * keep) if isinstance(keep, float) else 2 * keep
-        return cls([first(keep=twice, **options), second(keep=keep, **options)])
+        if isinstance(keep, float):
+            twice = min(1.0, 2 * keep)
+            return cls([first(keep=twice, **options), second(keep=keep / twice, **options)])
+        return cls([first(keep=2 * keep, **options), second(keep=keep, **options)])
 
     @property
     def llm(self) -> list[LLMPruner]:
