@@ -16,16 +16,18 @@ _OPTIONS = {
     # 8x8 windows reach the matrix's keeps (16 of 576, or of a crop's 64) in the one block MustDrop
     # merges; its 3x3 default is tested in test_mustdrop_merge.py
     "mustdrop_merge": {"window": 8},
+    "mustdrop": {"window": 8},  # its merge on the tiny video frames' 8x8 grids, pooled to 4x4
 }
 PRUNER_OPTIONS = {name: _OPTIONS.get(name, {}) for name in vtprune.available()}
 VISION = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "vision")
 TOWER = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "tower")
 LLM = sorted(n for n in PRUNER_OPTIONS if vtprune.registry.pruner_class(n).stage == "llm")
+IN_TOWER = sorted(n for n in PRUNER_OPTIONS if "tower" in vtprune.registry.pruner_class(n).stage)  # mustdrop too
 
 
 def skip_if_refused(family: str, name: str, budget: str | None = None) -> None:
     """Skip the combinations vtprune refuses on purpose (their refusal is tested in test_tower_vlm.py)."""
-    if name in TOWER and family.startswith("qwen2"):
+    if name in IN_TOWER and family.startswith("qwen2"):
         pytest.skip("tower-stage pruners are refused on Qwen2-VL's tower (its 2x2 patch merger)")
     if name in TOWER and budget == "per_video":
         pytest.skip("tower-stage pruners count keep per frame (each frame passes the tower alone)")
@@ -34,10 +36,6 @@ def skip_if_refused(family: str, name: str, budget: str | None = None) -> None:
 
 
 PIPELINE = "divprune+fastv"  # a Pipeline in the test matrix: DivPrune keeps twice FastV's keep
-# A Pipeline whose cache policy (MustDrop's output-aware cache) shortens the caches of the layers
-# between PyramidDrop's drops before the first decode step.
-CACHED = "pdrop+mustdrop.cache"
-PIPELINES = [PIPELINE, CACHED]
 
 
 def _twice(keep):
@@ -49,8 +47,6 @@ def apply(model, name, **options):
         keep = options.pop("keep")
         pruners = [vtprune.DivPrune(keep=_twice(keep), **options), vtprune.FastV(keep=keep, layer=2, **options)]
         return vtprune.apply(model, pruners)
-    if name == CACHED:
-        return vtprune.apply(model, [vtprune.PyramidDrop(**options), vtprune.MustDropCache()])
     return vtprune.apply(model, name, **{**PRUNER_OPTIONS[name], **options})
 
 
@@ -84,11 +80,9 @@ def scheduled_count(model, name, keep, n=576):
     if name == PIPELINE:
         entering = vtprune.DivPrune(keep=_twice(keep)).keep_count(n)
         return vtprune.FastV(keep=keep).keep_count(entering)
-    pruner = make_pruner(
-        name.split("+")[0] if name == CACHED else name, **{**PRUNER_OPTIONS.get(name, {}), "keep": keep}
-    )
-    if isinstance(pruner, vtprune.Pipeline):  # a registered pipeline (todre): its vision stage, then drops
-        entering = pruner.vision.keep_count(n)
+    pruner = make_pruner(name, **{**PRUNER_OPTIONS[name], "keep": keep})
+    if isinstance(pruner, vtprune.Pipeline):  # a registered pipeline (todre, mustdrop): its first stage, then drops
+        entering = pruner.vision.keep_count(n) if pruner.vision is not None else pruner.tower.leaving(n)
         info = adapter_for(model).info
         return min((pt.keep for p in pruner.llm for pt in p.drop_points(info, entering)), default=entering)
     if pruner.stage in ("vision", "tower"):  # tower: one image's patches on LLaVA-1.5's single grid

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 from families import FAMILIES, VIDEO_FAMILIES
-from helpers import PIPELINES, PRUNER_OPTIONS, apply, greedy, hooks_of, logits
+from helpers import PIPELINE, PRUNER_OPTIONS, apply, greedy, hooks_of, logits
 
 import vtprune
 
@@ -22,7 +22,7 @@ def test_every_registered_pruner_is_a_public_class_named_after_its_registry_name
         assert cls.name == name and getattr(vtprune, cls.__name__) is cls and cls.__name__ in vtprune.__all__
 
 
-@pytest.mark.parametrize("name", sorted(PRUNER_OPTIONS) + PIPELINES)
+@pytest.mark.parametrize("name", sorted(PRUNER_OPTIONS) + [PIPELINE])
 def test_remove_restores_model_exactly(model, inputs, name):
     before_logits = logits(model, inputs)
     before_state = {k: v.clone() for k, v in model.state_dict().items()}

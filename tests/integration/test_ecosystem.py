@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 from families import FAMILIES
-from helpers import PIPELINE, PIPELINES, PRUNER_OPTIONS, VISION, apply, greedy, hooks_of, logits
+from helpers import PIPELINE, PRUNER_OPTIONS, VISION, apply, greedy, hooks_of, logits
 
 import vtprune
 from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt, surviving_positions, tiny_llava
@@ -114,7 +114,7 @@ def test_new_image_on_a_non_empty_cache_is_refused(model, inputs):
 
 
 # -- 3. generate() modes whose first forward is not exactly the prompt ------------------------------------
-@pytest.mark.parametrize("name", ALL + PIPELINES)
+@pytest.mark.parametrize("name", ALL + [PIPELINE])
 def test_assisted_and_no_cache_decoding_equal_greedy(model, inputs, name):
     assistant = tiny_llava(seed=1)
     with apply(model, name, keep=16) as handle:

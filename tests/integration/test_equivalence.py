@@ -4,7 +4,7 @@ prompt, batched == per-sample (sdpa == eager, for every family: test_families.py
 import pytest
 import torch
 from helpers import (
-    PIPELINES,
+    PIPELINE,
     PRUNER_OPTIONS,
     VISION,
     apply,
@@ -17,7 +17,7 @@ from helpers import (
 import vtprune
 from vtprune.testing import IMAGE_TOKEN_ID, batch_inputs, make_prompt
 
-ALL = sorted(PRUNER_OPTIONS) + PIPELINES
+ALL = sorted(PRUNER_OPTIONS) + [PIPELINE]
 
 
 @pytest.mark.parametrize("name", ALL)

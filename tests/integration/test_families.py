@@ -4,7 +4,7 @@ import pytest
 import torch
 from families import FAMILIES, assert_sdpa_equals_eager
 from helpers import (
-    PIPELINES,
+    PIPELINE,
     PRUNER_OPTIONS,
     TOWER,
     VISION,
@@ -23,7 +23,7 @@ from vtprune.testing import IMAGE_TOKEN_ID
 # The whole matrix over six families: the fast lane keeps LLaVA-1.5's equivalences (test_equivalence.py).
 pytestmark = pytest.mark.slow
 
-ALL = sorted(PRUNER_OPTIONS) + PIPELINES
+ALL = sorted(PRUNER_OPTIONS) + [PIPELINE]
 ONE_IMAGE = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 1)]
 
 

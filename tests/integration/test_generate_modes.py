@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 from families import FAMILIES
-from helpers import PIPELINES, PRUNER_OPTIONS, apply, skip_if_refused
+from helpers import PIPELINE, PRUNER_OPTIONS, apply, skip_if_refused
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
@@ -66,7 +66,7 @@ def _generate(model, inputs, **kwargs):
 
 
 @pytest.mark.filterwarnings("ignore:the '.*' pruner.*has no CLS token")  # the substitute score
-@pytest.mark.parametrize("name", sorted(PRUNER_OPTIONS) + PIPELINES)
+@pytest.mark.parametrize("name", sorted(PRUNER_OPTIONS) + [PIPELINE])
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
 def test_chunked_prefill_with_images_is_refused_before_the_model_runs(family, name):
     skip_if_refused(family, name)

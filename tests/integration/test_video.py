@@ -9,7 +9,6 @@ import torch
 from families import VIDEO_FAMILIES, assert_sdpa_equals_eager
 from helpers import (
     PIPELINE,
-    PIPELINES,
     PRUNER_OPTIONS,
     TOWER,
     VISION,
@@ -28,7 +27,7 @@ from vtprune.testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 # The whole video matrix: the fast lane keeps LLaVA-1.5's image equivalences (test_equivalence.py).
 pytestmark = pytest.mark.slow
 
-ALL = sorted(PRUNER_OPTIONS) + PIPELINES
+ALL = sorted(PRUNER_OPTIONS) + [PIPELINE]
 BUDGETS = ("per_frame", "per_video")
 ONE_VIDEO = [([1, 5, 6, 7], [8, 9, 10, 11, 12], 0, 1)]
 

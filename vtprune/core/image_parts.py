@@ -122,12 +122,17 @@ class ImageParts:
 
     def after_keep(self, kept: torch.Tensor) -> ImageParts:
         """The structure of the image's tokens that remain when ``kept`` (prunable indices) stay:
-        kept tokens form one part without a grid, fixed tokens stay fixed."""
+        kept tokens form one part without a grid, fixed tokens stay fixed; the tower signals follow."""
         positions = self.token_positions(kept)
         is_fixed = torch.zeros(self.n_tokens, dtype=torch.bool)
         is_fixed[self.fixed] = True
         remaining = (~is_fixed[positions]).nonzero().flatten()
-        return ImageParts(positions.numel(), (ImagePart(remaining, None),))
+        return ImageParts(
+            positions.numel(),
+            (ImagePart(remaining, None),),
+            cls_attention=None if self.cls_attention is None else self.cls_attention[positions],
+            keys=None if self.keys is None else self.keys[positions],
+        )
 
 
 def split_budget(keep: int, sizes: list[int], weights: list[float] | None = None) -> list[int]:

@@ -11,7 +11,7 @@ import torch
 
 from vtprune.core.compaction import Compaction
 from vtprune.core.layout import VisualLayout
-from vtprune.core.llm_signals import TRANSITION
+from vtprune.core.llm_signals import TOWER, TRANSITION
 from vtprune.core.schedule import DropPoint, check_llm_order
 from vtprune.core.stats import PruneStats
 from vtprune.core.tokens import ModelInfo, PromptTokens
@@ -41,6 +41,7 @@ class ImageState:
     points: dict[int, tuple[DropPoint, LLMPruner]]  # drop layer -> (point, the pruner that owns it)
     grid: tuple[int, int] | None
     present: torch.Tensor  # ascending indices into the image's tokens still in the sequence
+    tower: torch.Tensor | None = None  # (N,) the tower's CLS attention over the image's tokens
     counts: list[tuple[int, int]] = field(default_factory=list)  # (layer, tokens from then on)
 
 
@@ -66,19 +67,26 @@ class CallState:
     stats: PruneStats | None = None  # what this call kept, once it has run
 
 
-def plan(call: CallState, pruners: list, info: ModelInfo, grids: list | None) -> None:
+def plan(call: CallState, pruners: list, info: ModelInfo, grids: list | None, tower: list | None = None) -> None:
     """Each image's drop points, the layers that score for them, and the transition window."""
     flat = 0
+    reads_tower = [p.name for p in pruners if TOWER in p.signals]
     for b, spans in enumerate(call.layout.spans):
         for span in spans:
             grid = grids[flat] if grids is not None else None
+            scores = tower[flat] if tower is not None else None
             flat += 1
+            if reads_tower and (scores is None or scores.numel() != span.numel()):
+                raise NotImplementedError(
+                    f"the {reads_tower[0]!r} pruner reads the vision tower's CLS attention, which vtprune did not "
+                    f"record for this image's {span.numel()} tokens"
+                )
             check_llm_order(pruners, info, span.numel())
             points = {
                 point.layer: (point, pruner) for pruner in pruners for point in pruner.drop_points(info, span.numel())
             }
             present = torch.arange(span.numel(), device=span.device)
-            call.images.append(ImageState(sample=b, span=span, points=points, grid=grid, present=present))
+            call.images.append(ImageState(sample=b, span=span, points=points, grid=grid, present=present, tower=scores))
     last = call.score_row if call.score_row is not None else call.layout.length - 1
     if call.key_mask is not None and not bool(call.key_mask[:, last].all()):
         raise ValueError(

@@ -4,11 +4,12 @@
 how it is computed. Attention signals are recomputed at the scoring layer's input from the layer's
 own queries and keys (``DecoderAccess.query_key``) for the few query rows they need, so SDPA and flash
 attention never have to return attention weights; their results are (B, L') fp32 over the layer's
-current (possibly compacted) sequence. Accumulated signals (``compute`` None) are summed by the
-stage's sub-layer hooks over the pruner's ``transition_layers``.
+current (possibly compacted) sequence. Signals without a ``compute`` are filled by the stage itself:
+the transition variation, summed by its sub-layer hooks over the pruner's ``transition_layers``, and
+the tower's CLS attention, read in the vision tower and carried with each image's tokens.
 
-To add a signal: a field on ``PromptTokens``, a ``compute`` here (or, for an accumulated one, the
-hooks in ``llm_stage.py``), and a row in ``SIGNALS``.
+To add a signal: a field on ``PromptTokens``, a ``compute`` here (or, for one the stage fills, its
+code in ``llm_stage.py``), and a row in ``SIGNALS``.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def last_token_attention(s: ScoringInput) -> torch.Tensor:
         return attention_rows(q, k, rows, key_mask=s.key_mask, scale=scale)[:, 0]
 
 
-def instruction_attention(s: ScoringInput) -> torch.Tensor:
-    """Head- and query-mean attention of each sample's instruction tokens over all keys."""
+def _instruction_rows_attention(s: ScoringInput, reduce) -> torch.Tensor:
+    """Head-mean attention of each sample's instruction tokens over all keys, ``reduce``d over them."""
     hidden = s.hidden
     out = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
@@ -79,8 +80,18 @@ def instruction_attention(s: ScoringInput) -> torch.Tensor:
             r = r.to(hidden.device)
             q, k, scale = s.decoder.query_key(s.layer, hidden[b : b + 1], pe, r)
             mask = None if s.key_mask is None else s.key_mask[b : b + 1]
-            out[b] = attention_rows(q, k, r, key_mask=mask, scale=scale)[0].mean(dim=0)
+            out[b] = reduce(attention_rows(q, k, r, key_mask=mask, scale=scale)[0])
     return out
+
+
+def instruction_attention(s: ScoringInput) -> torch.Tensor:
+    """Head- and query-mean attention of each sample's instruction tokens over all keys."""
+    return _instruction_rows_attention(s, lambda rows: rows.mean(dim=0))
+
+
+def instruction_peak(s: ScoringInput) -> torch.Tensor:
+    """Per key, the most attention any one instruction token gives it (head mean)."""
+    return _instruction_rows_attention(s, lambda rows: rows.amax(dim=0))
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,7 @@ class Signal:
 
 
 TRANSITION = "transition"
+TOWER = "tower"  # read in the vision tower, carried with each image's tokens into the LLM
 
 SIGNALS: dict[str, Signal] = {
     "last": Signal("attention", last_token_attention, "head-mean attention from the last prompt token"),
@@ -99,8 +111,18 @@ SIGNALS: dict[str, Signal] = {
         instruction_attention,
         "head- and token-mean attention from the instruction (the text after the last image)",
     ),
+    "instruction_peak": Signal(
+        "instruction_peak",
+        instruction_peak,
+        "head-mean attention from the instruction, the largest any one of its tokens gives (max over them)",
+    ),
     TRANSITION: Signal(
         "transition", None, "transition variation summed over the pruner's transition layers before the drop"
+    ),
+    TOWER: Signal(
+        "tower_attention",
+        None,
+        "attention from the vision tower's CLS token at the layers the pruner asks for (tower_attention_layers)",
     ),
 }
 

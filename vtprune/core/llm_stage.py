@@ -28,7 +28,7 @@ from vtprune.core.compaction import Compaction, scatter_attention
 from vtprune.core.decoder import DecoderAccess
 from vtprune.core.layout import VisualLayout
 from vtprune.core.llm_call import CallState, ImageState, LLMPruner, call_stats, plan
-from vtprune.core.llm_signals import SIGNALS, TRANSITION, ScoringInput
+from vtprune.core.llm_signals import SIGNALS, TOWER, TRANSITION, ScoringInput
 from vtprune.core.masks import compact_mask
 from vtprune.core.patching import PerThread
 from vtprune.core.schedule import DropPoint
@@ -77,12 +77,14 @@ class LLMStage:
         key_mask: torch.Tensor | None,
         *,
         grids: list | None = None,
+        tower: list | None = None,
         score_row: int | None = None,
         reuse: dict | None = None,
         restore_outputs: bool = False,
     ):
         """Scope one model forward; ``layout`` None for calls without images. ``grids``: the patch grid
-        (or None) of each image in layout order. ``reuse`` repeats an earlier call's ``choices``
+        (or None) of each image in layout order; ``tower``: each image's (N_i,) tower CLS attention
+        over its tokens entering the LLM (signal ``"tower"``), or None. ``reuse`` repeats an earlier call's ``choices``
         instead of scoring again (the full forwards of ``generate(use_cache=False)``)."""
         has_images = layout is not None and layout.has_images
         state = CallState(
@@ -93,7 +95,7 @@ class LLMStage:
             restore_outputs=restore_outputs,
         )
         if has_images:
-            plan(state, self.pruners, self.info, grids)
+            plan(state, self.pruners, self.info, grids, tower)
         with self._calls.set(state) as call:
             yield call
             if call.layout is not None:
@@ -237,12 +239,11 @@ class LLMStage:
 
     def _select(self, pruner: LLMPruner, image: ImageState, point: DropPoint, signals: dict) -> torch.Tensor:
         positions = image.span[image.present]
-        tokens = PromptTokens(
-            keep=point.keep,
-            positions=image.present,
-            grid=image.grid,
-            **{SIGNALS[s].field: signals[s][image.sample, positions] for s in pruner.signals},
-        )
+        read = {SIGNALS[s].field: signals[s][image.sample, positions] for s in pruner.signals if s != TOWER}
+        if TOWER in pruner.signals:
+            read[SIGNALS[TOWER].field] = image.tower[image.present.to(image.tower.device)]
+        entered = image.span.numel()
+        tokens = PromptTokens(keep=point.keep, positions=image.present, grid=image.grid, entered=entered, **read)
         idx = pruner.select(tokens)
         n = image.present.numel()
         if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):

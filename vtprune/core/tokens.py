@@ -52,20 +52,29 @@ class PromptTokens:
 
     keep: how many of these tokens the schedule keeps from this drop point on.
     positions: (N,) ascending indices of these tokens among the image's tokens as they entered the LLM.
+    entered: how many of the image's tokens entered the LLM.
     grid: (rows, cols) of the image's patch grid when its tokens entering the LLM formed one, else None.
     attention: (N,) fp32 head-mean attention from the last prompt token (signal ``"last"``).
     instruction_attention: (N,) fp32 attention from the instruction tokens (the text after the last
         image), head- and token-mean (signal ``"instruction"``).
+    instruction_peak: (N,) fp32 the most attention any one instruction token gives each (head mean;
+        signal ``"instruction_peak"``).
     transition: (N,) fp32 transition variation summed over the pruner's transition layers up to this
         drop point (signal ``"transition"``).
+    tower_attention: (N,) fp32 CLS attention in the vision tower at the layers the pruner asks for
+        (``tower_attention_layers``; towers without CLS: the attention each token receives), following
+        the model's pooling and merging of patches (signal ``"tower"``).
     """
 
     keep: int
     positions: torch.Tensor
     grid: tuple[int, int] | None = None
+    entered: int | None = None
     attention: torch.Tensor | None = None
     instruction_attention: torch.Tensor | None = None
+    instruction_peak: torch.Tensor | None = None
     transition: torch.Tensor | None = None
+    tower_attention: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.positions.numel()

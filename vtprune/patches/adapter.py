@@ -170,10 +170,10 @@ class Adapter:
                     f"the {pruner.name!r} pruner does not support attn_implementation={impl!r}; "
                     "use sdpa, eager or flash"
                 )
-        vision = pipeline.vision
-        if vision is not None and vision.reads_tower(self.info) and towers.tower_spec(self.tower) is None:
+        reader = next((p for p in pipeline.pruners if p.reads_tower(self.info)), None)
+        if reader is not None and towers.tower_spec(self.tower) is None:
             raise ValueError(
-                f"the {vision.name!r} pruner cannot read attention from vision tower {self.info.tower_name}"
+                f"the {reader.name!r} pruner cannot read attention from vision tower {self.info.tower_name}"
             )
 
     def _merging_blocks(self) -> int:
@@ -187,11 +187,8 @@ class Adapter:
     def install(self, config) -> list:
         """Patch the model; returns the undo steps (bound methods, so a deep copy undoes its own)."""
         self._pipeline = pipeline = as_pipeline(config)
-        vision = pipeline.vision
         self._tower_reader = towers.TowerReader(
-            self.tower,
-            vision.tower_attention_layers(self.info) if vision is not None else [],
-            vision.tower_key_layers(self.info) if vision is not None else [],
+            self.tower, pipeline.tower_attention_layers(self.info), pipeline.tower_key_layers(self.info)
         )
         self._merging = None
         self._frame_tokens = None  # a pooled frame's tokens, where a tower pruner's tokens replace the pooling
@@ -297,16 +294,16 @@ class Adapter:
                 "vtprune.apply, or sliced by chunked prefill); pass pixel_values, or compute the features with "
                 "model.model.get_image_features while vtprune is applied"
             )
-        vision = self._pipeline.vision
+        reader = next((p for p in self._pipeline.pruners if p.reads_tower(self.info)), None)
         if self._pipeline.tower is not None:
             raise NotImplementedError(
                 f"the {self._pipeline.tower.name!r} pruner's tokens of a video are lost when generate() repeats "
                 f"the video features (num_return_sequences > 1 or beam search) on {type(self.model).__name__}; "
                 f"generate one sequence per prompt, or use a vision-stage pruner"
             )
-        if vision is not None and vision.reads_tower(self.info):
+        if reader is not None:
             raise NotImplementedError(
-                f"the {vision.name!r} pruner scores a video with what it reads in the tower, which is lost when "
+                f"the {reader.name!r} pruner scores a video with what it reads in the tower, which is lost when "
                 f"generate() repeats the video features (num_return_sequences > 1 or beam search) on "
                 f"{type(self.model).__name__}; generate one sequence per prompt, or use another pruner"
             )
@@ -358,8 +355,8 @@ class Adapter:
         # Tokens after the last prompt token (assisted decoding's candidates, use_cache=False's tokens).
         tail = None if generating is None or self._llm is None else input_ids.shape[1] - generating.prompt_length
         if self._vision is None:
-            grids = [visuals[i].parts.grid for items in layout.items for i in items]
-            out, stats, slots = self._llm_forward(original, a, layout, grids, tail)
+            parts = [visuals[i].parts for items in layout.items for i in items]
+            out, stats, slots = self._llm_forward(original, a, layout, parts, tail)
             layers = len(self.decoder_layers)
             self.last = stats if stats is not None else PruneStats.all_kept(layout.visual_counts(), layers)
             self._remember_cache(out, layout, slots)
@@ -400,11 +397,14 @@ class Adapter:
         a["mm_encoder_outputs"] = {**(a.get("mm_encoder_outputs") or {}), modality: encoded}
         return encoded
 
-    def _llm_forward(self, original, a: dict, layout: VisualLayout, grids: list, tail: int | None) -> tuple:
-        """Run the forward with the LLM stage's drops; returns the output, the stage's stats and its
-        compaction per decoder layer (None without an LLM stage or before its first drop)."""
+    def _llm_forward(self, original, a: dict, layout: VisualLayout, parts: list, tail: int | None) -> tuple:
+        """Run the forward with the LLM stage's drops (``parts``: each image's ``ImageParts`` in layout
+        order); returns the output, the stage's stats and its compaction per decoder layer (None
+        without an LLM stage or before its first drop)."""
         if self._llm is None:
             return original(**a), None, None
+        grids = [p.grid for p in parts]
+        tower = [None if p.cls_attention is None else p.cls_attention[p.prunable] for p in parts]
         mask = a.get("attention_mask")
         generating = self._generation.current()
         score_row = None if tail is None else a["input_ids"].shape[1] - 1 - tail
@@ -412,7 +412,7 @@ class Adapter:
         restore = _requested(a, self.config, "output_hidden_states") or _requested(a, self.config, "output_attentions")
         key_mask = None if mask is None or mask.dim() != 2 else mask.bool()
         with self._llm.call(
-            layout, key_mask, grids=grids, score_row=score_row, reuse=reuse, restore_outputs=restore
+            layout, key_mask, grids=grids, tower=tower, score_row=score_row, reuse=reuse, restore_outputs=restore
         ) as call:
             out = original(**a)
         if generating is not None:
@@ -450,7 +450,8 @@ class Adapter:
             a.update({k: v for k, v in outcome.prompt.items() if k != "labels" or "labels" in a})
             a["mm_encoder_outputs"] = {**a["mm_encoder_outputs"], **_encoder_outputs(encoded, outcome.tokens)}
         remaining = self._layout(a["input_ids"], outcome.remaining) if self._decode is not None else None
-        out, stats, slots = self._llm_forward(original, a, remaining, None, tail)
+        parts = [outcome.remaining[i][1] for items in remaining.items for i in items] if remaining else []
+        out, stats, slots = self._llm_forward(original, a, remaining, parts, tail)
         if stats is not None:
             self.last = outcome.stats.followed_by(stats)
         self._remember_cache(out, remaining, slots)

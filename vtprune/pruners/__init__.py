@@ -5,6 +5,7 @@ from vtprune.pruners.base import DecodePruner, LLMPruner, Pruner, ScheduledPrune
 from vtprune.pruners.cls import CLSPrune
 from vtprune.pruners.divprune import DivPrune
 from vtprune.pruners.fastv import FastV
+from vtprune.pruners.mustdrop import MustDrop, MustDropFilter
 from vtprune.pruners.mustdrop_cache import MustDropCache
 from vtprune.pruners.mustdrop_merge import MustDropMerge
 from vtprune.pruners.pdrop import PyramidDrop
@@ -24,7 +25,9 @@ __all__ = [
     "DivPrune",
     "FastV",
     "LLMPruner",
+    "MustDrop",
     "MustDropCache",
+    "MustDropFilter",
     "MustDropMerge",
     "Pruner",
     "PyramidDrop",

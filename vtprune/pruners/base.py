@@ -98,6 +98,20 @@ class Pruner:
     def check(self, info: ModelInfo) -> None:
         """Raise ValueError if this pruner cannot run on the described model."""
 
+    def tower_attention_layers(self, info: ModelInfo) -> list[int]:
+        """Vision-encoder layers whose CLS attention this pruner scores with (none by default): a
+        vision-stage pruner reads it as ``VisionTokens.cls_attention``, an LLM-stage one as signal
+        ``"tower"``."""
+        return []
+
+    def tower_key_layers(self, info: ModelInfo) -> list[int]:
+        """Vision-encoder layers whose keys this pruner compares tokens with (none by default)."""
+        return []
+
+    def reads_tower(self, info: ModelInfo) -> bool:
+        """Whether this pruner scores with anything read inside the vision tower (attention or keys)."""
+        return bool(self.tower_attention_layers(info) or self.tower_key_layers(info))
+
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -144,14 +158,6 @@ class VisionPruner(Pruner):
         """Vision-encoder layers whose CLS attention this pruner scores with (none by default; the
         selected feature's layer when ``crop_budget="global"`` needs it)."""
         return list(info.feature_layers) if self.crop_budget == "global" else []
-
-    def tower_key_layers(self, info: ModelInfo) -> list[int]:
-        """Vision-encoder layers whose keys this pruner compares tokens with (none by default)."""
-        return []
-
-    def reads_tower(self, info: ModelInfo) -> bool:
-        """Whether this pruner scores with anything read inside the vision tower (attention or keys)."""
-        return bool(self.tower_attention_layers(info) or self.tower_key_layers(info))
 
     def reduce(self, tokens: VisionTokens) -> Reduction:
         """The tokens kept and the groups merged (at most ``tokens.keep`` in all). Pruners that only

@@ -140,6 +140,16 @@ class Pipeline:
             n = n if p is None else p.keep_count(n)
         check_llm_order(self.llm, info, n)
 
+    def tower_attention_layers(self, info: ModelInfo) -> list[int]:
+        """The tower layers whose CLS attention any of the pruners reads, ascending."""
+        return sorted({layer for p in self.pruners for layer in p.tower_attention_layers(info)})
+
+    def tower_key_layers(self, info: ModelInfo) -> list[int]:
+        return sorted({layer for p in self.pruners for layer in p.tower_key_layers(info)})
+
+    def reads_tower(self, info: ModelInfo) -> bool:
+        return any(p.reads_tower(info) for p in self.pruners)
+
     def options(self) -> dict:
         return {"pruners": [f"{p.name}({p.options()})" for p in self.pruners]}
 
