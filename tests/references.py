@@ -46,20 +46,22 @@ def fastv_reference_kept(eager_model, inputs, layer, keep):
     return scores.topk(keep).indices.sort().values
 
 
-def reference_generate(model, inputs, drops, n, features=None, held=None, scores=None):
+def reference_generate(model, inputs, drops, n, features=None, held=None, scores=None, recycled=None):
     """Greedy decoding with no cache, recomputing everything each step: from each drop point's layer
     on, only that drop's kept image tokens (``drops``: [(layer, kept indices), ...], kept as in
     ``PruneStats``) plus all text and generated tokens go on, at their original positions.
     ``features``: the image tokens to place in the prompt (default: the image's features).
     ``held``: {layer: kept indices}, the image tokens the generated tokens may attend to in that layer
     (a cache policy's choice; default: those the prompt's tokens see there). ``scores``: a list to
-    which each step's last-position logits (1, V) are appended."""
+    which each step's last-position logits (1, V) are appended. ``recycled``: {layer: [(members,
+    weights or None), ...]}, image tokens (anchor first) whose hidden states, as they enter the layer,
+    are averaged (weighted) into their anchor, which ``drops`` keeps."""
     lm = model.model.language_model
     ids = inputs["input_ids"]
     prompt = ids.shape[1]
     image = (ids[0] == IMAGE_TOKEN_ID).nonzero().flatten()
     features = image_features(model, inputs) if features is None else features
-    drops, held = dict(drops), held or {}
+    drops, held, recycled = dict(drops), held or {}, recycled or {}
     for _ in range(n):
         length = ids.shape[1]
         with torch.no_grad():
@@ -68,6 +70,11 @@ def reference_generate(model, inputs, drops, n, features=None, held=None, scores
             positions = torch.arange(length)
             cos, sin = lm.rotary_emb(h, positions[None])
             for i, decoder_layer in enumerate(lm.layers):
+                merged = []
+                for members, weights in recycled.get(i, []):
+                    rows = torch.stack([(positions == p).nonzero()[0, 0] for p in image[members]])
+                    w = torch.ones(len(members)) if weights is None else weights
+                    merged.append((image[members[0]], (w[:, None] * h[0, rows]).sum(0) / w.sum()))
                 if i in drops:
                     keep = torch.ones(length, dtype=torch.bool)
                     dropped = torch.ones(image.numel(), dtype=torch.bool)
@@ -75,6 +82,8 @@ def reference_generate(model, inputs, drops, n, features=None, held=None, scores
                     keep[image[dropped]] = False
                     keep = keep[positions]  # of the tokens still here
                     h, cos, sin, positions = h[:, keep], cos[:, keep], sin[:, keep], positions[keep]
+                for anchor, x in merged:
+                    h[0, (positions == anchor).nonzero()[0, 0]] = x
                 allowed = positions[None, :] <= positions[:, None]
                 if i in held:
                     unseen = torch.zeros(length, dtype=torch.bool)  # by the generated tokens

@@ -22,7 +22,7 @@ class GenerateCall:
     """One ``generate()`` call in flight."""
 
     prompt_length: int  # tokens in the prompt given to generate() (input_ids or inputs_embeds)
-    kept: list | None = None  # the LLM stage's choice at the first forward, reused by later full forwards
+    kept: tuple | None = None  # the LLM stage's choices at the first forward, reused by later full forwards
 
 
 def prompt_length(arguments: dict) -> int | None:

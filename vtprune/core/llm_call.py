@@ -42,6 +42,8 @@ class ImageState:
     grid: tuple[int, int] | None
     present: torch.Tensor  # ascending indices into the image's tokens still in the sequence
     tower: torch.Tensor | None = None  # (N,) the tower's CLS attention over the image's tokens
+    # Recycled tokens present: anchor -> the image's tokens behind it (anchor first), for the stats.
+    groups: dict = field(default_factory=dict)
     counts: list[tuple[int, int]] = field(default_factory=list)  # (layer, tokens from then on)
 
 
@@ -53,7 +55,7 @@ class CallState:
     key_mask: torch.Tensor | None = None  # (B, L) bool padding mask of the prompt
     score_row: int | None = None  # position of the last prompt token; None: the last position
     restore_outputs: bool = False  # the caller collects every layer's hidden states or attention weights
-    reuse: dict | None = None  # drop layer -> presents per image, an earlier choice to repeat
+    reuse: tuple | None = None  # (choices, recycled) of an earlier call, a choice to repeat
     images: list[ImageState] = field(default_factory=list)
     scored_at: dict = field(default_factory=dict)  # scoring layer -> [(drop layer, signals)]
     signals: dict = field(default_factory=dict)  # drop layer -> {signal: (B, L) fp32, original positions}
@@ -62,7 +64,8 @@ class CallState:
     compaction: Compaction | None = None  # original positions still present; None: nothing dropped yet
     full_hidden: torch.Tensor | None = None
     layer_compactions: list | None = None  # per decoder layer (None before the first drop), for decode steps
-    choices: dict = field(default_factory=dict)  # drop layer -> presents per image
+    choices: dict = field(default_factory=dict)  # drop layer -> presents per image (recycled ones by anchor)
+    recycled: dict = field(default_factory=dict)  # drop layer -> per image [(members, weights or None)]
     converted: dict = field(default_factory=dict)  # (id(kwarg), id(compaction)) -> (kwarg, compaction, converted)
     stats: PruneStats | None = None  # what this call kept, once it has run
 
@@ -114,7 +117,11 @@ def plan(call: CallState, pruners: list, info: ModelInfo, grids: list | None, to
 
 def call_stats(call: CallState, n_layers: int) -> PruneStats:
     spans = call.layout.spans
-    kept = call.layout.sample_kept([[im.present for im in call.images if im.sample == b] for b in range(len(spans))])
+    samples = range(len(spans))
+    alone = [_without_anchors(im) for im in call.images]
+    kept = call.layout.sample_kept([[a for a, im in zip(alone, call.images) if im.sample == b] for b in samples])
+    groups = [[list(im.groups.values()) for im in call.images if im.sample == b] for b in samples]
+    merged = call.layout.sample_groups(groups) if any(im.groups for im in call.images) else []
     layer_tokens = []
     for b in range(len(spans)):
         totals = [0] * n_layers
@@ -133,4 +140,11 @@ def call_stats(call: CallState, n_layers: int) -> PruneStats:
         )
         for layer, presents in sorted(call.choices.items())
     ]
-    return PruneStats(kept=kept, layer_tokens=layer_tokens, drops=drops)
+    return PruneStats(kept=kept, layer_tokens=layer_tokens, drops=drops, merged=merged)
+
+
+def _without_anchors(image: ImageState) -> torch.Tensor:
+    if not image.groups:
+        return image.present
+    anchors = torch.tensor(sorted(image.groups), dtype=torch.long, device=image.present.device)
+    return image.present[~torch.isin(image.present, anchors)]

@@ -203,19 +203,20 @@ class LLMStage:
                 if call.transition is not None
                 else hidden.new_zeros(len(call.layout.spans), length, dtype=torch.float32)
             )
-        chosen = []
+        chosen, recycling = [], []
         for n, image in enumerate(call.images):
-            if i not in image.points:
-                chosen.append(image.present)
-                continue
-            point, pruner = image.points[i]
-            if call.reuse is not None:
-                image.present = call.reuse[i][n]
-            elif point.keep < image.present.numel() or pruner.always_selects:
-                image.present = image.present[self._select(pruner, image, point, signals)]
-            image.counts.append((i, int(image.present.numel())))
+            groups = []
+            if i in image.points:
+                point, pruner = image.points[i]
+                if call.reuse is not None:
+                    groups = call.reuse[1][i][n]
+                    _regroup(image, call.reuse[0][i][n], groups)
+                elif point.keep < image.present.numel() or pruner.always_selects:
+                    groups = self._reduce(pruner, image, point, signals)
+                image.counts.append((i, int(image.present.numel())))
             chosen.append(image.present)
-        call.choices[i] = chosen
+            recycling.append(groups)
+        call.choices[i], call.recycled[i] = chosen, recycling
         per_sample = [
             [image.present for image in call.images if image.sample == b] for b in range(len(call.layout.spans))
         ]
@@ -223,6 +224,7 @@ class LLMStage:
         if new.is_identity:
             return hidden
         current = call.compaction
+        before = hidden
         if current is None:
             call.full_hidden = hidden
             relative = new.index
@@ -230,6 +232,8 @@ class LLMStage:
             call.full_hidden = current.scatter_into(call.full_hidden, hidden)
             relative = current.slots().gather(1, new.index).clamp_min(0)
         hidden = Compaction(index=relative, valid=new.valid, length=hidden.shape[1]).gather(hidden)
+        if any(recycling):
+            hidden = self._recycle(call.images, recycling, before, current, new, hidden)
         call.compaction = new
         if cache is not None:
             if call.layer_compactions is None:
@@ -237,24 +241,39 @@ class LLMStage:
             call.layer_compactions[i:] = [new] * (len(self.layers) - i)
         return hidden
 
-    def _select(self, pruner: LLMPruner, image: ImageState, point: DropPoint, signals: dict) -> torch.Tensor:
+    def _reduce(self, pruner: LLMPruner, image: ImageState, point: DropPoint, signals: dict) -> list:
+        """Ask the pruner at a drop point; updates ``image.present`` (recycled tokens by their anchor)
+        and ``image.groups``; returns the recycled groups as [(members, weights or None)], members
+        (g,) indices into the image's tokens, anchor first."""
         positions = image.span[image.present]
         read = {SIGNALS[s].field: signals[s][image.sample, positions] for s in pruner.signals if s != TOWER}
         if TOWER in pruner.signals:
             read[SIGNALS[TOWER].field] = image.tower[image.present.to(image.tower.device)]
         entered = image.span.numel()
         tokens = PromptTokens(keep=point.keep, positions=image.present, grid=image.grid, entered=entered, **read)
-        idx = pruner.select(tokens)
-        n = image.present.numel()
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"the {pruner.name!r} pruner's select() must return a 1-D integer tensor, got {idx!r}")
-        idx = idx.to(image.present.device, torch.long)
-        if not Reduction(idx).fits(n, point.keep):
-            raise ValueError(
-                f"the {pruner.name!r} pruner's select() must return at most {point.keep} ascending, distinct "
-                f"indices in [0, {n}), got {idx.tolist()}"
-            )
-        return idx
+        r = _checked_reduction(pruner, pruner.reduce(tokens), image.present.numel(), point.keep)
+        groups = [(image.present[g], None if not r.weights else r.weights[j].float()) for j, g in enumerate(r.groups)]
+        staying = torch.cat([r.kept, r.anchors.to(r.kept.device)]).sort().values if r.groups else r.kept
+        _regroup(image, image.present[staying], groups)
+        return groups
+
+    def _recycle(self, images, recycling, before, current, new, hidden) -> torch.Tensor:
+        """Each recycled token, the (weighted) mean of its members' hidden states before the drop
+        (``before``, laid out by ``current``), written at its anchor's slot of ``hidden`` (laid out by
+        ``new``)."""
+        hidden = hidden.clone()
+        old_slots = None if current is None else current.slots()
+        new_slots = new.slots()
+        for image, groups in zip(images, recycling):
+            b = image.sample
+            for members, weights in groups:
+                original = image.span[members]
+                rows = original if old_slots is None else old_slots[b, original]
+                x = before[b, rows.to(before.device)].float()
+                w = torch.ones(len(members), device=x.device) if weights is None else weights.to(x.device)
+                merged = (w[:, None] * x).sum(0) / w.sum().clamp_min(1e-12)
+                hidden[b, new_slots[b, original[0]]] = merged.to(hidden.dtype)
+        return hidden
 
     def _inputs(self, call: CallState, comp: Compaction, original: dict) -> dict:
         """The layer kwargs for the tokens ``comp`` keeps, converted once per call and compaction."""
@@ -288,6 +307,38 @@ class LLMStage:
             # Holding both keeps their ids from being reused by new objects during the call.
             call.converted[key] = (value, comp, fn(value))
         return call.converted[key][2]
+
+
+def _regroup(image: ImageState, present: torch.Tensor, groups: list) -> None:
+    """``image.present`` becomes ``present``; ``image.groups`` follows: recycled tokens that stay keep
+    their groups, new ones stand for everything behind their members (a recycled token recycled again
+    included)."""
+    behind = {int(m[0]): torch.cat([image.groups.get(int(t), t[None]) for t in m]) for m, _ in groups}
+    alone = set(present.tolist()) - set(behind)
+    image.groups = {a: g for a, g in image.groups.items() if a in alone}
+    image.groups.update(behind)
+    image.present = present
+
+
+def _checked_reduction(pruner: LLMPruner, r, n: int, keep: int) -> Reduction:
+    """The pruner's answer as a Reduction, or a clear error when it is not one of ``n`` tokens to at most
+    ``keep`` (kept and recycled together)."""
+    if isinstance(r, torch.Tensor):
+        r = Reduction(r)
+    kept = r.kept if isinstance(r, Reduction) else r
+    if not isinstance(kept, torch.Tensor) or kept.dim() != 1 or kept.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"the {pruner.name!r} pruner's select() must return a 1-D integer tensor, got {kept!r}")
+    r = Reduction(kept.long(), tuple(g.long() for g in r.groups), r.weights)
+    weights_fit = not r.weights or (
+        len(r.weights) == len(r.groups) and all(w.shape == g.shape for w, g in zip(r.weights, r.groups))
+    )
+    if not r.fits(n, keep) or not weights_fit:
+        raise ValueError(
+            f"the {pruner.name!r} pruner's select() must return at most {keep} ascending, distinct "
+            f"indices in [0, {n}) (recycled groups counted, disjoint from them, one weight per member), got "
+            f"{r.kept.tolist()} and {len(r.groups)} recycled groups"
+        )
+    return r
 
 
 def _hidden(args, kwargs) -> torch.Tensor:

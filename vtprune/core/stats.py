@@ -15,9 +15,10 @@ class PruneStats:
     drops: for LLM-stage pruners, one ``(layer, kept)`` per drop point: the tokens (indexed like
     ``kept``) that enter ``layer`` and the layers after it, until the next drop point; in a Pipeline
     the vision stage's choice is the first, at layer 0.
-    merged[b]: for merging pruners (vision stage, or tower stage: then the patches merged inside the
-    tower), per merged token of sample b the indices (like ``kept``) of the tokens behind it; with
-    ``kept``, they account for every visual token that reaches the last decoder layer.
+    merged[b]: for merging pruners (vision stage; tower stage: the patches merged inside the tower; LLM
+    stage: the tokens behind each recycled token, its anchor first), per merged token of sample b the
+    indices (like ``kept``) of the tokens behind it; with ``kept``, they account for every visual token
+    that reaches the last decoder layer.
     decode_tokens[b][s][l]: with a cache policy (the decode stage), the visual entries decoder layer
     l's KV cache held in sample (beam) b at decode step s, after the policy's choice; one step per
     forward that continued the cache."""
@@ -63,6 +64,10 @@ class PruneStats:
             alone = [int(t) for t in firsts if int(t) not in groups]
             kept.append(torch.tensor(alone, dtype=torch.long))
             still_merged.append([groups[int(t)] for t in firsts if int(t) in groups])
+        for b, recycled in enumerate(llm.merged):  # LLM-stage recycled tokens, named like its drops
+            for g in recycled:
+                firsts = entered[b][g]
+                still_merged[b].append(torch.cat([behind[b].get(int(t), t[None]) for t in firsts]))
         return PruneStats(
             kept=kept,
             layer_tokens=llm.layer_tokens,

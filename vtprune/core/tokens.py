@@ -87,11 +87,15 @@ class Reduction:
     kept: (k,) ascending long indices of the tokens kept as they are.
     groups: per merged token, the (g,) long indices of the tokens it stands for (disjoint, none of them
         kept); the merged token is their features' mean. Its first index is its anchor: on models that
-        keep original positions (M-RoPE), the merged token takes that token's place.
+        keep original positions (M-RoPE), the merged token takes that token's place; in the LLM stage
+        (recycling), every merged token takes its anchor's place.
+    weights: LLM stage only: per group, (g,) non-negative weights of its tokens (the merged token is
+        their weighted mean); empty: plain means.
     """
 
     kept: torch.Tensor
     groups: tuple[torch.Tensor, ...] = ()
+    weights: tuple[torch.Tensor, ...] = ()
 
     def fits(self, n: int, keep: int) -> bool:
         """Whether this is a reduction of ``n`` tokens to at most ``keep``: ascending kept indices in

@@ -416,7 +416,7 @@ class Adapter:
         ) as call:
             out = original(**a)
         if generating is not None:
-            generating.kept = call.choices
+            generating.kept = (call.choices, call.recycled)
         return out, call.stats, call.layer_compactions
 
     def _remember_cache(self, out, layout: VisualLayout, slots: list | None) -> None:

@@ -186,6 +186,13 @@ class LLMPruner(Pruner):
         """The schedule for one image with ``n_tokens`` visual tokens entering the LLM."""
         raise NotImplementedError
 
+    def reduce(self, tokens: PromptTokens) -> Reduction:
+        """The tokens that stay at a drop point (at most ``tokens.keep`` in all): kept ones, and
+        *recycled* ones, each the (weighted) mean of a group of tokens that leave, standing at its
+        anchor's place (the group's first index) with that token's position. Pruners that only select
+        keep ``select``'s tokens; recycling pruners override this."""
+        return Reduction(self.select(tokens))
+
     def transition_layers(self, info: ModelInfo, points: list[DropPoint]) -> range:
         """Decoder layers whose sub-layer transition variation accumulates (signal ``"transition"``),
         given this image's drop points; a drop point sees the sum over the window's layers before it."""
