@@ -282,3 +282,20 @@ def zerotprune_drops(attention, metric, r, iterations, protected=1, band=(0.01, 
         closest = {i: max(float(cos(m[i], m[j], dim=0)) for j in high) for i in low}
         dropped.append(sorted(sorted(low, key=lambda i: -closest[i])[: min(r, half)]))
     return dropped
+
+
+def naive_density_peaks(x, clusters, k=None):
+    """DPC-kNN (SparseVLM's recycling, after TCFormer) with Python loops over the rows."""
+    x = x.double()
+    n, d = x.shape
+    k = clusters if k is None else k
+    dist = [[float((x[i] - x[j]).norm()) / math.sqrt(d) for j in range(n)] for i in range(n)]
+    density = [math.exp(-sum(v * v for v in sorted(row)[:k]) / k) for row in dist]
+    largest = max(max(row) for row in dist)
+    delta = [min([dist[i][j] for j in range(n) if density[j] > density[i]], default=largest) for i in range(n)]
+    order = sorted(range(n), key=lambda i: (-delta[i] * density[i], i))
+    centres = order[:clusters]
+    assignment = [min(range(clusters), key=lambda c: (dist[centres[c]][i], c)) for i in range(n)]
+    for c, i in enumerate(centres):
+        assignment[i] = c
+    return torch.tensor(assignment), torch.tensor(centres)

@@ -38,6 +38,8 @@ def test_tiny_demo_prints_every_pruner(capsys):
         if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner):
             # keep is the mean per decoder layer; the tiny model's 4 layers leave few tokens at the end
             assert int(kept) < 32 and "(576.." in per_layer
+        elif name == "mustdrop":  # the same, after its tower merge left 76% of the patches
+            assert int(kept) < 32 and "(438.." in per_layer
         elif name == "fastv":
             assert kept == "32" and "(576..32)" in per_layer  # its first layers still see all 576
         else:
@@ -106,7 +108,7 @@ def test_default_demo_asks_an_easy_vqa_question_and_writes_the_overlay(capsys, t
     answered = [name for name in vtprune.available() if name not in refused]
     for name in answered:
         assert rows[name][-1] in ("(right)", "(wrong)"), rows.get(name)
-        if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner):
+        if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner) or name == "mustdrop":
             assert 1 <= int(rows[name][1]) < 16, rows[name]  # keep is the mean per layer; fewer reach the end
         elif name == "todre":  # 16 enter the LLM; in the last layers all or none, as the instruction decides
             assert rows[name][1] in ("0", "16"), rows[name]

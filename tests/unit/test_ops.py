@@ -223,3 +223,16 @@ def test_transition_variation_of_known_changes():
     weights = transition_variation(h_in, flipped)
     share = torch.tensor([1.0, 1.0, torch.e**2]) / (2 + torch.e**2)  # softmax of 1 - cos = 0, 0, 2
     torch.testing.assert_close(weights, share)
+
+
+@pytest.mark.parametrize("n, d, clusters", [(1, 4, 1), (12, 3, 2), (40, 16, 5), (83, 32, 9)])
+def test_density_peak_clusters_match_naive_loops(n, d, clusters):
+    from references import naive_density_peaks
+
+    from vtprune.ops import density_peak_clusters
+
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(n))
+    assignment, centres = density_peak_clusters(x, clusters)
+    expected_assignment, expected_centres = naive_density_peaks(x, clusters)
+    assert torch.equal(centres, expected_centres) and torch.equal(assignment, expected_assignment)
+    assert torch.equal(assignment.unique(), torch.arange(clusters))  # no cluster is empty: each holds its centre

@@ -60,6 +60,7 @@ class CallState:
     scored_at: dict = field(default_factory=dict)  # scoring layer -> [(drop layer, signals)]
     signals: dict = field(default_factory=dict)  # drop layer -> {signal: (B, L) fp32, original positions}
     transition: torch.Tensor | None = None  # (B, L) fp32 accumulated transition variation
+    raters: list | None = None  # per sample, original positions of its text raters (signal "raters")
     transition_layers: frozenset = frozenset()
     compaction: Compaction | None = None  # original positions still present; None: nothing dropped yet
     full_hidden: torch.Tensor | None = None

@@ -5,8 +5,9 @@ how it is computed. Attention signals are recomputed at the scoring layer's inpu
 own queries and keys (``DecoderAccess.query_key``) for the few query rows they need, so SDPA and flash
 attention never have to return attention weights; their results are (B, L') fp32 over the layer's
 current (possibly compacted) sequence. Signals without a ``compute`` are filled by the stage itself:
-the transition variation, summed by its sub-layer hooks over the pruner's ``transition_layers``, and
-the tower's CLS attention, read in the vision tower and carried with each image's tokens.
+the transition variation, summed by its sub-layer hooks over the pruner's ``transition_layers``, the
+tower's CLS attention, read in the vision tower and carried with each image's tokens, and the tokens'
+hidden states at the drop point.
 
 To add a signal: a field on ``PromptTokens``, a ``compute`` here (or, for one the stage fills, its
 code in ``llm_stage.py``), and a row in ``SIGNALS``.
@@ -32,7 +33,8 @@ class ScoringInput:
     for those tokens; key_mask: (B, L') bool padding mask of the current sequence, or None.
     last: original position of the last prompt token (the same in every sample: left padding);
     length: L, the prompt's original length; instruction_starts: per sample, the original position
-    after its last image; prompt_mask: (B, L) bool padding mask of the original prompt, or None.
+    after its last image; prompt_mask: (B, L) bool padding mask of the original prompt, or None;
+    raters: per sample, the original positions of its text raters (``text_raters``), when asked for.
     """
 
     decoder: DecoderAccess
@@ -44,6 +46,7 @@ class ScoringInput:
     length: int
     instruction_starts: list[int]
     prompt_mask: torch.Tensor | None
+    raters: list[torch.Tensor] | None = None  # per sample, original positions of its text raters
 
     def row(self, position: int) -> int:
         """Current index of an original position after the last visual token (those tokens all stay,
@@ -70,12 +73,12 @@ def last_token_attention(s: ScoringInput) -> torch.Tensor:
         return attention_rows(q, k, rows, key_mask=s.key_mask, scale=scale)[:, 0]
 
 
-def _instruction_rows_attention(s: ScoringInput, reduce) -> torch.Tensor:
-    """Head-mean attention of each sample's instruction tokens over all keys, ``reduce``d over them."""
+def _rows_attention(s: ScoringInput, rows: list[torch.Tensor], reduce) -> torch.Tensor:
+    """Head-mean attention of each sample's ``rows`` (current indices) over all keys, ``reduce``d over them."""
     hidden = s.hidden
     out = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
-        for b, r in enumerate(s.instruction_rows()):
+        for b, r in enumerate(rows):
             pe = tuple(t[b : b + 1] if t.shape[0] > 1 else t for t in s.position_embeddings)
             r = r.to(hidden.device)
             q, k, scale = s.decoder.query_key(s.layer, hidden[b : b + 1], pe, r)
@@ -86,12 +89,30 @@ def _instruction_rows_attention(s: ScoringInput, reduce) -> torch.Tensor:
 
 def instruction_attention(s: ScoringInput) -> torch.Tensor:
     """Head- and query-mean attention of each sample's instruction tokens over all keys."""
-    return _instruction_rows_attention(s, lambda rows: rows.mean(dim=0))
+    return _rows_attention(s, s.instruction_rows(), lambda rows: rows.mean(dim=0))
 
 
 def instruction_peak(s: ScoringInput) -> torch.Tensor:
     """Per key, the most attention any one instruction token gives it (head mean)."""
-    return _instruction_rows_attention(s, lambda rows: rows.amax(dim=0))
+    return _rows_attention(s, s.instruction_rows(), lambda rows: rows.amax(dim=0))
+
+
+def rater_attention(s: ScoringInput) -> torch.Tensor:
+    """Head- and query-mean attention of each sample's text raters over all keys (SparseVLM)."""
+    rows = [torch.tensor([s.row(int(p)) for p in r]) for r in s.raters]
+    return _rows_attention(s, rows, lambda a: a.mean(dim=0))
+
+
+def text_raters(embeddings: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's text raters of one sample: the instruction tokens most relevant to its images at
+    the decoder's input. embeddings: (L, D) the sample's input embeddings; visual, instruction: their
+    positions. Each visual token's dot products with the instruction tokens go through a softmax over
+    the instruction (no scaling, as the reference); the raters are the instruction tokens whose mean
+    of it over the visual tokens is above the mean (all of them when none is). Returns their positions."""
+    v, t = embeddings[visual].float(), embeddings[instruction].float()
+    relevance = torch.softmax(v @ t.T, dim=-1).mean(dim=0)
+    raters = instruction[relevance > relevance.mean()]
+    return raters if raters.numel() else instruction
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,8 @@ class Signal:
 
 TRANSITION = "transition"
 TOWER = "tower"  # read in the vision tower, carried with each image's tokens into the LLM
+HIDDEN = "hidden"  # the hidden states at the drop point
+RATERS = "raters"  # chosen once per prefill from the decoder's input embeddings
 
 SIGNALS: dict[str, Signal] = {
     "last": Signal("attention", last_token_attention, "head-mean attention from the last prompt token"),
@@ -116,9 +139,16 @@ SIGNALS: dict[str, Signal] = {
         instruction_peak,
         "head-mean attention from the instruction, the largest any one of its tokens gives (max over them)",
     ),
+    RATERS: Signal(
+        "rater_attention",
+        rater_attention,
+        "head- and token-mean attention from the text raters (SparseVLM: the instruction tokens most similar "
+        "to the sample's visual tokens at the decoder's input)",
+    ),
     TRANSITION: Signal(
         "transition", None, "transition variation summed over the pruner's transition layers before the drop"
     ),
+    HIDDEN: Signal("hidden", None, "the tokens' hidden states as they enter the drop layer (for recycling)"),
     TOWER: Signal(
         "tower_attention",
         None,

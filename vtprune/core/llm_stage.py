@@ -28,7 +28,7 @@ from vtprune.core.compaction import Compaction, scatter_attention
 from vtprune.core.decoder import DecoderAccess
 from vtprune.core.layout import VisualLayout
 from vtprune.core.llm_call import CallState, ImageState, LLMPruner, call_stats, plan
-from vtprune.core.llm_signals import SIGNALS, TOWER, TRANSITION, ScoringInput
+from vtprune.core.llm_signals import HIDDEN, RATERS, SIGNALS, TOWER, TRANSITION, ScoringInput, text_raters
 from vtprune.core.masks import compact_mask
 from vtprune.core.patching import PerThread
 from vtprune.core.schedule import DropPoint
@@ -108,6 +108,8 @@ class LLMStage:
             return None
         hidden = _hidden(args, kwargs)
         original = {k: kwargs.get(k) for k in ("position_embeddings", "position_ids", "attention_mask")}
+        if i == 0 and any(RATERS in p.signals for p in self.pruners):
+            call.raters = self._raters(call, hidden)
         if call.compaction is not None and call.restore_outputs:
             hidden = call.compaction.gather(hidden)  # the previous layer's output was restored to full length
         for drop_layer, signals in call.scored_at.get(i, []):
@@ -182,12 +184,29 @@ class LLMStage:
             length=call.layout.length,
             instruction_starts=[end + 1 if end >= 0 else last for end in call.layout.ends],
             prompt_mask=call.key_mask,
+            raters=call.raters,
         )
         out = call.signals.setdefault(drop_layer, {})
         for name in signals:
             compute = SIGNALS[name].compute
             if compute is not None:
                 out[name] = self._to_original(call, compute(scoring))
+
+    def _raters(self, call: CallState, embeddings: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, the positions of its text raters, from the decoder's input embeddings (B, L, D)."""
+        last = call.score_row if call.score_row is not None else call.layout.length - 1
+        out = []
+        for b, spans in enumerate(call.layout.spans):
+            start = call.layout.ends[b] + 1 if call.layout.ends[b] >= 0 else last
+            instruction = torch.arange(start, last + 1, device=embeddings.device)
+            if call.key_mask is not None:
+                instruction = instruction[call.key_mask[b, instruction]]
+            if not spans or not instruction.numel():
+                out.append(instruction if instruction.numel() else torch.tensor([last], device=embeddings.device))
+                continue
+            with torch.no_grad():
+                out.append(text_raters(embeddings[b], torch.cat(spans).to(embeddings.device), instruction))
+        return out
 
     def _accumulate_transition(self, call: CallState, x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.no_grad():
@@ -212,7 +231,7 @@ class LLMStage:
                     groups = call.reuse[1][i][n]
                     _regroup(image, call.reuse[0][i][n], groups)
                 elif point.keep < image.present.numel() or pruner.always_selects:
-                    groups = self._reduce(pruner, image, point, signals)
+                    groups = self._reduce(pruner, image, point, signals, hidden, call.compaction)
                 image.counts.append((i, int(image.present.numel())))
             chosen.append(image.present)
             recycling.append(groups)
@@ -241,14 +260,20 @@ class LLMStage:
             call.layer_compactions[i:] = [new] * (len(self.layers) - i)
         return hidden
 
-    def _reduce(self, pruner: LLMPruner, image: ImageState, point: DropPoint, signals: dict) -> list:
+    def _reduce(
+        self, pruner: LLMPruner, image: ImageState, point: DropPoint, signals: dict, hidden: torch.Tensor, comp
+    ) -> list:
         """Ask the pruner at a drop point; updates ``image.present`` (recycled tokens by their anchor)
         and ``image.groups``; returns the recycled groups as [(members, weights or None)], members
         (g,) indices into the image's tokens, anchor first."""
         positions = image.span[image.present]
-        read = {SIGNALS[s].field: signals[s][image.sample, positions] for s in pruner.signals if s != TOWER}
+        computed = [s for s in pruner.signals if s not in (TOWER, HIDDEN)]
+        read = {SIGNALS[s].field: signals[s][image.sample, positions] for s in computed}
         if TOWER in pruner.signals:
             read[SIGNALS[TOWER].field] = image.tower[image.present.to(image.tower.device)]
+        if HIDDEN in pruner.signals:  # the states entering the drop layer, laid out by ``comp``
+            rows = positions if comp is None else comp.slots()[image.sample, positions]
+            read[SIGNALS[HIDDEN].field] = hidden[image.sample, rows.to(hidden.device)]
         entered = image.span.numel()
         tokens = PromptTokens(keep=point.keep, positions=image.present, grid=image.grid, entered=entered, **read)
         r = _checked_reduction(pruner, pruner.reduce(tokens), image.present.numel(), point.keep)

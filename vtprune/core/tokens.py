@@ -64,6 +64,10 @@ class PromptTokens:
     tower_attention: (N,) fp32 CLS attention in the vision tower at the layers the pruner asks for
         (``tower_attention_layers``; towers without CLS: the attention each token receives), following
         the model's pooling and merging of patches (signal ``"tower"``).
+    rater_attention: (N,) fp32 attention from the sample's text raters, head and token mean (signal
+        ``"raters"``).
+    hidden: (N, D) the tokens' hidden states as they enter the drop layer, in the model's dtype (signal
+        ``"hidden"``).
     """
 
     keep: int
@@ -75,6 +79,8 @@ class PromptTokens:
     instruction_peak: torch.Tensor | None = None
     transition: torch.Tensor | None = None
     tower_attention: torch.Tensor | None = None
+    rater_attention: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.positions.numel()

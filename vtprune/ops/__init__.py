@@ -19,6 +19,7 @@ from vtprune.ops.bipartite import (
     spread_merges,
     unmerge,
 )
+from vtprune.ops.clustering import density_peak_clusters
 from vtprune.ops.diversity import max_min_diversity
 from vtprune.ops.k_center import k_center
 from vtprune.ops.merging import nearest_targets, strided_targets
@@ -34,6 +35,7 @@ __all__ = [
     "attention_rows",
     "bipartite_matching",
     "check_backend",
+    "density_peak_clusters",
     "farthest_points",
     "importance_guided_drops",
     "k_center",

@@ -11,6 +11,7 @@ from vtprune.pruners.mustdrop_merge import MustDropMerge
 from vtprune.pruners.pdrop import PyramidDrop
 from vtprune.pruners.pitome import PiToMe
 from vtprune.pruners.random import RandomPrune
+from vtprune.pruners.sparsevlm import SparseVLM
 from vtprune.pruners.todre import ToDRE
 from vtprune.pruners.tome import ToMe
 from vtprune.pruners.transprune import TransPrune
@@ -33,6 +34,7 @@ __all__ = [
     "PyramidDrop",
     "RandomPrune",
     "ScheduledPruner",
+    "SparseVLM",
     "ToDRE",
     "PiToMe",
     "ToMe",
