@@ -155,3 +155,15 @@ def test_placeholders_anywhere_in_the_prompt(model):
     lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     assert lengths == [len(p) + 2] + [61 + 16 + 2] * 3
     assert handle.last.decode_tokens == [[[576, 16, 16, 16]] * 2]
+
+
+def test_a_cache_policy_refuses_cache_layers_it_cannot_edit_before_the_model_runs(model, inputs):
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=model.config.text_config)
+    cache.layers[2] = DynamicSlidingWindowLayer(sliding_window=4096)
+    with vtprune.apply(model, cached_pdrop()):
+        with pytest.raises(ValueError, match="DynamicSlidingWindowLayer layers: use the default DynamicCache"):
+            with torch.no_grad():
+                model(**inputs, past_key_values=cache)
+    assert cache.get_seq_length() == 0  # refused before the model ran

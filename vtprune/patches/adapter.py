@@ -16,6 +16,7 @@ import functools
 import inspect
 
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vtprune.core.compaction import Compaction
@@ -326,6 +327,7 @@ class Adapter:
                 f"{type(cache).__name__}) is not supported with it; use the default dynamic cache, or a "
                 f"vision-stage pruner ({', '.join(_vision_pruner_names())})"
             )
+        self._check_cache_for_policy(cache)
         given = a.get("mm_encoder_outputs") or {}
         present = [m for m in self.modalities if a.get(_PIXELS[m]) is not None or given.get(m) is not None]
         if not present:
@@ -362,6 +364,21 @@ class Adapter:
             self._remember_cache(out, layout, slots)
             return out
         return self._vision_forward(original, a, encoded, visuals, layout, tail)
+
+    def _check_cache_for_policy(self, cache) -> None:
+        """A cache policy edits the tensors of plain dynamic cache layers, kept on their device."""
+        policy = self._pipeline.decode
+        if policy is None or cache is None:
+            return
+        layers = getattr(cache, "layers", [])
+        odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+        if odd or getattr(cache, "offloading", False):
+            what = f"{', '.join(odd)} layers" if odd else "offloaded layers"
+            raise ValueError(
+                f"the {policy.name!r} cache policy removes entries from the KV cache's layers between decoding "
+                f"steps, which it does for a DynamicCache's plain layers only; this {type(cache).__name__} has "
+                f"{what}: use the default DynamicCache"
+            )
 
     def _visuals(self, encoded: dict) -> list[Visual]:
         """What the stages prune as one image each, images first, then videos (per frame or whole)."""
