@@ -32,7 +32,7 @@ from vtprune.core.layout import VisualLayout
 from vtprune.core.masks import compact_mask
 from vtprune.core.patching import MethodPatch, PerThread
 from vtprune.core.stats import PruneStats
-from vtprune.core.tokens import ModelInfo
+from vtprune.core.tokens import ModelInfo, Reduction
 
 
 @dataclass
@@ -80,6 +80,7 @@ class DecodeState:
     token: torch.Tensor | None = None
     final: torch.Tensor | None = None
     first_drop: list[int | None] = field(default_factory=list)  # per image
+    held: list[list[int]] = field(default_factory=list)  # per row, visual entries each layer holds
     stats: PruneStats | None = None  # the prefill's, where held counts per step are appended
     step: int = 0
 
@@ -92,6 +93,23 @@ class DecodeState:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[rows.to(value.device)])
+        self.held = [list(self.held[r]) for r in rows.tolist()]
+
+    def columns(self, i: int, held_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, valid), each (B, slots): the column of each slot of layer ``i``'s cache, which holds
+        ``held_columns`` columns' worth of tokens."""
+        slots = self.slots[i]
+        if slots is not None:
+            return slots.key_columns(held_columns)
+        index = torch.arange(held_columns, device=self.image.device).expand(self.image.shape[0], -1)
+        return index, torch.ones_like(index, dtype=torch.bool)
+
+    def slot_images(self, index: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For slots holding columns ``index`` (valid where ``valid``): the image of each slot (-1: text,
+        generated or padding) and the prompt column to read its description at."""
+        prompt = self.image.shape[1]
+        at = index.clamp(max=prompt - 1)
+        return torch.where(valid & (index < prompt), self.image.gather(1, at), -1), at
 
 
 @dataclass
@@ -103,7 +121,9 @@ class DecodeCall:
     step: int = 0
     kv_len: int = 0
     columns: dict = field(default_factory=dict)  # layer -> (kv_index, kv_valid, kv_len)
-    held: list[list[int]] = field(default_factory=list)  # per row, visual entries per layer
+    # (id(mask), id(slot map)) -> (mask, slot map, kv_index, kv_valid, converted mask): layers sharing a
+    # map share its conversion (holding both keeps their ids from being reused during the call)
+    converted: dict = field(default_factory=dict)
 
 
 class DecodeStage:
@@ -167,6 +187,8 @@ class DecodeStage:
             for span in spans:
                 dropped_at = [i for i, s in enumerate(state.slots) if s is not None and not _holds_all(s, b, span)]
                 state.first_drop.append(dropped_at[0] if dropped_at else None)
+        counts = [(state.slot_images(*state.columns(i, layout.length))[0] >= 0).sum(1) for i in range(len(self.layers))]
+        state.held = torch.stack(counts, dim=1).tolist()
         if state.stats is not None:
             state.stats.decode_tokens = [[] for _ in layout.spans]
 
@@ -176,9 +198,9 @@ class DecodeStage:
         with self._calls.set(DecodeCall(restore_outputs=restore_outputs)) as call:
             yield call
             state = call.state
-            if state is not None and state.stats is not None and state.stats.decode_tokens and call.held:
-                for b, counts in enumerate(call.held):
-                    state.stats.decode_tokens[b].append(counts)
+            if state is not None and state.stats is not None and state.stats.decode_tokens:
+                for b, counts in enumerate(state.held):
+                    state.stats.decode_tokens[b].append(list(counts))
 
     # -- hooks -------------------------------------------------------------------------------------
     def _before(self, i: int, layer, args, kwargs):
@@ -193,30 +215,33 @@ class DecodeStage:
                 return None
             call.step, call.state.step = call.state.step, call.state.step + 1
             call.kv_len = cache.layers[0].get_seq_length() + q_len
-            if call.state.image is not None:
-                call.held = [[0] * len(self.layers) for _ in range(call.state.image.shape[0])]
         state = call.state
         if state is None:
             return None
         mask = kwargs.get("attention_mask")
         kv_len = mask.shape[-1] if mask is not None else call.kv_len
-        if state.image is not None:
-            self._policy(call, state, i, cache, kv_len - q_len)
+        policy = self.pruner
+        if state.image is not None and i > 0 and policy.evicts_at(call.step) and i >= policy.first_layer(self.info):
+            self._policy(call.step, state, i, cache, kv_len - q_len)
         slots = state.slots[i]
         if slots is None:
             return None
-        kv_index, kv_valid = slots.key_columns(kv_len)
+        key = (id(mask), id(slots))
+        if key not in call.converted:
+            kv_index, kv_valid = slots.key_columns(kv_len)
+            converted = compact_mask(
+                mask,
+                q_index=None,
+                q_valid=None,
+                kv_index=kv_index,
+                kv_valid=kv_valid,
+                q_len=q_len,
+                kv_len=kv_len,
+                flash=self.flash,
+            )
+            call.converted[key] = (mask, slots, kv_index, kv_valid, converted)
+        _, _, kv_index, kv_valid, kwargs["attention_mask"] = call.converted[key]
         call.columns[i] = (kv_index, kv_valid, kv_len)
-        kwargs["attention_mask"] = compact_mask(
-            mask,
-            q_index=None,
-            q_valid=None,
-            kv_index=kv_index,
-            kv_valid=kv_valid,
-            q_len=q_len,
-            kv_len=kv_len,
-            flash=self.flash,
-        )
         return args, kwargs
 
     def _after_attention(self, i: int, attention, args, output):
@@ -228,39 +253,29 @@ class DecodeStage:
         return (output[0], scatter_attention(output[1], *call.columns[i]), *output[2:])
 
     # -- the cache policy ---------------------------------------------------------------------------
-    def _policy(self, call: DecodeCall, state: DecodeState, i: int, cache, held_columns: int) -> None:
-        """Before layer ``i`` reads its cache: the policy's choice, then the visual entries it holds."""
-        slots = state.slots[i]
-        rows = state.image.shape[0]
-        if slots is None:
-            index = torch.arange(held_columns, device=state.image.device).expand(rows, -1)
-            valid = torch.ones_like(index, dtype=torch.bool)
-        else:
-            index, valid = slots.key_columns(held_columns)
-        prompt = state.image.shape[1]
-        in_prompt = valid & (index < prompt)
-        at = index.clamp(max=prompt - 1)
-        image = torch.where(in_prompt, state.image.gather(1, at), -1)
-        if i > 0 and self.pruner.evicts_at(call.step) and i >= self.pruner.first_layer(self.info):
-            keep = valid.clone()
-            for b in range(rows):
-                for number in image[b][image[b] >= 0].unique().tolist():
-                    where = (image[b] == number).nonzero().flatten()
-                    held = HeldTokens(
-                        layer=i,
-                        step=call.step,
-                        positions=state.token[b, at[b, where]],
-                        final=state.final[b, at[b, where]],
-                        first_drop=state.first_drop[number],
-                    )
-                    chosen = _checked(self.pruner, self.pruner.hold(held), len(held), where.device)
-                    dropped = torch.ones(where.numel(), dtype=torch.bool, device=where.device)
-                    dropped[chosen] = False
-                    keep[b, where[dropped]] = False
-            if not bool((keep == valid).all()):
-                image = self._evict(state, i, cache, index, keep, held_columns, image)
-        for b in range(rows):
-            call.held[b][i] = int((image[b] >= 0).sum())
+    def _policy(self, step: int, state: DecodeState, i: int, cache, held_columns: int) -> None:
+        """Before layer ``i`` reads its cache: the policy's choice among the visual entries it holds."""
+        index, valid = state.columns(i, held_columns)
+        image, at = state.slot_images(index, valid)
+        keep = valid.clone()
+        for b in range(image.shape[0]):
+            for number in image[b][image[b] >= 0].unique().tolist():
+                where = (image[b] == number).nonzero().flatten()
+                held = HeldTokens(
+                    layer=i,
+                    step=step,
+                    positions=state.token[b, at[b, where]],
+                    final=state.final[b, at[b, where]],
+                    first_drop=state.first_drop[number],
+                )
+                chosen = _checked(self.pruner, self.pruner.hold(held), len(held), where.device)
+                dropped = torch.ones(where.numel(), dtype=torch.bool, device=where.device)
+                dropped[chosen] = False
+                keep[b, where[dropped]] = False
+        if not bool((keep == valid).all()):
+            image = self._evict(state, i, cache, index, keep, held_columns, image)
+        for b, count in enumerate((image >= 0).sum(1).tolist()):
+            state.held[b][i] = count
 
     def _evict(self, state, i, cache, index, keep, held_columns, image) -> torch.Tensor:
         inner = Compaction.from_keep(keep)
@@ -285,7 +300,7 @@ def _checked(pruner, idx, n: int, device) -> torch.Tensor:
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"the {pruner.name!r} pruner's hold() must return a 1-D integer tensor, got {idx!r}")
     idx = idx.to(device, torch.long)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n or bool((idx[1:] <= idx[:-1]).any())):
+    if not Reduction(idx).fits(n, n):
         raise ValueError(
             f"the {pruner.name!r} pruner's hold() must return ascending, distinct indices in [0, {n}), "
             f"got {idx.tolist()}"

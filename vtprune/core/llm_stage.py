@@ -348,8 +348,7 @@ def _regroup(image: ImageState, present: torch.Tensor, groups: list) -> None:
 def _checked_reduction(pruner: LLMPruner, r, n: int, keep: int) -> Reduction:
     """The pruner's answer as a Reduction, or a clear error when it is not one of ``n`` tokens to at most
     ``keep`` (kept and recycled together)."""
-    if isinstance(r, torch.Tensor):
-        r = Reduction(r)
+    r = Reduction(r) if isinstance(r, torch.Tensor) else r
     kept = r.kept if isinstance(r, Reduction) else r
     if not isinstance(kept, torch.Tensor) or kept.dim() != 1 or kept.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"the {pruner.name!r} pruner's select() must return a 1-D integer tensor, got {kept!r}")

@@ -171,7 +171,7 @@ class Adapter:
                     f"the {pruner.name!r} pruner does not support attn_implementation={impl!r}; "
                     "use sdpa, eager or flash"
                 )
-        reader = next((p for p in pipeline.pruners if p.reads_tower(self.info)), None)
+        reader = pipeline.tower_reader(self.info)
         if reader is not None and towers.tower_spec(self.tower) is None:
             raise ValueError(
                 f"the {reader.name!r} pruner cannot read attention from vision tower {self.info.tower_name}"
@@ -295,7 +295,7 @@ class Adapter:
                 "vtprune.apply, or sliced by chunked prefill); pass pixel_values, or compute the features with "
                 "model.model.get_image_features while vtprune is applied"
             )
-        reader = next((p for p in self._pipeline.pruners if p.reads_tower(self.info)), None)
+        reader = self._pipeline.tower_reader(self.info)
         if self._pipeline.tower is not None:
             raise NotImplementedError(
                 f"the {self._pipeline.tower.name!r} pruner's tokens of a video are lost when generate() repeats "

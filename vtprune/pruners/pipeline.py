@@ -147,8 +147,9 @@ class Pipeline:
     def tower_key_layers(self, info: ModelInfo) -> list[int]:
         return sorted({layer for p in self.pruners for layer in p.tower_key_layers(info)})
 
-    def reads_tower(self, info: ModelInfo) -> bool:
-        return any(p.reads_tower(info) for p in self.pruners)
+    def tower_reader(self, info: ModelInfo) -> Pruner | None:
+        """The first of the pruners that scores with what it reads inside the vision tower, if any."""
+        return next((p for p in self.pruners if p.reads_tower(info)), None)
 
     def options(self) -> dict:
         return {"pruners": [f"{p.name}({p.options()})" for p in self.pruners]}
