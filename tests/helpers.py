@@ -82,8 +82,9 @@ def scheduled_count(model, name, keep, n=576):
         return vtprune.FastV(keep=keep).keep_count(entering)
     pruner = make_pruner(name, **{**PRUNER_OPTIONS[name], "keep": keep})
     if isinstance(pruner, vtprune.Pipeline):  # a registered pipeline (todre, mustdrop): its first stage, then drops
-        entering = pruner.vision.keep_count(n) if pruner.vision is not None else pruner.tower.leaving(n)
         info = adapter_for(model).info
+        pruner.check(info)
+        entering = pruner.vision.keep_count(n) if pruner.vision is not None else pruner.tower.leaving(n)
         return min((pt.keep for p in pruner.llm for pt in p.drop_points(info, entering)), default=entering)
     if pruner.stage in ("vision", "tower"):  # tower: one image's patches on LLaVA-1.5's single grid
         return pruner.keep_count(n)

@@ -299,3 +299,83 @@ def naive_density_peaks(x, clusters, k=None):
     for c, i in enumerate(centres):
         assignment[i] = c
     return torch.tensor(assignment), torch.tensor(centres)
+
+
+# AIM's merge (LaVi-Lab/AIM, its LLaVA-1.5 code: bipartite_soft_matching_merge), restated on one
+# sample: even tokens into their most similar odd ones by cosine, the r most similar merge, each odd
+# token the plain mean of itself and those merged into it; the result in the reference's order
+# (unmerged even tokens by similarity, then the odd ones). Rounds in a row, merging the metric the same
+# way. Returns the merged x (N', C) and per token the patches behind it.
+def aim_merge(metric, x, rs):
+    groups = [[i] for i in range(x.shape[0])]
+    for r in rs:
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        node_max, node_idx = (unit[::2] @ unit[1::2].T).max(dim=-1)
+        edge = node_max.argsort(descending=True)
+        unmerged, src, dst = edge[r:], edge[:r], node_idx[edge[:r]]
+
+        def merge(t, unmerged=unmerged, src=src, dst=dst):
+            even, odd = t[::2], t[1::2]
+            index = dst[:, None].expand(-1, t.shape[1])
+            return torch.cat([even[unmerged], odd.scatter_reduce(0, index, even[src], reduce="mean")])
+
+        x, metric = merge(x), merge(metric)
+        even, odd = groups[::2], [list(g) for g in groups[1::2]]
+        for s, d in zip(src.tolist(), dst.tolist()):
+            odd[d] += even[s]
+        groups = [even[u] for u in unmerged.tolist()] + odd
+    return x, [sorted(g) for g in groups]
+
+
+def naive_flow(layer, h, cos, sin, temperature=0.1, iterations=5):
+    """AIM's PageRank importance over a Llama decoder layer's attention, head by head: h (L, D) the
+    layer's input over the tokens present, cos/sin (1, L, d) their rotary embeddings."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    n, d = h.shape[0], attn.head_dim
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(n, -1, d).transpose(0, 1)[None]
+    k = attn.k_proj(x).view(n, -1, d).transpose(0, 1)[None]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k = q[0].double(), k[0].double().repeat_interleave(q.shape[1] // k.shape[1], dim=0)
+    logits = (q @ k.transpose(1, 2)) * attn.scaling
+    logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    scores = []
+    for m in torch.softmax(logits / temperature, dim=-1):
+        s = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        for _ in range(iterations):
+            s = s @ m
+        scores.append(s)
+    return torch.stack(scores).square().mean(0).sqrt()
+
+
+def naive_patch_entropy(rgb, patch):
+    """VFlowOpt's patch entropy with a Python histogram per patch: rgb (3, H, W) in [0, 255]."""
+    grey = (rgb.clamp(0, 255).floor().sum(0) / 3).round().long()
+    rows, cols = grey.shape[0] // patch, grey.shape[1] // patch
+    out = []
+    for r in range(rows):
+        for c in range(cols):
+            values = grey[r * patch : (r + 1) * patch, c * patch : (c + 1) * patch].flatten().tolist()
+            counts = [values.count(v) for v in sorted(set(values))]
+            out.append(-sum(k / len(values) * math.log2(k / len(values) + 1e-10) for k in counts))
+    return torch.tensor(out)
+
+
+def vflowopt_scores(eager_model, pixel_values, threshold, entropy=0.0):
+    """VFlowOpt's importance of LLaVA-1.5's patches by hand, from the eager tower's returned attention at
+    the feature layer: the mean attention row of the global tokens (receiving over ``threshold`` times
+    the mean), plus ``entropy`` times the softmax of the patches' grey-level entropy."""
+    tower = eager_model.model.vision_tower
+    layer = eager_model.config.vision_feature_layer % len(tower.encoder.layers)
+    with torch.no_grad():
+        a = tower(pixel_values, output_attentions=True).attentions[layer][0].double().mean(0)
+    received = a.mean(0)
+    scores = a[received > threshold * received.mean()].mean(0)[1:]
+    if entropy:
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+        rgb = (pixel_values[0].double() * std + mean) * 255
+        scores = scores + entropy * torch.softmax(naive_patch_entropy(rgb, 14).double(), 0)
+    return scores

@@ -11,7 +11,10 @@ from vtprune.core.stats import PruneStats
 from vtprune.handle import PruneHandle
 from vtprune.patches import supported_classes
 from vtprune.pruners import (
+    AIM,
     AdaptivePrune,
+    AIMMerge,
+    AIMPrune,
     CLSPrune,
     DecodePruner,
     DivPrune,
@@ -32,6 +35,8 @@ from vtprune.pruners import (
     TowerPruner,
     TransPrune,
     UniformPrune,
+    VFlowOpt,
+    VFlowOptSettings,
     VisionPruner,
     VisionZip,
     ZeroTPrune,
@@ -42,6 +47,9 @@ from vtprune.registry import available
 __version__ = "0.1.0"
 
 __all__ = [
+    "AIM",
+    "AIMMerge",
+    "AIMPrune",
     "AdaptivePrune",
     "CLSPrune",
     "DecodePruner",
@@ -66,6 +74,8 @@ __all__ = [
     "TowerPruner",
     "TransPrune",
     "UniformPrune",
+    "VFlowOpt",
+    "VFlowOptSettings",
     "VisionPruner",
     "VisionZip",
     "ZeroTPrune",

@@ -252,18 +252,23 @@ def main(argv: list[str] | None = None) -> int:
         from vtprune.checkpoint_cli import main as checkpoint
 
         return checkpoint(argv[1:])
+    if argv[:1] == ["calibrate"]:
+        from vtprune.calibration import main as calibrate
+
+        return calibrate(argv[1:])
     parser = OneLineParser(
         prog="vtprune",
         description="Visual-token pruning for LLaVA models. 'vtprune demo' runs every pruner on a LLaVA; "
         "'vtprune profile' measures latency, memory and FLOPs (see 'vtprune profile --help'); 'vtprune eval' runs "
         "lmms-eval with vtprune's model and an exit status that says whether it worked; 'vtprune checkpoint' "
-        "writes a local checkpoint (no download).",
+        "writes a local checkpoint (no download); 'vtprune calibrate' chooses VFlowOpt's settings.",
     )
     parser.add_argument("--version", action="version", version=f"vtprune {vtprune.__version__}")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("profile", help="latency, memory and FLOPs vs kept tokens (vtprune profile --help)", add_help=False)
     sub.add_parser("eval", help="lmms-eval with vtprune's model; exits non-zero when the run fails", add_help=False)
     sub.add_parser("checkpoint", help="write a local llava-hf checkpoint: proxy or tiny (no download)", add_help=False)
+    sub.add_parser("calibrate", help="choose VFlowOpt's settings for a model and a budget", add_help=False)
     d = sub.add_parser(
         "demo",
         help="run every pruner on a LLaVA (the real-weights proxy when installed)",

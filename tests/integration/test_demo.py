@@ -20,6 +20,11 @@ def rows(out: str) -> dict[str, re.Match]:
     return {m.group(1): m for m in map(ROW.match, out.splitlines()) if m}
 
 
+# Pipelines whose keep is a mean per decoder layer: the tokens entering the tiny model's decoder at keep 32
+# (mustdrop: its tower merge leaves 76%; aim: its merge 252; vflowopt: its first stage r_v of 576).
+ENTERING = {"mustdrop": 438, "aim": 252, "vflowopt": 67}
+
+
 @pytest.mark.slow
 def test_tiny_demo_prints_every_pruner(capsys):
     assert main(["demo", "--tiny", "--keep", "32", "--repeats", "1"]) == 0
@@ -38,8 +43,8 @@ def test_tiny_demo_prints_every_pruner(capsys):
         if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner):
             # keep is the mean per decoder layer; the tiny model's 4 layers leave few tokens at the end
             assert int(kept) < 32 and "(576.." in per_layer
-        elif name == "mustdrop":  # the same, after its tower merge left 76% of the patches
-            assert int(kept) < 32 and "(438.." in per_layer
+        elif name in ENTERING:  # the same, after a first stage left fewer tokens
+            assert int(kept) < 32 and f"({ENTERING[name]}.." in per_layer
         elif name == "fastv":
             assert kept == "32" and "(576..32)" in per_layer  # its first layers still see all 576
         else:
@@ -110,6 +115,8 @@ def test_default_demo_asks_an_easy_vqa_question_and_writes_the_overlay(capsys, t
         assert rows[name][-1] in ("(right)", "(wrong)"), rows.get(name)
         if issubclass(vtprune.registry.pruner_class(name), vtprune.ScheduledPruner) or name == "mustdrop":
             assert 1 <= int(rows[name][1]) < 16, rows[name]  # keep is the mean per layer; fewer reach the end
+        elif name in ENTERING:  # the same, and these may end with none
+            assert 0 <= int(rows[name][1]) < 16, rows[name]
         elif name == "todre":  # 16 enter the LLM; in the last layers all or none, as the instruction decides
             assert rows[name][1] in ("0", "16"), rows[name]
         else:

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "demo": "vtprune/__main__.py",
     "profile": "vtprune/profiling/cli.py",
     "checkpoint": "vtprune/checkpoint_cli.py",
+    "calibrate": "vtprune/calibration.py",
     "eval": None,
 }
 REPO_DIRS = ("scripts/", "examples/", "eval/", "docs/", "tests/", "vtprune/")

@@ -236,3 +236,52 @@ def test_density_peak_clusters_match_naive_loops(n, d, clusters):
     expected_assignment, expected_centres = naive_density_peaks(x, clusters)
     assert torch.equal(centres, expected_centres) and torch.equal(assignment, expected_assignment)
     assert torch.equal(assignment.unique(), torch.arange(clusters))  # no cluster is empty: each holds its centre
+
+
+def test_patch_entropy_matches_a_histogram_per_patch():
+    from references import naive_patch_entropy
+
+    from vtprune.ops import patch_entropy
+
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(2, 3, 28, 42, generator=g) * 300 - 20  # out-of-range values clamp
+    rgb[:, :, :14, :14] = 100.0  # a flat patch: entropy 0
+    got = patch_entropy(rgb, 14)
+    assert got.shape == (2, 6) and float(got[0, 0]) == pytest.approx(0.0, abs=1e-6)
+    for b in range(2):
+        torch.testing.assert_close(got[b], naive_patch_entropy(rgb[b], 14).float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of 14"):
+        patch_entropy(rgb[..., :20], 14)
+
+
+def test_global_token_attention_averages_the_rows_of_tokens_that_receive_most():
+    from vtprune.ops import global_token_attention
+
+    a = torch.softmax(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)), dim=-1)
+    received = a.mean(0)
+    for threshold in (0.0, 1.0, 1.2):
+        chosen = [j for j in range(6) if received[j] > threshold * received.mean()]
+        expected = a[chosen].mean(0)
+        torch.testing.assert_close(global_token_attention(a, threshold), expected)
+    top = int(received.argmax())  # none above the threshold: the one receiving most stands alone
+    torch.testing.assert_close(global_token_attention(a, 100.0), a[top])
+
+
+def test_causal_attention_rank_matches_a_loop_over_heads_with_shared_keys():
+    from vtprune.ops import causal_attention_rank
+
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    got = causal_attention_rank(q, k, scale=0.5, iterations=5)
+    for b in range(2):
+        scores = []
+        for h in range(4):
+            logits = (q[b, h] @ k[b, h // 2].T * 0.5).masked_fill(
+                torch.ones(9, 9, dtype=torch.bool).triu(1), -torch.inf
+            )
+            m = logits.softmax(-1)
+            s = torch.full((9,), 1 / 9)
+            for _ in range(5):
+                s = s @ m
+            scores.append(s)
+        torch.testing.assert_close(got[b], torch.stack(scores).square().mean(0).sqrt())

@@ -136,7 +136,7 @@ def test_adaptive_spatial_term_spreads_over_the_grid():
 def test_options_are_checked():
     with pytest.raises(ValueError, match="contextual must be a float in"):
         vtprune.VisionZip(keep=64, contextual=1.5)
-    with pytest.raises(ValueError, match="merges tokens; LLM-stage pruners after"):
+    with pytest.raises(ValueError, match="merges tokens after the kept ones; LLM-stage pruners after it are not"):
         vtprune.Pipeline([vtprune.VisionZip(keep=128), vtprune.FastV(keep=64)])
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vtprune.core.decoder import DecoderAccess
-from vtprune.ops import attention_rows
+from vtprune.ops import attention_rows, causal_attention_rank
 
 
 @dataclass
@@ -103,6 +103,29 @@ def rater_attention(s: ScoringInput) -> torch.Tensor:
     return _rows_attention(s, rows, lambda a: a.mean(dim=0))
 
 
+# AIM's PageRank over a decoder layer's attention (its reference code's settings).
+FLOW_TEMPERATURE = 0.1
+FLOW_ITERATIONS = 5
+
+
+def attention_flow(s: ScoringInput) -> torch.Tensor:
+    """AIM's importance of every token of each sample: ``ops.causal_attention_rank`` over the layer's
+    attention among the sample's tokens present (padding left out, so a batch scores as each sample
+    alone), sharpened by ``FLOW_TEMPERATURE``, every token a query."""
+    hidden = s.hidden
+    out = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for b in range(hidden.shape[0]):
+            real = torch.arange(hidden.shape[1], device=hidden.device)
+            if s.key_mask is not None:
+                real = real[s.key_mask[b].to(hidden.device)]
+            pe = tuple((t[b : b + 1] if t.shape[0] > 1 else t)[:, real] for t in s.position_embeddings)
+            rows = torch.arange(real.numel(), device=hidden.device)
+            q, k, scale = s.decoder.query_key(s.layer, hidden[b : b + 1, real], pe, rows)
+            out[b, real] = causal_attention_rank(q, k, scale / FLOW_TEMPERATURE, FLOW_ITERATIONS)[0]
+    return out
+
+
 def text_raters(embeddings: torch.Tensor, visual: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
     """SparseVLM's text raters of one sample: the instruction tokens most relevant to its images at
     the decoder's input. embeddings: (L, D) the sample's input embeddings; visual, instruction: their
@@ -144,6 +167,12 @@ SIGNALS: dict[str, Signal] = {
         rater_attention,
         "head- and token-mean attention from the text raters (SparseVLM: the instruction tokens most similar "
         "to the sample's visual tokens at the decoder's input)",
+    ),
+    "flow": Signal(
+        "flow",
+        attention_flow,
+        "AIM's PageRank importance: the attention flow reaching each token from every token of the sample (5 "
+        "steps from a uniform start over the layer's attention sharpened by temperature 0.1, heads' root mean square)",
     ),
     TRANSITION: Signal(
         "transition", None, "transition variation summed over the pruner's transition layers before the drop"

@@ -68,6 +68,7 @@ class PromptTokens:
         ``"raters"``).
     hidden: (N, D) the tokens' hidden states as they enter the drop layer, in the model's dtype (signal
         ``"hidden"``).
+    flow: (N,) fp32 AIM's PageRank importance over the scoring layer's attention (signal ``"flow"``).
     """
 
     keep: int
@@ -81,6 +82,7 @@ class PromptTokens:
     tower_attention: torch.Tensor | None = None
     rater_attention: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    flow: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.positions.numel()
@@ -95,8 +97,8 @@ class Reduction:
         kept); the merged token is their features' mean. Its first index is its anchor: on models that
         keep original positions (M-RoPE), the merged token takes that token's place; in the LLM stage
         (recycling), every merged token takes its anchor's place.
-    weights: LLM stage only: per group, (g,) non-negative weights of its tokens (the merged token is
-        their weighted mean); empty: plain means.
+    weights: per group, (g,) non-negative weights of its tokens, not all zero (the merged token is their
+        weighted mean); empty: plain means.
     """
 
     kept: torch.Tensor

@@ -1,11 +1,12 @@
 """Per-token signals read from the vision tower while it encodes: what some vision pruners score with.
 
 ``scores`` is the CLS attention of the layers a pruner asks for (``tower_attention_layers``; on towers
-without a CLS token, the attention each token receives), ``keys`` the head-mean keys of the layers it
-asks for (``tower_key_layers``). Both travel as channels of one tensor, so a model family's adapter can
-follow the model's own packing, pooling and merging of tokens once for all of them. When a tower-stage
-pruner merged tokens, a third channel travels with them: per patch, the id of the token it was merged
-into (``TowerStage.token_ids``), so the vision stage can let each merged token in once.
+without a CLS token, the attention each token receives; or a pruner's ``GlobalTokenRule``), ``keys``
+the head-mean keys of the layers it asks for (``tower_key_layers``). Both travel as channels of one
+tensor, so a model family's adapter can follow the model's own packing, pooling and merging of tokens
+once for all of them. When a tower-stage pruner merged tokens, a third channel travels with them: per
+patch, the id of the token it was merged into (``TowerStage.token_ids``), so the vision stage can let
+each merged token in once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class GlobalTokenRule:
+    """The tower score a pruner may ask for instead of the CLS row (VFlowOpt): the attention the
+    layer's global tokens pay to each token (``ops.global_token_attention`` with ``threshold``), plus
+    ``entropy_weight`` times the softmax over each tower input's patches of their grey-level entropy
+    (``ops.patch_entropy``; 0: no entropy term)."""
+
+    threshold: float
+    entropy_weight: float = 0.0
 
 
 @dataclass(frozen=True)

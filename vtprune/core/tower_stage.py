@@ -26,6 +26,7 @@ class TowerMerging(Protocol):
 
     proportional: bool
     exact_plan: bool
+    size_weighted: bool
 
     def merge_plan(self, patches: int, protected: int, blocks: int, counted_on: int | None = None) -> list[int]: ...
 
@@ -98,14 +99,22 @@ class TowerStage:
             if step == 0 or (matching.r < step and self.pruner.exact_plan):
                 raise RuntimeError(f"block {block} cannot merge {r} more of its {x.shape[1]} tokens")
             if step < r:
-                metric, _ = merge_weighted(metric, size, matching)  # the next matching compares merged tokens
+                metric, _ = self._fold(metric, size, matching)  # the next matching compares merged tokens
                 attention = _among(attention, matching.kept)
-            x, size = merge_weighted(x, size, matching)
+            x, size = self._fold(x, size, matching)
             run.origin = merge_origin(run.origin, matching)
             r = r - matching.r if matching.r == step else 0  # fewer: the plan was a bound the rule decided
         run.size = size
         run.origins[x.shape[1]] = run.origin
         return x
+
+    def _fold(self, x: torch.Tensor, size: torch.Tensor, matching) -> tuple[torch.Tensor, torch.Tensor]:
+        """x after ``matching``: size-weighted means (ToMe), or plain means of the tokens merged in this
+        step for pruners without ``size_weighted`` (AIM); and the patches each token stands for."""
+        if self.pruner.size_weighted:
+            return merge_weighted(x, size, matching)
+        x, _ = merge_weighted(x, torch.ones_like(size), matching)
+        return x, merge_weighted(size[..., None], size, matching)[1]
 
     def restore(self, run: TowerRun, x: torch.Tensor) -> torch.Tensor:
         """A tensor of per-token rows as some block left them, (B, N', ...), on the original token grid

@@ -119,6 +119,8 @@ class VisionStage:
         self.name = pruner.name if pruner is not None else tower
         self.num_decoder_layers = num_decoder_layers
         self.keeps_positions = keeps_positions
+        # Merged tokens take their anchor's place on position-keeping models, and for pruners that ask.
+        self.merged_at_anchor = keeps_positions or bool(getattr(pruner, "merges_at_anchor", False))
 
     def run(self, visuals: list[Visual], layout: VisualLayout, prompt: Prompt) -> VisionOutcome:
         for v in visuals:
@@ -130,7 +132,6 @@ class VisionStage:
                 )
         both = [reduce_visual(self.pruner, v.features, v.parts) for v in visuals]
         reductions, reported = [r for r, _ in both], [r for _, r in both]
-        kept = [r.kept for r in reductions]
         # Placeholders that stay: the kept tokens' and, for each merged token, its anchor's.
         slots = layout.per_sample([_slots(r) for r in reductions])
         comp = Compaction.from_keep(layout.keep_mask(slots, prompt.input_ids.device))
@@ -141,12 +142,16 @@ class VisionStage:
             layer_tokens=[[int(k.numel()) + len(m)] * self.num_decoder_layers for k, m in zip(sample_kept, merged)],
             merged=merged,
         )
-        remaining = [(v.modality, v.parts.after_keep(k)) for v, k in zip(visuals, kept)]
+        # The tokens entering the LLM: kept ones, and merged ones where they take their anchor's place.
+        remaining = [
+            (v.modality, v.parts.after_keep(_slots(r) if self.merged_at_anchor else r.kept))
+            for v, r in zip(visuals, reductions)
+        ]
         if comp.is_identity:
             return VisionOutcome(stats, comp, None, None, None, remaining, None)
         tokens: dict = {}
         for v, r in zip(visuals, reductions):
-            mine = _image_tokens(v, r, merged_at_anchor=self.keeps_positions)
+            mine = _image_tokens(v, r, merged_at_anchor=self.merged_at_anchor)
             tokens.setdefault(v.modality, {}).setdefault(v.number, []).append(mine)
         tokens = {m: [torch.cat(parts) for parts in per_number.values()] for m, per_number in tokens.items()}
         short, full_positions = self._shorten(comp, prompt)
@@ -194,7 +199,8 @@ def reduce_visual(
     else:
         positions = torch.cat([parts.prunable[firsts], parts.fixed]).sort().values
         chosen = select_in_parts(pruner, features[positions.to(features.device)], parts.restricted(positions))
-        r = Reduction(firsts[chosen.kept.cpu()].to(features.device), tuple(firsts[g.cpu()] for g in chosen.groups))
+        groups = tuple(firsts[g.cpu()] for g in chosen.groups)
+        r = Reduction(firsts[chosen.kept.cpu()].to(features.device), groups, chosen.weights)
     behind = dict(zip(firsts.tolist(), members))
     alone = [k for k in r.kept.tolist() if behind[k].numel() == 1]
     groups = [behind[k] for k in r.kept.tolist() if behind[k].numel() > 1]
@@ -216,7 +222,7 @@ def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImagePa
     scored = list(zip(parts.parts, budgets))
     if pruner.crop_budget == "global" and parts.crops and parts.cls_attention is not None:
         scored = scored[:-1] + _global_crop_budgets(parts, budgets[-1])
-    chosen, groups = [], []
+    chosen, groups, weights, weighted = [], [], [], False
     for part, part_keep in scored:
         if part_keep == 0:
             continue
@@ -233,11 +239,14 @@ def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImagePa
         _check_reduction(pruner, reduction, len(tokens), part_keep)
         chosen.append(part.index[reduction.kept.cpu()])
         groups += [part.index[g.cpu()] for g in reduction.groups]
+        weighted = weighted or bool(reduction.weights)
+        weights += reduction.weights or [torch.ones(g.numel()) for g in reduction.groups]
+    weights = tuple(weights) if weighted else ()
     if len(parts.parts) == 1 and prunable.numel() == parts.n_tokens:
-        return Reduction(chosen[0].to(features.device), tuple(groups))
+        return Reduction(chosen[0].to(features.device), tuple(groups), weights)
     positions = torch.cat(chosen).sort().values
     as_prunable = tuple(torch.searchsorted(prunable, g) for g in groups)
-    return Reduction(torch.searchsorted(prunable, positions).to(features.device), as_prunable)
+    return Reduction(torch.searchsorted(prunable, positions).to(features.device), as_prunable, weights)
 
 
 def _check_reduction(pruner: VisionPruner, r: Reduction, n: int, keep: int) -> None:
@@ -270,7 +279,7 @@ def _slots(r: Reduction) -> torch.Tensor:
 
 def _image_tokens(v: Visual, r: Reduction, merged_at_anchor: bool) -> torch.Tensor:
     """(k + fixed + merged, D): what the model gets for one image: kept and fixed tokens in prompt
-    order, then each merged token (the mean of its group), or, with ``merged_at_anchor``, each merged
+    order, then each merged token (the (weighted) mean of its group), or, with ``merged_at_anchor``, each merged
     token at its anchor's place."""
     f = v.features
     staying = v.parts.token_positions(r.kept)
@@ -278,7 +287,12 @@ def _image_tokens(v: Visual, r: Reduction, merged_at_anchor: bool) -> torch.Tens
     if not r.groups:
         return kept
     prunable = v.parts.prunable
-    merged = torch.stack([f[prunable[g.cpu()].to(f.device)].float().mean(0) for g in r.groups]).to(f.dtype)
+    if r.weights:
+        rows = [f[prunable[g.cpu()].to(f.device)].float() for g in r.groups]
+        weights = [w.to(f.device).float() for w in r.weights]
+        merged = torch.stack([(w[:, None] * x).sum(0) / w.sum() for w, x in zip(weights, rows)]).to(f.dtype)
+    else:
+        merged = torch.stack([f[prunable[g.cpu()].to(f.device)].float().mean(0) for g in r.groups]).to(f.dtype)
     tokens = torch.cat([kept, merged])
     if not merged_at_anchor:
         return tokens

@@ -21,9 +21,11 @@ from vtprune.ops.bipartite import (
 )
 from vtprune.ops.clustering import density_peak_clusters
 from vtprune.ops.diversity import max_min_diversity
+from vtprune.ops.entropy import patch_entropy
 from vtprune.ops.k_center import k_center
 from vtprune.ops.merging import nearest_targets, strided_targets
-from vtprune.ops.pagerank import attention_rank, importance_guided_drops
+from vtprune.ops.pagerank import attention_rank, causal_attention_rank, importance_guided_drops
+from vtprune.ops.sinks import global_token_attention
 from vtprune.ops.spatial import farthest_points
 from vtprune.ops.transition import transition_variation
 from vtprune.ops.windows import window_matching, window_scores
@@ -34,9 +36,11 @@ __all__ = [
     "attention_rank",
     "attention_rows",
     "bipartite_matching",
+    "causal_attention_rank",
     "check_backend",
     "density_peak_clusters",
     "farthest_points",
+    "global_token_attention",
     "importance_guided_drops",
     "k_center",
     "max_merges",
@@ -44,6 +48,7 @@ __all__ = [
     "merge_origin",
     "merge_weighted",
     "nearest_targets",
+    "patch_entropy",
     "proportional_bias",
     "resolve_backend",
     "spread_merges",

@@ -8,6 +8,9 @@ heads whose score spread is outside ``variance_band`` (the variance of ``N * s``
 ranks every token alike, large for one that ranks a single token far above the rest), and combines the remaining
 heads by the root mean square.
 
+``causal_attention_rank`` is AIM's variant inside a language model: the graph is a decoder layer's
+causal attention over one sequence, sharpened by a temperature, every token starting alike.
+
 ``importance_guided_drops`` is the similarity stage: the patch tokens are sorted by importance and split
 into the less important half A and the rest B; each A token's largest cosine similarity (of ``metric``,
 e.g. the keys averaged over heads) to a B token measures how much of it B already holds, and the
@@ -20,6 +23,7 @@ import math
 
 import torch
 
+from vtprune.ops.attention import attention_rows
 from vtprune.ops.bipartite import Matching
 
 
@@ -50,6 +54,24 @@ def attention_rank(
         heads = heads | ~heads.any(-1, keepdim=True)  # no head in the band: keep them all
     weight = heads.float()[..., None]
     return ((s.square() * weight).sum(1) / weight.sum(1)).sqrt()
+
+
+def causal_attention_rank(q: torch.Tensor, k: torch.Tensor, scale: float, iterations: int) -> torch.Tensor:
+    """(B, L) ``attention_rank`` of one causal sequence per sample, from its queries ``q`` (B, Hq, L, D)
+    and keys ``k`` (B, Hkv, L, D) (grouped-query heads shared as in ``attention_rows``): the graph of
+    each head is ``softmax(q k^T * scale)`` under the causal mask (AIM: ``scale`` is the layer's own
+    divided by its temperature), all heads kept. One group of query heads at a time, so the (L, L)
+    matrices of only that group exist at once."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q must be (B, Hq, L, D) and k (B, Hkv, L, D) with Hq % Hkv == 0, got {q.shape}, {k.shape}")
+    batch, heads, length, _ = q.shape
+    group = heads // k.shape[1]
+    rows = torch.arange(length, device=q.device)
+    squares = q.new_zeros(batch, length, dtype=torch.float32)
+    for h in range(k.shape[1]):
+        attention = attention_rows(q[:, h * group : (h + 1) * group], k[:, h : h + 1], rows, scale=scale, per_head=True)
+        squares += attention_rank(attention, iterations, variance_band=None).square() * group
+    return (squares / heads).sqrt()
 
 
 def importance_guided_drops(metric: torch.Tensor, importance: torch.Tensor, r: int, protected: int = 0) -> Matching:

@@ -172,9 +172,17 @@ class Adapter:
                     "use sdpa, eager or flash"
                 )
         reader = pipeline.tower_reader(self.info)
-        if reader is not None and towers.tower_spec(self.tower) is None:
+        spec = towers.tower_spec(self.tower)
+        if reader is not None and spec is None:
             raise ValueError(
                 f"the {reader.name!r} pruner cannot read attention from vision tower {self.info.tower_name}"
+            )
+        rule = pipeline.tower_score_rule()
+        if rule is not None and rule.entropy_weight and (spec is None or spec.pixel_mean is None):
+            raise ValueError(
+                f"the {reader.name!r} pruner's entropy term reads each patch's pixels, which vtprune cannot "
+                f"do in vision tower {self.info.tower_name} (its inputs are not (B, 3, H, W) images); use "
+                f"entropy=0"
             )
 
     def _merging_blocks(self) -> int:
@@ -189,7 +197,10 @@ class Adapter:
         """Patch the model; returns the undo steps (bound methods, so a deep copy undoes its own)."""
         self._pipeline = pipeline = as_pipeline(config)
         self._tower_reader = towers.TowerReader(
-            self.tower, pipeline.tower_attention_layers(self.info), pipeline.tower_key_layers(self.info)
+            self.tower,
+            pipeline.tower_attention_layers(self.info),
+            pipeline.tower_key_layers(self.info),
+            pipeline.tower_score_rule(),
         )
         self._merging = None
         self._frame_tokens = None  # a pooled frame's tokens, where a tower pruner's tokens replace the pooling

@@ -4,8 +4,9 @@ The encoder layers up to the last one whose output the VLM selects (``vision_fea
 their ``forward`` shadowed for the duration (``MethodPatch``): each runs its own sub-modules in its
 own order (``TowerSpec.merging_layer``), with the proportional-attention term as the attention mask
 its attention adds, and merges after the attention residual (the keys, read by a forward hook on the
-attention's key projection, compared) or, for pruners that merge a block's output (MustDrop), after
-the layer (its hidden states compared). Layers after the selected one merge nothing.
+attention's key projection, compared) or, for pruners that merge a block's output (MustDrop, AIM),
+after the layer (its hidden states, or the keys the next layer would compute from them, compared).
+Layers after the selected one merge nothing.
 
 At the tower's exit the merged tokens go back on the patch grid: every tensor of per-token rows the
 tower returns (``last_hidden_state``, ``hidden_states``) has each patch carry the token it was merged
@@ -183,9 +184,19 @@ class TowerMerging:
         mask = attention_mask if bias is None else bias
         if stage.pruner.merges_after == "block":  # merge the layer's output, comparing its hidden states
             out = self.spec.merging_layer(layer, hidden_states, mask, kwargs, _unchanged)
-            return stage.merge(run, index, out, out)
+            return stage.merge(run, index, out, self._block_metric(index, out))
         merge = functools.partial(self._merge, run, index)
         return self.spec.merging_layer(layer, hidden_states, mask, kwargs, merge)
+
+    def _block_metric(self, index: int, out: torch.Tensor) -> torch.Tensor:
+        """What a block merging after its output compares (``TowerPruner.block_metric``)."""
+        layers = self.spec.layers(self.tower)
+        if self.stage.pruner.block_metric != "next_keys" or index + 1 >= len(layers):
+            return out
+        following = layers[index + 1]
+        key = getattr(getattr(following, self.spec.attention), self.spec.key)
+        with torch.no_grad():  # .forward: the keys of a layer that has not run yet, unseen by key readers
+            return key.forward(getattr(following, self.spec.norm)(out))
 
     def _merge(self, run: TowerRun, index: int, x: torch.Tensor) -> torch.Tensor:
         return self.stage.merge(run, index, x, run.metric)  # the metric the layer's attention just read

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from vtprune.core.patching import PerThread
-from vtprune.ops import attention_rows
+from vtprune.core.tower_signals import GlobalTokenRule
+from vtprune.ops import attention_rows, global_token_attention, patch_entropy
 
 
 def _clip_layer_merging(layer: nn.Module, x: torch.Tensor, mask, kwargs: dict, merge: Callable) -> torch.Tensor:
@@ -54,6 +55,10 @@ class TowerSpec:
     # Whether config.image_size is the input size; DINOv2's is its position table's (518 px), resized
     # to whatever input comes (the proxy feeds 224 px), so its grid is known only at the forward.
     grid_from_config: bool = True
+    # The per-channel mean and std its image processors normalise pixels with, to read the pixels back
+    # (VFlowOpt's patch entropy); None where the tower does not take images as (B, 3, H, W) pixels.
+    pixel_mean: tuple[float, float, float] | None = None
+    pixel_std: tuple[float, float, float] | None = None
 
 
 def _clip_style_layers(tower: nn.Module) -> nn.ModuleList:
@@ -68,9 +73,20 @@ _QWEN_NO_MERGING = (
     "windowed attention groups patches by place); use a vision-stage pruner after the tower instead"
 )
 
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 _SPECS = {
     "CLIPVisionModel": TowerSpec(
-        _clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", True, _clip_layer_merging
+        _clip_style_layers,
+        "layer_norm1",
+        "self_attn",
+        "q_proj",
+        "k_proj",
+        True,
+        _clip_layer_merging,
+        pixel_mean=_CLIP_MEAN,
+        pixel_std=_CLIP_STD,
     ),
     "Dinov2Model": TowerSpec(
         lambda t: t.encoder.layer,
@@ -81,9 +97,19 @@ _SPECS = {
         True,
         _dinov2_layer_merging,
         grid_from_config=False,
+        pixel_mean=_IMAGENET_MEAN,
+        pixel_std=_IMAGENET_STD,
     ),
     "SiglipVisionModel": TowerSpec(
-        _clip_style_layers, "layer_norm1", "self_attn", "q_proj", "k_proj", False, _clip_layer_merging
+        _clip_style_layers,
+        "layer_norm1",
+        "self_attn",
+        "q_proj",
+        "k_proj",
+        False,
+        _clip_layer_merging,
+        pixel_mean=(0.5, 0.5, 0.5),
+        pixel_std=(0.5, 0.5, 0.5),
     ),
     # Qwen2-VL / Qwen2.5-VL: every image's patches in one sequence, attention within segments
     # (cu_seqlens), 2-D rotary embeddings; no CLS token.
@@ -142,9 +168,9 @@ def _received_by(q: torch.Tensor, k: torch.Tensor, scale) -> torch.Tensor:
     return total / q.shape[2]
 
 
-def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """Attention each token receives in an encoder layer, averaged over heads and queries: (B, T),
-    or (S,) for a fused-qkv tower whose one sequence holds every image (each its own segment)."""
+def _per_input(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict):
+    """Per tower input, its queries and keys (1, H, T, D) in an encoder layer, and the softmax scale:
+    the batch's rows, or the segments of a fused-qkv tower whose one sequence holds every image."""
     attn, x, scale = _attention_input(layer, spec, hidden)
     if spec.query is None:
         n = x.shape[0]
@@ -152,16 +178,49 @@ def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: d
         cos, sin = kwargs["position_embeddings"]
         q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
         bounds = kwargs["cu_seqlens"].tolist()
-        return torch.cat(
-            [
-                _received_by(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], scale)[0]
-                for a, b in zip(bounds[:-1], bounds[1:])
-            ]
-        )
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            yield q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], scale
+        return
     q = _heads(getattr(attn, spec.query), x, attn.head_dim)
     k = _heads(getattr(attn, spec.key), x, attn.head_dim)
-    # One tower input at a time: each needs its whole (T, T) map.
-    return torch.cat([_received_by(q[i : i + 1], k[i : i + 1], scale) for i in range(x.shape[0])])
+    for i in range(x.shape[0]):  # one tower input at a time: each needs its whole (T, T) map
+        yield q[i : i + 1], k[i : i + 1], scale
+
+
+def _per_token(spec: TowerSpec, rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-input (1, T) rows as (B, T), or as (S,) for a fused-qkv tower."""
+    return torch.cat([r[0] for r in rows]) if spec.query is None else torch.cat(rows)
+
+
+def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Attention each token receives in an encoder layer, averaged over heads and queries: (B, T),
+    or (S,) for a fused-qkv tower whose one sequence holds every image (each its own segment)."""
+    return _per_token(spec, [_received_by(q, k, scale) for q, k, scale in _per_input(layer, spec, hidden, kwargs)])
+
+
+def _global_attention(
+    threshold: float, layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict
+) -> torch.Tensor:
+    """VFlowOpt's context relevance in an encoder layer (``ops.global_token_attention``): (B, T), or (S,)."""
+    rows = []
+    for q, k, scale in _per_input(layer, spec, hidden, kwargs):
+        chunks = [
+            attention_rows(q[:, :, i : i + _QUERY_CHUNK], k, scale=scale) for i in range(0, q.shape[2], _QUERY_CHUNK)
+        ]
+        rows.append(global_token_attention(torch.cat(chunks, dim=1)[0], threshold)[None])
+    return _per_token(spec, rows)
+
+
+def pixel_entropy(spec: TowerSpec, pixel_values: torch.Tensor, patch: int, prefix: int) -> torch.Tensor:
+    """(B, prefix + P) per tower input, the softmax over its P patches of their grey-level entropy
+    (``ops.patch_entropy``, on the pixels read back with the family's normalisation), 0 for prefix
+    tokens; rows and columns past the last whole patch are not part of any patch (as the tower's)."""
+    mean = torch.tensor(spec.pixel_mean, device=pixel_values.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.pixel_std, device=pixel_values.device).view(1, 3, 1, 1)
+    h, w = pixel_values.shape[-2] // patch * patch, pixel_values.shape[-1] // patch * patch
+    rgb = (pixel_values[..., :h, :w].float() * std + mean) * 255
+    shares = torch.softmax(patch_entropy(rgb, patch), dim=-1)
+    return torch.cat([shares.new_zeros(shares.shape[0], prefix), shares], dim=1)
 
 
 def _keys(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -176,17 +235,21 @@ def _keys(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict)
 
 class TowerReader:
     """What a pruner reads inside the vision tower while it encodes: the CLS attention row of
-    ``score_layers`` (on towers without a CLS token, the mean attention each token receives) and the
-    head-mean keys of ``key_layers``.
+    ``score_layers`` (on towers without a CLS token, the mean attention each token receives; with a
+    ``GlobalTokenRule``, the attention of the layer's global tokens, and the patches' entropy read from
+    the pixels the tower receives) and the head-mean keys of ``key_layers``.
 
     The hooks are installed once (``install``) and read for the thread that asks (``reading``): one
     model may encode in several threads at once, and each thread collects only its own tower calls.
     """
 
-    def __init__(self, tower: nn.Module, score_layers: list[int], key_layers: list[int]):
+    def __init__(
+        self, tower: nn.Module, score_layers: list[int], key_layers: list[int], rule: GlobalTokenRule | None = None
+    ):
         self.tower = tower
         self.score_layers = score_layers
         self.key_layers = key_layers
+        self.rule = rule
         self._reading = PerThread()
 
     def install(self) -> list:
@@ -195,8 +258,14 @@ class TowerReader:
             return []
         spec = tower_spec(self.tower)
         modules = spec.layers(self.tower)
-        score = _cls_row if spec.has_cls else _received
+        if self.rule is not None:
+            score = functools.partial(_global_attention, self.rule.threshold)
+        else:
+            score = _cls_row if spec.has_cls else _received
         handles = []
+        if self.rule is not None and self.rule.entropy_weight:
+            hook = functools.partial(self._read_pixels, spec)
+            handles.append(self.tower.register_forward_pre_hook(hook, with_kwargs=True))
         for kind, layers, compute in (("scores", self.score_layers, score), ("keys", self.key_layers, _keys)):
             hook = functools.partial(self._read, kind, spec, compute)
             handles += [modules[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
@@ -205,7 +274,8 @@ class TowerReader:
     @contextmanager
     def reading(self):
         """Collect, in this thread, one tensor per hooked layer call: ``scores`` (B, T) fp32 and ``keys``
-        (B, T, head_dim) fp32 ((S,) and (S, head_dim) for Qwen2-VL towers), layer order per tower call."""
+        (B, T, head_dim) fp32 ((S,) and (S, head_dim) for Qwen2-VL towers), layer order per tower call;
+        with an entropy term, its weighted (B, T) shares come first among the scores (they add up)."""
         with self._reading.set({"scores": [], "keys": []}) as read:
             yield read
 
@@ -216,3 +286,12 @@ class TowerReader:
         hidden = args[0] if args else kwargs["hidden_states"]
         with torch.no_grad():
             read[kind].append(compute(module, spec, hidden, kwargs))
+
+    def _read_pixels(self, spec: TowerSpec, module, args, kwargs) -> None:
+        read = self._reading.get()
+        if read is None:
+            return
+        pixels = args[0] if args else kwargs["pixel_values"]
+        with torch.no_grad():
+            shares = pixel_entropy(spec, pixels, module.config.patch_size, int(spec.has_cls))
+        read["scores"].append(self.rule.entropy_weight * shares)

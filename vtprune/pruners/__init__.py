@@ -1,6 +1,7 @@
 """The pruners: one file each, each a small dataclass with a ``score`` (a ranking) or a ``select``."""
 
 from vtprune.pruners.adaptive import AdaptivePrune
+from vtprune.pruners.aim import AIM, AIMMerge, AIMPrune
 from vtprune.pruners.base import DecodePruner, LLMPruner, Pruner, ScheduledPruner, TowerPruner, VisionPruner
 from vtprune.pruners.cls import CLSPrune
 from vtprune.pruners.divprune import DivPrune
@@ -16,10 +17,14 @@ from vtprune.pruners.todre import ToDRE
 from vtprune.pruners.tome import ToMe
 from vtprune.pruners.transprune import TransPrune
 from vtprune.pruners.uniform import UniformPrune
+from vtprune.pruners.vflowopt import VFlowOpt, VFlowOptSettings
 from vtprune.pruners.visionzip import VisionZip
 from vtprune.pruners.zerotprune import ZeroTPrune
 
 __all__ = [
+    "AIM",
+    "AIMMerge",
+    "AIMPrune",
     "AdaptivePrune",
     "CLSPrune",
     "DecodePruner",
@@ -41,6 +46,8 @@ __all__ = [
     "TowerPruner",
     "TransPrune",
     "UniformPrune",
+    "VFlowOpt",
+    "VFlowOptSettings",
     "VisionPruner",
     "VisionZip",
     "ZeroTPrune",

@@ -13,6 +13,7 @@ import torch
 from vtprune.core.decode_stage import HeldTokens
 from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_explicit, explicit, fit_average
 from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, VisionTokens
+from vtprune.core.tower_signals import GlobalTokenRule
 from vtprune.ops.bipartite import Matching, max_merges, max_merges_in, spread_merges
 
 # What the stages hand a pruner, re-exported here: a pruner's file imports everything it needs from base.
@@ -59,6 +60,7 @@ __all__ = [
     "VisionPruner",
     "VisionTokens",
     "keep_from_text",
+    "leaving_at_least",
     "top_k_sorted",
 ]
 
@@ -108,6 +110,11 @@ class Pruner:
         """Vision-encoder layers whose keys this pruner compares tokens with (none by default)."""
         return []
 
+    def tower_score_rule(self) -> GlobalTokenRule | None:
+        """How the tower attention this pruner reads is scored when not by the CLS row (None: the CLS
+        row, or its substitute on towers without CLS)."""
+        return None
+
     def reads_tower(self, info: ModelInfo) -> bool:
         """Whether this pruner scores with anything read inside the vision tower (attention or keys)."""
         return bool(self.tower_attention_layers(info) or self.tower_key_layers(info))
@@ -148,6 +155,9 @@ class VisionPruner(Pruner):
 
     stage: ClassVar[str] = "vision"
     merges: ClassVar[bool] = False  # whether ``reduce`` may return merged tokens
+    # Whether each merged token takes its anchor's place (VFlowOpt) rather than following the kept ones
+    # (VisionZip); LLM-stage pruners may come after only the former.
+    merges_at_anchor: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -294,6 +304,11 @@ class TowerPruner(Pruner):
     # Where a block merges: "attention" (after the attention residual, comparing the keys averaged over
     # heads, as ToMe) or "block" (after the block's output, comparing its hidden states, as MustDrop).
     merges_after: ClassVar[str] = "attention"
+    # What a block merging after its output compares: "hidden" (its hidden states, as MustDrop) or
+    # "next_keys" (the keys the next block's attention would compute from them, all heads, as AIM; the
+    # hidden states when the block is the tower's last).
+    block_metric: ClassVar[str] = "hidden"
+    size_weighted: ClassVar[bool] = True  # merged tokens are size-weighted means (ToMe), else plain means
     reads_attention: ClassVar[bool] = False  # the adapter then computes the attention probabilities
     drops: ClassVar[bool] = False  # whether tokens are dropped (Matching.into -1) rather than merged
 
@@ -402,6 +417,15 @@ class TowerPruner(Pruner):
         ``attention`` (B, H, N, N), the block's attention probabilities, for pruners with
         ``reads_attention``."""
         raise NotImplementedError(f"{type(self).__name__} must define match()")
+
+
+def leaving_at_least(pruner: TowerPruner, at_least: int | float, patches: int, counted_on: int | None) -> int:
+    """Patch tokens leaving the tower under ``pruner`` (its own ``leaving``) when it is a pipeline's
+    first stage, but never fewer than ``at_least`` (the pipeline's ``keep``) counts: all of them when
+    that keeps every token, so that the pipeline's ``keep=1.0`` is the identity."""
+    counted_on = patches if counted_on is None else counted_on
+    floor = budget_count(at_least, counted_on)
+    return patches if floor >= counted_on else max(TowerPruner.leaving(pruner, patches, counted_on), floor)
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -11,8 +11,8 @@ from typing import ClassVar
 
 import torch
 
-from vtprune.core.schedule import DropPoint, budget_count, scaled_layers
-from vtprune.pruners.base import ModelInfo, PromptTokens, ScheduledPruner
+from vtprune.core.schedule import DropPoint, scaled_layers
+from vtprune.pruners.base import ModelInfo, PromptTokens, ScheduledPruner, leaving_at_least
 from vtprune.pruners.cls import warn_without_cls
 from vtprune.pruners.mustdrop_cache import MustDropCache
 from vtprune.pruners.mustdrop_merge import MustDropMerge
@@ -142,9 +142,7 @@ class MustDropTowerMerge(MustDropMerge):
     name: ClassVar[str] = "mustdrop.merge"
 
     def leaving(self, patches: int, counted_on: int | None = None) -> int:
-        counted_on = patches if counted_on is None else counted_on
-        floor = budget_count(self.at_least, counted_on)
-        return patches if floor >= counted_on else max(super().leaving(patches, counted_on), floor)
+        return leaving_at_least(self, self.at_least, patches, counted_on)
 
 
 @register

@@ -58,9 +58,10 @@ class Pipeline:
                 f"the cache policy ({decode[0].name!r}) must come last in a Pipeline: it acts in the decode steps, "
                 f"after every other stage"
             )
-        if vision and vision[0].merges and self.llm:
+        if vision and vision[0].merges and not vision[0].merges_at_anchor and self.llm:
             raise ValueError(
-                f"{vision[0].name!r} merges tokens; LLM-stage pruners after a merging pruner are not supported yet"
+                f"{vision[0].name!r} merges tokens after the kept ones; LLM-stage pruners after it are not supported "
+                f"(after a pruner whose merged tokens take their anchor's place, as VFlowOpt's, they are)"
             )
         # A tower-stage pruner counts per frame, whatever follows; a cache policy counts nothing.
         after_tower = [p for p in self.pruners[len(tower) :] if not isinstance(p, DecodePruner)]
@@ -146,6 +147,13 @@ class Pipeline:
 
     def tower_key_layers(self, info: ModelInfo) -> list[int]:
         return sorted({layer for p in self.pruners for layer in p.tower_key_layers(info)})
+
+    def tower_score_rule(self):
+        """The tower score rule the pruners ask for (``Pruner.tower_score_rule``), at most one kind."""
+        rules = {r for p in self.pruners if (r := p.tower_score_rule()) is not None}
+        if len(rules) > 1:
+            raise ValueError(f"the pruners of a Pipeline ask for different tower scores: {sorted(map(str, rules))}")
+        return next(iter(rules), None)
 
     def tower_reader(self, info: ModelInfo) -> Pruner | None:
         """The first of the pruners that scores with what it reads inside the vision tower, if any."""
