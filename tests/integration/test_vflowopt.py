@@ -88,7 +88,15 @@ def test_generation_with_its_drops_equals_a_hand_run_decoder(eager_model, inputs
 
 
 def test_the_budget_is_the_mean_per_decoder_layer_and_the_presets_are_the_references():
-    for layers, n, keep in [(32, 576, 64), (32, 576, 128), (28, 729, 0.25), (28, 729, 0.1), (4, 576, 32)]:
+    for layers, n, keep in [
+        (32, 576, 64),
+        (32, 576, 128),
+        (28, 729, 0.25),
+        (28, 729, 0.1),
+        (4, 576, 32),
+        (2, 576, 0.25),
+        (1, 576, 64),
+    ]:
         info = ModelInfo(layers, 24, True, "clip", (22,), n)
         plan = VFlowOptPlan(keep)
         plan.resolve(info)

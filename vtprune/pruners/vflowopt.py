@@ -91,8 +91,8 @@ PRESETS = (
 def drop_layers(num_layers: int) -> tuple[int, int]:
     """The two drop layers (the reference's depths, scaled); the second is ``num_layers`` (none) on a
     decoder too shallow for two."""
-    layers = scaled_layers(list(DROP_DEPTHS), num_layers)
-    return (layers + [num_layers, num_layers])[0], (layers + [num_layers, num_layers])[1]
+    first, second = (scaled_layers(list(DROP_DEPTHS), num_layers) + [num_layers, num_layers])[:2]
+    return first, second
 
 
 def layer_share(r_1: float, r_2: float, num_layers: int) -> float:
@@ -106,6 +106,8 @@ def llm_ratios(share: float, r_1: float, num_layers: int) -> tuple[float, float]
     (``(L s - k1 - (k2 - k1) r_1) / ((L - k2) r_1)``); where that leaves [0, 1], r_2 at the bound and
     r_1 solved (within [0, 1]: the nearest share the drops can reach)."""
     k1, k2 = drop_layers(num_layers)
+    if k1 >= num_layers:
+        return 1.0, 1.0  # a one-layer decoder: nothing to drop inside it
     total = num_layers * share
     if k2 < num_layers and r_1 > 0:
         r_2 = (total - k1 - (k2 - k1) * r_1) / ((num_layers - k2) * r_1)
@@ -167,7 +169,7 @@ class VFlowOptPlan:
         r_1, r_2 = llm_ratios(min(1.0, share), self.settings.llm_ratios[0], self.num_layers)
         k1, k2 = drop_layers(self.num_layers)
         first = entered - round(entered * (1 - r_1))
-        points = [DropPoint(k1, first)]
+        points = [DropPoint(k1, first)] if k1 < self.num_layers else []  # a one-layer decoder has no drops
         if k2 < self.num_layers:
             points.append(DropPoint(k2, first - round(first * (1 - r_2))))
         return [p for p in points if p.keep < entered]
