@@ -31,6 +31,8 @@ def skip_if_refused(family: str, name: str, budget: str | None = None) -> None:
         pytest.skip("tower-stage pruners are refused on Qwen2-VL's tower (its 2x2 patch merger)")
     if name in TOWER and budget == "per_video":
         pytest.skip("tower-stage pruners count keep per frame (each frame passes the tower alone)")
+    if name == "catp" and budget == "per_frame":
+        pytest.skip("catp counts a video as one image (its refusal of per_frame is tested in test_catp.py)")
     if name in TOWER and family == "llava_onevision" and vtprune.registry.pruner_class(name).drops:
         pytest.skip("pruners that drop inside the tower are refused on OneVision (its resampling)")
 

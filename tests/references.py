@@ -379,3 +379,22 @@ def vflowopt_scores(eager_model, pixel_values, threshold, entropy=0.0):
         rgb = (pixel_values[0].double() * std + mean) * 255
         scores = scores + entropy * torch.softmax(naive_patch_entropy(rgb, 14).double(), 0)
     return scores
+
+
+def naive_facility_location(x, k, text=None, weight=0.0):
+    """CATP's first stage written out: the greedy maximisation of sum_x max_y s(y, x) + weight x
+    sum_y s(y, text), s the rescaled cosine (cos + 1) / 2, each candidate's gain computed in a loop,
+    float64. Returns the picked indices, ascending."""
+    u = torch.nn.functional.normalize(x.double(), dim=1)
+    s = (u @ u.T + 1) / 2
+    align = torch.zeros(x.shape[0], dtype=torch.float64)
+    if text is not None:
+        t = torch.nn.functional.normalize(text.double().mean(0), dim=0)
+        align = (u @ t + 1) / 2
+    chosen, cover = [], torch.zeros(x.shape[0], dtype=torch.float64)
+    for _ in range(k):
+        gains = {c: float((s[c] - cover).clamp_min(0).sum() + weight * align[c]) for c in range(x.shape[0])}
+        best = max((c for c in gains if c not in chosen), key=lambda c: (gains[c], -c))
+        chosen.append(best)
+        cover = torch.maximum(cover, s[best])
+    return torch.tensor(sorted(chosen))

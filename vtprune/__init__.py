@@ -12,9 +12,12 @@ from vtprune.handle import PruneHandle
 from vtprune.patches import supported_classes
 from vtprune.pruners import (
     AIM,
+    CATP,
     AdaptivePrune,
     AIMMerge,
     AIMPrune,
+    CATPDrop,
+    CATPSelect,
     CLSPrune,
     DecodePruner,
     DivPrune,
@@ -51,6 +54,9 @@ __all__ = [
     "AIMMerge",
     "AIMPrune",
     "AdaptivePrune",
+    "CATP",
+    "CATPDrop",
+    "CATPSelect",
     "CLSPrune",
     "DecodePruner",
     "DivPrune",

@@ -47,6 +47,8 @@ def test_tiny_demo_prints_every_pruner(capsys):
             assert int(kept) < 32 and f"({ENTERING[name]}.." in per_layer
         elif name == "fastv":
             assert kept == "32" and "(576..32)" in per_layer  # its first layers still see all 576
+        elif name == "catp":  # halfway before the model (304), keep at the end
+            assert kept == "32" and "(304..32)" in per_layer
         else:
             assert kept == "32" and per_layer == "32"
     assert "pruned nothing" not in out

@@ -285,3 +285,20 @@ def test_causal_attention_rank_matches_a_loop_over_heads_with_shared_keys():
                 s = s @ m
             scores.append(s)
         torch.testing.assert_close(got[b], torch.stack(scores).square().mean(0).sqrt())
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.7, 50.0])
+def test_facility_location_matches_the_greedy_rule_written_out(weight):
+    from references import naive_facility_location
+
+    from vtprune.ops import facility_location, rescaled_cosine
+
+    g = torch.Generator().manual_seed(6)  # no two gains within 3e-3 of each other at any step: fp32 keeps the order
+    x, text = torch.randn(40, 16, generator=g), torch.randn(3, 16, generator=g)
+    bonus = weight * rescaled_cosine(x, text.mean(0, keepdim=True))[:, 0]
+    picked = facility_location(x, 12, bonus)
+    assert torch.equal(picked.sort().values, naive_facility_location(x, 12, text, weight))
+    assert picked.unique().numel() == 12
+    assert torch.equal(facility_location(x, 40).sort().values, torch.arange(40))
+    with pytest.raises(ValueError, match=r"k must be in \[0, 40\]"):
+        facility_location(x, 41)

@@ -11,8 +11,8 @@ import torch
 
 from vtprune.core.compaction import Compaction
 from vtprune.core.layout import VisualLayout
-from vtprune.core.llm_signals import TOWER, TRANSITION
-from vtprune.core.schedule import DropPoint, check_llm_order
+from vtprune.core.llm_signals import SIGNALS, TOWER, TRANSITION
+from vtprune.core.schedule import DropPoint, check_point_order
 from vtprune.core.stats import PruneStats
 from vtprune.core.tokens import ModelInfo, PromptTokens
 
@@ -24,8 +24,11 @@ class LLMPruner(Protocol):
     signals: tuple[str, ...]
     score_offset: int
     always_selects: bool
+    joint: bool
 
     def drop_points(self, info: ModelInfo, n_tokens: int) -> list[DropPoint]: ...
+
+    def sample_drop_points(self, info: ModelInfo, sizes: list[int]) -> list[list[DropPoint]]: ...
 
     def transition_layers(self, info: ModelInfo, points: list[DropPoint]) -> range: ...
 
@@ -76,7 +79,9 @@ def plan(call: CallState, pruners: list, info: ModelInfo, grids: list | None, to
     flat = 0
     reads_tower = [p.name for p in pruners if TOWER in p.signals]
     for b, spans in enumerate(call.layout.spans):
-        for span in spans:
+        sizes = [span.numel() for span in spans]
+        schedules = [pruner.sample_drop_points(info, sizes) for pruner in pruners]
+        for n, span in enumerate(spans):
             grid = grids[flat] if grids is not None else None
             scores = tower[flat] if tower is not None else None
             flat += 1
@@ -85,10 +90,9 @@ def plan(call: CallState, pruners: list, info: ModelInfo, grids: list | None, to
                     f"the {reads_tower[0]!r} pruner reads the vision tower's CLS attention, which vtprune did not "
                     f"record for this image's {span.numel()} tokens"
                 )
-            check_llm_order(pruners, info, span.numel())
-            points = {
-                point.layer: (point, pruner) for pruner in pruners for point in pruner.drop_points(info, span.numel())
-            }
+            mine = [schedule[n] for schedule in schedules]
+            check_point_order([(pruner.name, points) for pruner, points in zip(pruners, mine)])
+            points = {point.layer: (point, pruner) for pruner, pts in zip(pruners, mine) for point in pts}
             present = torch.arange(span.numel(), device=span.device)
             call.images.append(ImageState(sample=b, span=span, points=points, grid=grid, present=present, tower=scores))
     last = call.score_row if call.score_row is not None else call.layout.length - 1
@@ -106,7 +110,17 @@ def plan(call: CallState, pruners: list, info: ModelInfo, grids: list | None, to
         return
     drops = {layer: pruner for image in call.images for layer, (_, pruner) in image.points.items()}
     for layer, pruner in sorted(drops.items()):
-        call.scored_at.setdefault(layer - pruner.score_offset, []).append((layer, pruner.signals))
+        by_layer: dict[int, tuple[str, ...]] = {}
+        for name in pruner.signals:
+            at = layer - pruner.score_offset - SIGNALS[name].earlier
+            if at < 0:
+                raise ValueError(
+                    f"the {pruner.name!r} pruner's signal {name!r} for its drop before layer {layer} would be "
+                    f"computed before the first decoder layer (layer {at})"
+                )
+            by_layer[at] = (*by_layer.get(at, ()), name)
+        for at, names in by_layer.items():
+            call.scored_at.setdefault(at, []).append((layer, names))
     window = set()
     for image in call.images:
         owners = {id(pruner): pruner for _, pruner in image.points.values() if TRANSITION in pruner.signals}

@@ -4,10 +4,11 @@
 how it is computed. Attention signals are recomputed at the scoring layer's input from the layer's
 own queries and keys (``DecoderAccess.query_key``) for the few query rows they need, so SDPA and flash
 attention never have to return attention weights; their results are (B, L') fp32 over the layer's
-current (possibly compacted) sequence. Signals without a ``compute`` are filled by the stage itself:
-the transition variation, summed by its sub-layer hooks over the pruner's ``transition_layers``, the
-tower's CLS attention, read in the vision tower and carried with each image's tokens, and the tokens'
-hidden states at the drop point.
+current (possibly compacted) sequence. A signal with ``earlier`` is computed that many layers before the
+pruner's scoring layer (CATP compares the attention of two consecutive layers). Signals without a
+``compute`` are filled by the stage itself: the transition variation, summed by its sub-layer hooks
+over the pruner's ``transition_layers``, the tower's CLS attention, read in the vision tower and
+carried with each image's tokens, and the tokens' hidden states at the drop point.
 
 To add a signal: a field on ``PromptTokens``, a ``compute`` here (or, for one the stage fills, its
 code in ``llm_stage.py``), and a row in ``SIGNALS``.
@@ -143,6 +144,7 @@ class Signal:
     field: str  # the PromptTokens field it fills
     compute: Callable[[ScoringInput], torch.Tensor] | None  # None: accumulated by sub-layer hooks
     meaning: str
+    earlier: int = 0  # computed this many layers before the pruner's scoring layer
 
 
 TRANSITION = "transition"
@@ -152,6 +154,12 @@ RATERS = "raters"  # chosen once per prefill from the decoder's input embeddings
 
 SIGNALS: dict[str, Signal] = {
     "last": Signal("attention", last_token_attention, "head-mean attention from the last prompt token"),
+    "last_before": Signal(
+        "attention_before",
+        last_token_attention,
+        "head-mean attention from the last prompt token, one layer before the scoring layer",
+        earlier=1,
+    ),
     "instruction": Signal(
         "instruction_attention",
         instruction_attention,

@@ -31,9 +31,8 @@ from vtprune.core.llm_call import CallState, ImageState, LLMPruner, call_stats, 
 from vtprune.core.llm_signals import HIDDEN, RATERS, SIGNALS, TOWER, TRANSITION, ScoringInput, text_raters
 from vtprune.core.masks import compact_mask
 from vtprune.core.patching import PerThread
-from vtprune.core.schedule import DropPoint
 from vtprune.core.stats import PruneStats
-from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction
+from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, SampleTokens
 from vtprune.ops import transition_variation
 
 
@@ -223,15 +222,17 @@ class LLMStage:
                 else hidden.new_zeros(len(call.layout.spans), length, dtype=torch.float32)
             )
         chosen, recycling = [], []
+        together = {} if call.reuse is not None else self._reduce_together(call, i, signals, hidden)
         for n, image in enumerate(call.images):
-            groups = []
+            groups = together.get(n, [])
             if i in image.points:
                 point, pruner = image.points[i]
                 if call.reuse is not None:
                     groups = call.reuse[1][i][n]
                     _regroup(image, call.reuse[0][i][n], groups)
-                elif point.keep < image.present.numel() or pruner.always_selects:
-                    groups = self._reduce(pruner, image, point, signals, hidden, call.compaction)
+                elif not pruner.joint and (point.keep < image.present.numel() or pruner.always_selects):
+                    tokens = self._prompt_tokens(pruner, image, point.keep, signals, hidden, call.compaction)
+                    groups = _apply(image, _checked_reduction(pruner, pruner.reduce(tokens), len(tokens), point.keep))
                 image.counts.append((i, int(image.present.numel())))
             chosen.append(image.present)
             recycling.append(groups)
@@ -260,27 +261,59 @@ class LLMStage:
             call.layer_compactions[i:] = [new] * (len(self.layers) - i)
         return hidden
 
-    def _reduce(
-        self, pruner: LLMPruner, image: ImageState, point: DropPoint, signals: dict, hidden: torch.Tensor, comp
-    ) -> list:
-        """Ask the pruner at a drop point; updates ``image.present`` (recycled tokens by their anchor)
-        and ``image.groups``; returns the recycled groups as [(members, weights or None)], members
-        (g,) indices into the image's tokens, anchor first."""
+    def _prompt_tokens(
+        self, pruner: LLMPruner, image: ImageState, keep: int, signals: dict, hidden: torch.Tensor, comp
+    ) -> PromptTokens:
+        """The image's tokens still present, with the signals ``pruner`` reads, for a drop keeping ``keep``."""
         positions = image.span[image.present]
         computed = [s for s in pruner.signals if s not in (TOWER, HIDDEN)]
         read = {SIGNALS[s].field: signals[s][image.sample, positions] for s in computed}
         if TOWER in pruner.signals:
             read[SIGNALS[TOWER].field] = image.tower[image.present.to(image.tower.device)]
         if HIDDEN in pruner.signals:  # the states entering the drop layer, laid out by ``comp``
-            rows = positions if comp is None else comp.slots()[image.sample, positions]
-            read[SIGNALS[HIDDEN].field] = hidden[image.sample, rows.to(hidden.device)]
+            read[SIGNALS[HIDDEN].field] = _rows_of(hidden, image.sample, positions, comp)
         entered = image.span.numel()
-        tokens = PromptTokens(keep=point.keep, positions=image.present, grid=image.grid, entered=entered, **read)
-        r = _checked_reduction(pruner, pruner.reduce(tokens), image.present.numel(), point.keep)
-        groups = [(image.present[g], None if not r.weights else r.weights[j].float()) for j, g in enumerate(r.groups)]
-        staying = torch.cat([r.kept, r.anchors.to(r.kept.device)]).sort().values if r.groups else r.kept
-        _regroup(image, image.present[staying], groups)
-        return groups
+        return PromptTokens(keep=keep, positions=image.present, grid=image.grid, entered=entered, **read)
+
+    def _reduce_together(self, call: CallState, i: int, signals: dict, hidden: torch.Tensor) -> dict:
+        """The drops of ``joint`` pruners at layer ``i``: per sample, its images ranked together. Returns
+        the recycled groups of each image that dropped (by its index in ``call.images``)."""
+        out = {}
+        for b in range(len(call.layout.spans)):
+            members = [(n, image) for n, image in enumerate(call.images) if image.sample == b]
+            dropping = [n for n, image in members if i in image.points and image.points[i][1].joint]
+            if not dropping:
+                continue
+            pruner = call.images[dropping[0]].points[i][1]
+            keep = sum(call.images[n].points[i][0].keep for n in dropping)
+            if keep >= sum(call.images[n].present.numel() for n in dropping) and not pruner.always_selects:
+                continue
+            tokens = [
+                self._prompt_tokens(
+                    pruner,
+                    image,
+                    image.points[i][0].keep if n in dropping else image.present.numel(),
+                    signals,
+                    hidden,
+                    call.compaction,
+                )
+                for n, image in members
+            ]
+            text = None
+            if HIDDEN in pruner.signals:
+                text = _rows_of(hidden, b, self._instruction(call, b, hidden.device), call.compaction)
+            sample = SampleTokens(tokens, [n in dropping for n, _ in members], keep, text)
+            answers = _checked_sample(pruner, pruner.reduce_sample(sample), sample)
+            out.update({n: _apply(image, r) for (n, image), r in zip(members, answers) if n in dropping})
+        return out
+
+    def _instruction(self, call: CallState, b: int, device) -> torch.Tensor:
+        """Original positions of sample ``b``'s prompt tokens after its last image (padding left out)."""
+        last = call.score_row if call.score_row is not None else call.layout.length - 1
+        positions = torch.arange(call.layout.ends[b] + 1, last + 1, device=device)
+        if call.key_mask is not None:
+            positions = positions[call.key_mask[b, positions].to(device)]
+        return positions
 
     def _recycle(self, images, recycling, before, current, new, hidden) -> torch.Tensor:
         """Each recycled token, the (weighted) mean of its members' hidden states before the drop
@@ -332,6 +365,44 @@ class LLMStage:
             # Holding both keeps their ids from being reused by new objects during the call.
             call.converted[key] = (value, comp, fn(value))
         return call.converted[key][2]
+
+
+def _rows_of(hidden: torch.Tensor, b: int, positions: torch.Tensor, comp) -> torch.Tensor:
+    """(n, D) sample ``b``'s hidden states at original ``positions``, ``hidden`` laid out by ``comp``."""
+    rows = positions if comp is None else comp.slots()[b, positions]
+    return hidden[b, rows.to(hidden.device)]
+
+
+def _apply(image: ImageState, r: Reduction) -> list:
+    """``r`` (indices into the image's present tokens) applied to ``image``; returns its recycled
+    groups as [(members, weights or None)], members (g,) indices into the image's tokens, anchor first."""
+    groups = [(image.present[g], None if not r.weights else r.weights[j].float()) for j, g in enumerate(r.groups)]
+    staying = torch.cat([r.kept, r.anchors.to(r.kept.device)]).sort().values if r.groups else r.kept
+    _regroup(image, image.present[staying], groups)
+    return groups
+
+
+def _checked_sample(pruner: LLMPruner, answers, sample: SampleTokens) -> list[Reduction]:
+    """A joint pruner's answer: one Reduction per image, every token kept of the images not dropping,
+    the dropping ones within the shared budget; or a clear error."""
+    if not isinstance(answers, (list, tuple)) or len(answers) != len(sample.images):
+        raise TypeError(
+            f"the {pruner.name!r} pruner's reduce_sample() must return one Reduction per image "
+            f"({len(sample.images)}), got {answers!r}"
+        )
+    out = [_checked_reduction(pruner, r, len(t), len(t)) for r, t in zip(answers, sample.images)]
+    for r, tokens, dropping in zip(out, sample.images, sample.dropping):
+        if not dropping and (r.groups or r.kept.numel() != len(tokens)):
+            raise ValueError(
+                f"the {pruner.name!r} pruner's reduce_sample() dropped tokens of an image that does not drop here"
+            )
+    total = sum(r.kept.numel() + len(r.groups) for r, dropping in zip(out, sample.dropping) if dropping)
+    if total > sample.keep:
+        raise ValueError(
+            f"the {pruner.name!r} pruner's reduce_sample() kept {total} tokens of the images dropping here; "
+            f"their budget is {sample.keep}"
+        )
+    return out
 
 
 def _regroup(image: ImageState, present: torch.Tensor, groups: list) -> None:

@@ -169,20 +169,24 @@ def check_explicit(schedule, num_layers: int | None) -> None:
 def check_llm_order(pruners: list, info, n_tokens: int) -> None:
     """Raise ValueError unless the pruners' drop points for an image of ``n_tokens`` come at
     increasing layers, each pruner after the one before, and never keep more than before."""
+    check_point_order([(p.name, p.drop_points(info, n_tokens)) for p in pruners])
+
+
+def check_point_order(schedules: list[tuple[str, list[DropPoint]]]) -> None:
+    """``check_llm_order`` for one image's drop points, given as (pruner name, its points) in order."""
     previous = None  # (pruner name, its last drop point)
-    for p in pruners:
-        points = p.drop_points(info, n_tokens)
+    for name, points in schedules:
         if points and previous is not None:
-            name, last = previous
+            before, last = previous
             if points[0].layer <= last.layer:
                 raise ValueError(
-                    f"LLM-stage pruners of a Pipeline must drop at increasing layers: {p.name!r} drops before "
-                    f"layer {points[0].layer}, but {name!r} already dropped before layer {last.layer}"
+                    f"LLM-stage pruners of a Pipeline must drop at increasing layers: {name!r} drops before "
+                    f"layer {points[0].layer}, but {before!r} already dropped before layer {last.layer}"
                 )
             if points[0].keep > last.keep:
                 raise ValueError(
-                    f"in a Pipeline a later pruner cannot keep more than an earlier one: {p.name!r} keeps "
-                    f"{points[0].keep} tokens from layer {points[0].layer} after {name!r} kept {last.keep}"
+                    f"in a Pipeline a later pruner cannot keep more than an earlier one: {name!r} keeps "
+                    f"{points[0].keep} tokens from layer {points[0].layer} after {before!r} kept {last.keep}"
                 )
         if points:
-            previous = (p.name, points[-1])
+            previous = (name, points[-1])

@@ -33,6 +33,9 @@ class VisionTokens:
     keys: (N, d) fp32 head-mean keys of the tower, averaged over the layers the pruner asked for
         (``tower_key_layers``), following the model's pooling and merging of patches into tokens;
         None unless the pruner asked.
+    text: (T, D) the language model's input embeddings of the text paired with the image (the
+        prompt's text after it up to the next image, ``vtprune.core.paired_text``; T may be 0), in
+        the model's dtype; None unless the pruner reads text (``reads_text``).
     """
 
     features: torch.Tensor
@@ -40,6 +43,7 @@ class VisionTokens:
     grid: tuple[int, int] | None = None
     cls_attention: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    text: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -55,6 +59,7 @@ class PromptTokens:
     entered: how many of the image's tokens entered the LLM.
     grid: (rows, cols) of the image's patch grid when its tokens entering the LLM formed one, else None.
     attention: (N,) fp32 head-mean attention from the last prompt token (signal ``"last"``).
+    attention_before: (N,) fp32 the same, one layer earlier (signal ``"last_before"``).
     instruction_attention: (N,) fp32 attention from the instruction tokens (the text after the last
         image), head- and token-mean (signal ``"instruction"``).
     instruction_peak: (N,) fp32 the most attention any one instruction token gives each (head mean;
@@ -76,6 +81,7 @@ class PromptTokens:
     grid: tuple[int, int] | None = None
     entered: int | None = None
     attention: torch.Tensor | None = None
+    attention_before: torch.Tensor | None = None
     instruction_attention: torch.Tensor | None = None
     instruction_peak: torch.Tensor | None = None
     transition: torch.Tensor | None = None
@@ -86,6 +92,26 @@ class PromptTokens:
 
     def __len__(self) -> int:
         return self.positions.numel()
+
+
+@dataclass
+class SampleTokens:
+    """All images of one sample at a drop point of a pruner that ranks them together (``joint``).
+
+    images: every image of the sample still in the language model, in prompt order; each one's
+        ``keep`` is its count under the schedule (for those not dropping here, all its tokens).
+    dropping: per image, whether it drops at this point.
+    keep: how many tokens the dropping images keep in all (their ``keep``s summed), shared as the
+        pruner decides.
+    instruction_hidden: (T, D) the hidden states, as they enter the drop layer, of the sample's
+        instruction (the prompt tokens after its last image; padding left out), in the model's dtype;
+        filled with signal ``"hidden"``.
+    """
+
+    images: list[PromptTokens]
+    dropping: list[bool]
+    keep: int
+    instruction_hidden: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from vtprune.core.compaction import Compaction
 from vtprune.core.image_parts import ImagePart, ImageParts, crop_weights, split_budget
 from vtprune.core.layout import VisualLayout
+from vtprune.core.paired_text import paired_text
 from vtprune.core.shortening import DecodeTranslation, shorten_prompt
 from vtprune.core.stats import PruneStats
 from vtprune.core.tokens import Reduction, VisionTokens
@@ -32,6 +33,7 @@ class VisionPruner(Protocol):
 
     name: str
     crop_budget: str
+    reads_text: bool
 
     def keep_count(self, n: int) -> int: ...
 
@@ -73,7 +75,10 @@ class Prompt:
     position_ids: (B or 1, L) positions that close up over dropped tokens, or None; kept_positions,
     for families whose kept tokens keep their original positions (M-RoPE): computes the (R, B, L)
     positions of the full prompt, called only when tokens drop. aligned: other per-token inputs
-    shortened with ``input_ids`` (e.g. ``mm_token_type_ids``).
+    shortened with ``input_ids`` (e.g. ``mm_token_type_ids``). embed: the language model's input
+    embedding (ids -> (.., D)), for pruners that read each image's paired text (``reads_text``);
+    special_ids: token ids never counted as such text (the model's special tokens); text_end: the
+    prompt's length when generated tokens follow it in ``input_ids`` (never text of an image).
     """
 
     input_ids: torch.Tensor
@@ -83,6 +88,9 @@ class Prompt:
     position_ids: torch.Tensor | None = None
     kept_positions: Callable[[], torch.Tensor] | None = None
     aligned: dict = field(default_factory=dict)
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+    special_ids: frozenset = frozenset()
+    text_end: int | None = None  # where the prompt ends when tokens follow it (a generation's candidates)
 
 
 @dataclass
@@ -130,7 +138,12 @@ class VisionStage:
                     f"{v.modality} {v.number} has non-finite features (NaN or inf, e.g. from non-finite pixel "
                     f"values): the {self.name!r} pruner cannot rank its tokens; check the inputs"
                 )
-        both = [reduce_visual(self.pruner, v.features, v.parts) for v in visuals]
+        reads_text = self.pruner is not None and self.pruner.reads_text
+        texts = self._paired_texts(layout, prompt) if reads_text else None
+        both = [
+            reduce_visual(self.pruner, v.features, v.parts, None if texts is None else texts[i])
+            for i, v in enumerate(visuals)
+        ]
         reductions, reported = [r for r, _ in both], [r for _, r in both]
         # Placeholders that stay: the kept tokens' and, for each merged token, its anchor's.
         slots = layout.per_sample([_slots(r) for r in reductions])
@@ -161,6 +174,18 @@ class VisionStage:
         )
         return VisionOutcome(stats, comp, tokens, short, full_positions, remaining, translation)
 
+    def _paired_texts(self, layout: VisualLayout, prompt: Prompt) -> list[torch.Tensor]:
+        """Per visual, the input embeddings (T, D) of the text paired with it (``paired_text``)."""
+        if prompt.embed is None:
+            raise ValueError(f"the {self.name!r} pruner reads each image's text, which this model does not give")
+        ids = prompt.input_ids if prompt.text_end is None else prompt.input_ids[:, : prompt.text_end]
+        mask = prompt.attention_mask
+        mask = mask if mask is None or prompt.text_end is None else mask[:, : prompt.text_end]
+        where = paired_text(ids, mask, layout, prompt.special_ids)
+        sample = {item: b for b, items in enumerate(layout.items) for item in items}
+        with torch.no_grad():
+            return [prompt.embed(prompt.input_ids[sample[i], p]) for i, p in enumerate(where)]
+
     def _shorten(self, comp: Compaction, prompt: Prompt) -> tuple[dict, torch.Tensor | None]:
         positions = None if self.keeps_positions else prompt.position_ids
         short = shorten_prompt(
@@ -176,7 +201,7 @@ class VisionStage:
 
 
 def reduce_visual(
-    pruner: VisionPruner | None, features: torch.Tensor, parts: ImageParts
+    pruner: VisionPruner | None, features: torch.Tensor, parts: ImageParts, text: torch.Tensor | None = None
 ) -> tuple[Reduction, Reduction]:
     """One image's reduction (prunable indices) twice: as the model gets it (the tokens whose
     placeholders stay, and merged groups whose features are averaged) and as ``PruneStats`` reports
@@ -191,14 +216,14 @@ def reduce_visual(
         if pruner is None:
             r = Reduction(torch.arange(parts.prunable.numel(), device=features.device))
         else:
-            r = select_in_parts(pruner, features, parts)
+            r = select_in_parts(pruner, features, parts, text)
         return r, r
     firsts, members = parts.tower_tokens()
     if pruner is None:
         r = Reduction(firsts.to(features.device))
     else:
         positions = torch.cat([parts.prunable[firsts], parts.fixed]).sort().values
-        chosen = select_in_parts(pruner, features[positions.to(features.device)], parts.restricted(positions))
+        chosen = select_in_parts(pruner, features[positions.to(features.device)], parts.restricted(positions), text)
         groups = tuple(firsts[g.cpu()] for g in chosen.groups)
         r = Reduction(firsts[chosen.kept.cpu()].to(features.device), groups, chosen.weights)
     behind = dict(zip(firsts.tolist(), members))
@@ -209,12 +234,14 @@ def reduce_visual(
     return r, Reduction(torch.tensor(alone, dtype=torch.long), tuple(groups))
 
 
-def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImageParts) -> Reduction:
+def select_in_parts(
+    pruner: VisionPruner, features: torch.Tensor, parts: ImageParts, text: torch.Tensor | None = None
+) -> Reduction:
     """What ``pruner`` keeps (and merges) of one image's tokens, as prunable indices.
 
     features: (n_tokens, D), the image's tokens after the projector. The image's budget (counted on
     its prunable tokens) is shared across its parts in proportion to their sizes; each part is
-    scored on its own, with its own grid and tower signals.
+    scored on its own, with its own grid and tower signals (and the image's paired ``text``, (T, D)).
     """
     prunable = parts.prunable
     keep = pruner.keep_count(prunable.numel())
@@ -234,6 +261,7 @@ def select_in_parts(pruner: VisionPruner, features: torch.Tensor, parts: ImagePa
             grid=part.grid,
             cls_attention=cls,
             keys=keys,
+            text=text,
         )
         reduction = pruner.reduce(tokens)
         _check_reduction(pruner, reduction, len(tokens), part_keep)

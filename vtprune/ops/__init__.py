@@ -4,7 +4,7 @@ Each scoring op takes ``backend="auto" | "torch" | "triton"``. ``torch`` is the 
 the oracle in the tests; ``triton`` runs fused kernels (CUDA, or Triton's CPU interpreter under
 ``TRITON_INTERPRET=1``); ``auto`` picks Triton for CUDA tensors when it is installed. Triton is
 imported only when a kernel first runs. The merging helpers (VisionZip's; ToMe's bipartite matching and
-MustDrop's window merge, for the tower stage) are plain torch.
+MustDrop's window merge, for the tower stage) and CATP's greedy facility location are plain torch.
 """
 
 from vtprune.ops._backend import BACKENDS, check_backend, resolve_backend, triton_available
@@ -22,6 +22,7 @@ from vtprune.ops.bipartite import (
 from vtprune.ops.clustering import density_peak_clusters
 from vtprune.ops.diversity import max_min_diversity
 from vtprune.ops.entropy import patch_entropy
+from vtprune.ops.facility import facility_location, rescaled_cosine
 from vtprune.ops.k_center import k_center
 from vtprune.ops.merging import nearest_targets, strided_targets
 from vtprune.ops.pagerank import attention_rank, causal_attention_rank, importance_guided_drops
@@ -39,6 +40,7 @@ __all__ = [
     "causal_attention_rank",
     "check_backend",
     "density_peak_clusters",
+    "facility_location",
     "farthest_points",
     "global_token_attention",
     "importance_guided_drops",
@@ -50,6 +52,7 @@ __all__ = [
     "nearest_targets",
     "patch_entropy",
     "proportional_bias",
+    "rescaled_cosine",
     "resolve_backend",
     "spread_merges",
     "strided_targets",

@@ -461,6 +461,7 @@ class Adapter:
         return original(**a)
 
     def _vision_forward(self, original, a: dict, encoded: dict, visuals: list, layout: VisualLayout, tail):
+        generating = self._generation.current()
         prompt = Prompt(
             input_ids=a["input_ids"],
             attention_mask=a.get("attention_mask"),
@@ -469,6 +470,9 @@ class Adapter:
             position_ids=a.get("position_ids"),
             kept_positions=(lambda: self.original_positions(a)) if self.keeps_positions else None,
             aligned={name: _aligned(a[name], a["input_ids"]) for name in self.token_aligned if a.get(name) is not None},
+            embed=self.model.get_input_embeddings(),
+            special_ids=self._special_ids(),
+            text_end=generating.prompt_length if generating is not None else None,
         )
         outcome = self._vision.run(visuals, layout, prompt)
         self.last = outcome.stats
@@ -487,6 +491,18 @@ class Adapter:
         if cache is not None and outcome.translation is not None:
             self._generation.decode[cache] = outcome.translation
         return out
+
+    def _special_ids(self) -> frozenset:
+        """The token ids the model's configs name (``*_token_id``, ``*_token_index``: image, video,
+        vision start/end, BOS, EOS, padding, ...): never counted as an image's paired text."""
+        ids = set()
+        for cfg in (self.config, getattr(self.config, "text_config", None)):
+            for key, value in (cfg.to_dict() if cfg is not None else {}).items():
+                if not key.endswith(("_token_id", "_token_index")):
+                    continue
+                values = value if isinstance(value, (list, tuple)) else [value]
+                ids.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+        return frozenset(ids)
 
     def _pad_token_id(self) -> int:
         for cfg in (self.config, self.config.text_config):

@@ -3,6 +3,7 @@
 from vtprune.pruners.adaptive import AdaptivePrune
 from vtprune.pruners.aim import AIM, AIMMerge, AIMPrune
 from vtprune.pruners.base import DecodePruner, LLMPruner, Pruner, ScheduledPruner, TowerPruner, VisionPruner
+from vtprune.pruners.catp import CATP, CATPDrop, CATPSelect
 from vtprune.pruners.cls import CLSPrune
 from vtprune.pruners.divprune import DivPrune
 from vtprune.pruners.fastv import FastV
@@ -26,6 +27,9 @@ __all__ = [
     "AIMMerge",
     "AIMPrune",
     "AdaptivePrune",
+    "CATP",
+    "CATPDrop",
+    "CATPSelect",
     "CLSPrune",
     "DecodePruner",
     "DivPrune",

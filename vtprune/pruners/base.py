@@ -12,7 +12,7 @@ import torch
 
 from vtprune.core.decode_stage import HeldTokens
 from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_explicit, explicit, fit_average
-from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, VisionTokens
+from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, SampleTokens, VisionTokens
 from vtprune.core.tower_signals import GlobalTokenRule
 from vtprune.ops.bipartite import Matching, max_merges, max_merges_in, spread_merges
 
@@ -55,6 +55,7 @@ __all__ = [
     "PromptTokens",
     "Pruner",
     "Reduction",
+    "SampleTokens",
     "ScheduledPruner",
     "TowerPruner",
     "VisionPruner",
@@ -158,6 +159,7 @@ class VisionPruner(Pruner):
     # Whether each merged token takes its anchor's place (VFlowOpt) rather than following the kept ones
     # (VisionZip); LLM-stage pruners may come after only the former.
     merges_at_anchor: ClassVar[bool] = False
+    reads_text: ClassVar[bool] = False  # whether ``reduce`` reads ``VisionTokens.text`` (CATP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,10 +193,24 @@ class LLMPruner(Pruner):
     # Whether ``select`` runs at a drop point that keeps every token (a pruner that decides per image
     # whether to drop at all); otherwise such a drop point keeps them without asking.
     always_selects: ClassVar[bool] = False
+    # Whether a sample's images are ranked together at a drop point (``reduce_sample``, CATP), the
+    # images dropping there sharing one budget, rather than each image on its own (``reduce``).
+    joint: ClassVar[bool] = False
 
     def drop_points(self, info: ModelInfo, n_tokens: int) -> list[DropPoint]:
         """The schedule for one image with ``n_tokens`` visual tokens entering the LLM."""
         raise NotImplementedError
+
+    def sample_drop_points(self, info: ModelInfo, sizes: list[int]) -> list[list[DropPoint]]:
+        """The schedules of one sample's images (``sizes``: their tokens entering the LLM, in prompt
+        order): by default each image's own ``drop_points``; a pruner may schedule an image by its
+        place in the prompt (CATP: the last image is the query, the others its demonstrations)."""
+        return [self.drop_points(info, n) for n in sizes]
+
+    def reduce_sample(self, sample: SampleTokens) -> list[Reduction]:
+        """For a ``joint`` pruner: per image of ``sample``, what stays (images not dropping keep every
+        token; the dropping ones keep at most ``sample.keep`` in all, recycled tokens counted)."""
+        raise NotImplementedError(f"{type(self).__name__} is joint and must define reduce_sample()")
 
     def reduce(self, tokens: PromptTokens) -> Reduction:
         """The tokens that stay at a drop point (at most ``tokens.keep`` in all): kept ones, and
