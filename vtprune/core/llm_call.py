@@ -73,6 +73,20 @@ class CallState:
     converted: dict = field(default_factory=dict)  # (id(kwarg), id(compaction)) -> (kwarg, compaction, converted)
     stats: PruneStats | None = None  # what this call kept, once it has run
 
+    @property
+    def last(self) -> int:
+        """The position of the last prompt token (the same in every sample: left padding)."""
+        return self.score_row if self.score_row is not None else self.layout.length - 1
+
+    def instruction(self, b: int, device) -> torch.Tensor:
+        """Original positions of sample ``b``'s prompt tokens after its last image (padding left out),
+        or of the last token when it has no image."""
+        start = self.layout.ends[b] + 1 if self.layout.ends[b] >= 0 else self.last
+        positions = torch.arange(start, self.last + 1, device=device)
+        if self.key_mask is not None:
+            positions = positions[self.key_mask[b, positions].to(device)]
+        return positions
+
 
 def plan(call: CallState, pruners: list, info: ModelInfo, grids: list | None, tower: list | None = None) -> None:
     """Each image's drop points, the layers that score for them, and the transition window."""
@@ -95,7 +109,7 @@ def plan(call: CallState, pruners: list, info: ModelInfo, grids: list | None, to
             points = {point.layer: (point, pruner) for pruner, pts in zip(pruners, mine) for point in pts}
             present = torch.arange(span.numel(), device=span.device)
             call.images.append(ImageState(sample=b, span=span, points=points, grid=grid, present=present, tower=scores))
-    last = call.score_row if call.score_row is not None else call.layout.length - 1
+    last = call.last
     if call.key_mask is not None and not bool(call.key_mask[:, last].all()):
         raise ValueError(
             "LLM-stage pruners score with each sample's last prompt token, which must be the same position "

@@ -172,7 +172,7 @@ class LLMStage:
     def _score(self, call: CallState, layer, hidden, original: dict, drop_layer: int, signals) -> None:
         comp = call.compaction
         inputs = self._inputs(call, comp, original) if comp is not None else original
-        last = call.score_row if call.score_row is not None else call.layout.length - 1
+        last = call.last
         scoring = ScoringInput(
             decoder=self.decoder,
             layer=layer,
@@ -193,13 +193,10 @@ class LLMStage:
 
     def _raters(self, call: CallState, embeddings: torch.Tensor) -> list[torch.Tensor]:
         """Per sample, the positions of its text raters, from the decoder's input embeddings (B, L, D)."""
-        last = call.score_row if call.score_row is not None else call.layout.length - 1
+        last = call.last
         out = []
         for b, spans in enumerate(call.layout.spans):
-            start = call.layout.ends[b] + 1 if call.layout.ends[b] >= 0 else last
-            instruction = torch.arange(start, last + 1, device=embeddings.device)
-            if call.key_mask is not None:
-                instruction = instruction[call.key_mask[b, instruction]]
+            instruction = call.instruction(b, embeddings.device)
             if not spans or not instruction.numel():
                 out.append(instruction if instruction.numel() else torch.tensor([last], device=embeddings.device))
                 continue
@@ -301,19 +298,11 @@ class LLMStage:
             ]
             text = None
             if HIDDEN in pruner.signals:
-                text = _rows_of(hidden, b, self._instruction(call, b, hidden.device), call.compaction)
+                text = _rows_of(hidden, b, call.instruction(b, hidden.device), call.compaction)
             sample = SampleTokens(tokens, [n in dropping for n, _ in members], keep, text)
             answers = _checked_sample(pruner, pruner.reduce_sample(sample), sample)
             out.update({n: _apply(image, r) for (n, image), r in zip(members, answers) if n in dropping})
         return out
-
-    def _instruction(self, call: CallState, b: int, device) -> torch.Tensor:
-        """Original positions of sample ``b``'s prompt tokens after its last image (padding left out)."""
-        last = call.score_row if call.score_row is not None else call.layout.length - 1
-        positions = torch.arange(call.layout.ends[b] + 1, last + 1, device=device)
-        if call.key_mask is not None:
-            positions = positions[call.key_mask[b, positions].to(device)]
-        return positions
 
     def _recycle(self, images, recycling, before, current, new, hidden) -> torch.Tensor:
         """Each recycled token, the (weighted) mean of its members' hidden states before the drop

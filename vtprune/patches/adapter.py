@@ -196,6 +196,7 @@ class Adapter:
     def install(self, config) -> list:
         """Patch the model; returns the undo steps (bound methods, so a deep copy undoes its own)."""
         self._pipeline = pipeline = as_pipeline(config)
+        self._special = self._special_ids()  # read once: a pruner reading text leaves them out of it
         self._tower_reader = towers.TowerReader(
             self.tower,
             pipeline.tower_attention_layers(self.info),
@@ -471,7 +472,7 @@ class Adapter:
             kept_positions=(lambda: self.original_positions(a)) if self.keeps_positions else None,
             aligned={name: _aligned(a[name], a["input_ids"]) for name in self.token_aligned if a.get(name) is not None},
             embed=self.model.get_input_embeddings(),
-            special_ids=self._special_ids(),
+            special_ids=self._special,
             text_end=generating.prompt_length if generating is not None else None,
         )
         outcome = self._vision.run(visuals, layout, prompt)
