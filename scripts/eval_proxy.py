@@ -8,7 +8,10 @@ result is written to ``--results`` as soon as it is measured and found there on 
 interrupted sweep resumes (results made with another question subset or projector file are refused);
 ``--plot-only`` redraws the table and plot from that file. A pruner written ``a+b`` is a Pipeline in
 which ``a`` keeps twice ``b``'s keep (``tome+divprune`` at 16: ToMe leaves 32 tokens, DivPrune keeps 16
-of them), so its tokens entering the language model compare with ``b`` alone at the same keep.
+of them), so its tokens entering the language model compare with ``b`` alone at the same keep. A
+pruner written ``name:option=value`` (several joined by ``:``; a value read as JSON where it parses)
+passes options to ``vtprune.apply``, e.g. ``vflowopt:settings=docs/proxy/vflowopt-16.json`` runs
+VFlowOpt with settings ``vtprune calibrate`` wrote; the whole spec names the row.
 """
 
 from __future__ import annotations
@@ -39,9 +42,15 @@ def parse_args(argv=None):
     p.add_argument("--plot", type=Path, default=None, help="write accuracy vs. kept tokens here (PNG)")
     p.add_argument("--plot-only", action="store_true", help="only print the table and draw the plot")
     args = p.parse_args(argv)
-    unknown = [part for name in args.pruners for part in name.split("+") if part not in vtprune.available()]
+    specs = [name.split(":")[0] for name in args.pruners]
+    unknown = [part for name in specs for part in name.split("+") if part not in vtprune.available()]
     if unknown:
         p.error(f"--pruners: unknown {unknown}; choose from {vtprune.available()} or join two with +")
+    for name in args.pruners:
+        try:
+            options(name)
+        except ValueError as error:
+            p.error(f"--pruners: {error}")
     if any(k < 1 or k > 256 for k in args.keeps):
         p.error(f"--keeps must lie in [1, 256], got {args.keeps}")
     if args.threads < 1 or args.batch_size < 1:
@@ -49,12 +58,29 @@ def parse_args(argv=None):
     return args
 
 
+def options(spec: str) -> dict:
+    """The options of a pruner spec ``name:key=value:...`` (values parsed as JSON where they parse)."""
+    out = {}
+    for part in spec.split(":")[1:]:
+        name, sep, text = part.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{spec!r}: options are written name:key=value, got {part!r}")
+        if "+" in spec:
+            raise ValueError(f"{spec!r}: options are for one pruner, not an a+b Pipeline")
+        try:
+            out[name] = json.loads(text)
+        except json.JSONDecodeError:
+            out[name] = text
+    return out
+
+
 def pruned(model, pruner: str, keep: int):
-    """``vtprune.apply`` of ``pruner`` (a name, or ``a+b``: a Pipeline where ``a`` keeps twice ``keep``)."""
+    """``vtprune.apply`` of ``pruner`` (a name, ``name:key=value`` with options, or ``a+b``: a Pipeline
+    where ``a`` keeps twice ``keep``)."""
     import vtprune
 
     if "+" not in pruner:
-        return vtprune.apply(model, pruner, keep=keep)
+        return vtprune.apply(model, pruner.split(":")[0], keep=keep, **options(pruner))
     return vtprune.apply(model, vtprune.Pipeline.of_two(pruner, keep))
 
 

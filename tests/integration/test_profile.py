@@ -58,9 +58,30 @@ def test_measurements_follow_the_tokens_kept(tiny):
     assert unpruned.kv_cache_mb * 2**20 == layers * (text + n_visual) * per_token
     assert divprune.kv_cache_mb * 2**20 == layers * (text + 16) * per_token
     assert fastv.kv_cache_mb * 2**20 == (2 * (text + n_visual) + 2 * (text + 16)) * per_token
+    # After generate(): the prompt and the two generated tokens fed back, in every layer.
+    assert unpruned.kv_cache_end_mb * 2**20 == layers * (text + n_visual + 2) * per_token
+    assert fastv.kv_cache_end_mb * 2**20 == fastv.kv_cache_mb * 2**20 + layers * 2 * per_token
+    assert (unpruned.end_layer_tokens, fastv.end_layer_tokens) == (n_visual, fastv.mean_layer_tokens)
     for m in (unpruned, divprune, fastv):
         assert m.ttft_ms > 0 and m.prefill_ms > 0 and m.decode_ms_per_token > 0
     assert vtprune.handle_of(model) is None  # measure() removes what it applied
+
+
+def test_a_cache_policy_shows_in_the_cache_left_after_generation():
+    """MustDrop's decode stage shrinks the layers after its first drop to the final tokens once decoding
+    starts: the cache after generate() holds fewer visual entries than the prefill left (eight layers:
+    on four, every layer after the first drop already holds the final tokens)."""
+    torch.manual_seed(0)
+    model = tiny_llava(hidden=64, layers=8, heads=4, kv_heads=2)
+    inputs = batch_inputs(model, [make_prompt(model, [1, 5, 6, 7], [8, 9, 10, 11])])
+    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    text, layers = inputs["input_ids"].shape[1] - n_visual, model.config.text_config.num_hidden_layers
+    text_cfg = model.config.text_config
+    per_token = 2 * text_cfg.num_key_value_heads * (text_cfg.hidden_size // text_cfg.num_attention_heads) * 4
+    m = measure(model, inputs, "mustdrop", 64, new_tokens=3, repeats=1, warmup=0)
+    assert m.end_layer_tokens < m.mean_layer_tokens
+    assert m.kv_cache_end_mb * 2**20 == (layers * (text + 2) + m.end_layer_tokens * layers) * per_token
+    assert m.kv_cache_end_mb < m.kv_cache_mb + layers * 2 * per_token / 2**20
 
 
 def test_profile_writes_table_csv_and_plot(tmp_path, capsys):

@@ -137,11 +137,12 @@ def test_the_demo_output_shown_is_the_current_one():
     assert names == ["(none)", *vtprune.available()]
 
 
-def test_the_profile_output_shown_is_the_current_one():
+@pytest.mark.parametrize("after", ["On the [real-weights proxy]", "### Multi-stage pruners over a 128-token"])
+def test_the_profile_output_shown_is_the_current_one(after):
     import vtprune
     from vtprune.profiling.cli import table
 
-    lines = _sample("docs/profiling.md", "On the [real-weights proxy]")
+    lines = _sample("docs/profiling.md", after)
     assert lines[1].split() == table([]).split()  # the column titles, as printed now
     assert "medians of 5 runs per row after 1 warm-up run;" in lines[0]
     assert {line.split()[0] for line in lines[2:]} <= {"none", *vtprune.available()}

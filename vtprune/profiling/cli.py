@@ -33,6 +33,8 @@ COLUMNS = (
     ("decode_ms_per_token", "decode ms/tok", "{:.2f}"),
     ("peak_memory_mb", "peak MB", "{:.1f}"),
     ("kv_cache_mb", "KV MB", "{:.2f}"),
+    ("end_layer_tokens", "end per layer", "{:.1f}"),
+    ("kv_cache_end_mb", "end KV MB", "{:.2f}"),
     ("prefill_gflops", "prefill GFLOPs", "{:.2f}"),
 )
 

@@ -10,6 +10,11 @@ Every time is the median of ``repeats`` runs after ``warmup`` runs, CUDA-synchro
 - peak_memory_mb: the peak allocated during one ``generate()`` above what was allocated before it
   (CUDA: torch's allocator; CPU: the process's peak resident memory, Linux only);
 - kv_cache_mb: the keys and values the prefill leaves in the cache (pruned layers hold fewer);
+- kv_cache_end_mb: the keys and values held once ``generate()`` has produced its last token (the prompt
+  and every generated token but the last; a decode stage's cache policy leaves fewer visual entries;
+  with several samples, shorter ones' padding slots count);
+- end_layer_tokens: the visual entries per decoder layer (mean over layers, first sample) the cache
+  holds then: after a cache policy's last choice, else what entered each layer in the prefill;
 - prefill_gflops: ``flops.prefill_flops`` from the tokens that entered each decoder layer.
 """
 
@@ -39,6 +44,8 @@ class Measurement:
     decode_ms_per_token: float
     peak_memory_mb: float | None
     kv_cache_mb: float
+    kv_cache_end_mb: float
+    end_layer_tokens: float  # visual entries per decoder layer held after the last decode step (first sample)
     prefill_gflops: float
 
 
@@ -99,7 +106,15 @@ def measure(
                 progress()
         kv_bytes = _cache_bytes(out.past_key_values)
         del out
-        peak = _peak_bytes(lambda: model.generate(**inputs, **generate_kwargs), device)
+        generated = {}
+
+        def final_generate():
+            generated["out"] = model.generate(**inputs, **generate_kwargs, return_dict_in_generate=True)
+
+        peak = _peak_bytes(final_generate, device)
+        if not generated:  # no peak-memory reading on this device: the final run still gives the cache
+            final_generate()
+        end_bytes = _cache_bytes(generated.pop("out").past_key_values)
         visual = visual_token_counts(model.config, inputs["input_ids"])
         stats = handle.last if handle is not None else None
     finally:
@@ -108,6 +123,7 @@ def measure(
             handle.remove()
     n_layers = len(stats.layer_tokens[0]) if stats is not None else _decoder_layers(model)
     layers = stats.layer_tokens if stats is not None else [[v] * n_layers for v in visual]
+    held = stats.decode_tokens[0][-1] if stats is not None and stats.decode_tokens else layers[0]
     prefill_spread = Spread.of(prefill)
     text = [int(n) - v for n, v in zip(inputs["attention_mask"].sum(-1).tolist(), visual)]
     return Measurement(
@@ -122,6 +138,8 @@ def measure(
         decode_ms_per_token=statistics.median(decode) * 1e3 if decode else float("nan"),
         peak_memory_mb=None if peak is None else peak / 2**20,
         kv_cache_mb=kv_bytes / 2**20,
+        kv_cache_end_mb=end_bytes / 2**20,
+        end_layer_tokens=sum(held) / len(held),
         prefill_gflops=prefill_flops(model.config, text, layers) / 1e9,
     )
 
