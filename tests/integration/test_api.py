@@ -118,6 +118,34 @@ def test_unsupported_model_names_supported_classes():
     assert not lm._forward_pre_hooks
 
 
+def _subclass_of_llava(module: str):
+    """A tiny LLaVA whose class is a subclass of LlavaForConditionalGeneration defined in ``module``."""
+    from transformers import LlavaForConditionalGeneration
+
+    from vtprune.testing import tiny_llava
+
+    model = tiny_llava(image_size=56)
+    model.__class__ = type("OtherVlmForConditionalGeneration", (LlavaForConditionalGeneration,), {"__module__": module})
+    return model
+
+
+def test_a_transformers_family_built_on_a_supported_class_is_refused_not_run_as_that_family():
+    model = _subclass_of_llava("transformers.models.other_vlm.modeling_other_vlm")  # as a future family would be
+    with pytest.raises(TypeError, match="OtherVlmForConditionalGeneration subclasses LlavaForConditionalGeneration"):
+        vtprune.apply(model, "divprune", keep=4)
+    assert not hooks_of(model) and "forward" not in model.__dict__
+
+
+def test_a_users_own_subclass_of_a_supported_class_is_pruned_as_that_class():
+    from vtprune.testing import batch_inputs, make_prompt, tiny_llava
+
+    mine, plain = _subclass_of_llava(__name__), tiny_llava(image_size=56)
+    inputs = batch_inputs(plain, [make_prompt(plain, [1, 5], [8, 9])])
+    with vtprune.apply(mine, "divprune", keep=4) as a, vtprune.apply(plain, "divprune", keep=4) as b:
+        torch.testing.assert_close(mine(**inputs).logits, plain(**inputs).logits, rtol=0, atol=0)
+    assert a.last.layer_tokens == b.last.layer_tokens == [[4] * 4]
+
+
 def test_options_with_config_object_are_refused(model):
     with pytest.raises(TypeError, match="set them on the object"):
         vtprune.apply(model, vtprune.DivPrune(keep=4), keep=8)

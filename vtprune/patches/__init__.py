@@ -22,8 +22,15 @@ def adapter_for(model):
             return adapter(model)
     if TimmViTAdapter.supports(model):  # a classifier, not a VLM: tower-stage pruners only
         return TimmViTAdapter(model)
+    kind = type(model).__name__
+    base = next((c.__name__ for c in type(model).__mro__[1:] if c.__name__ in supported_classes()), None)
+    why = (
+        ""
+        if base is None
+        else f" (transformers' {kind} subclasses {base} but is another family: its own tower or layout)"
+    )
     raise TypeError(
-        f"vtprune does not support {type(model).__name__}; supported model classes: {', '.join(supported_classes())}"
+        f"vtprune does not support {kind}{why}; supported model classes: {', '.join(supported_classes())}"
         f" (and, for tower-stage pruners such as vtprune.ToMe, timm's VisionTransformer)"
     )
 

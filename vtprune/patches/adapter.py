@@ -52,6 +52,11 @@ def _requested(a: dict, config, name: str) -> bool:
     return value is not None and value is not False
 
 
+def nearest_transformers_class(kind: type) -> str | None:
+    """The name of the first class in ``kind``'s method resolution order that transformers defines."""
+    return next((c.__name__ for c in kind.__mro__ if c.__module__.split(".")[0] == "transformers"), None)
+
+
 class Adapter:
     """Attach the stages to one model instance. Subclasses set ``supported`` and implement
     ``visual_tokens`` and ``image_parts``."""
@@ -67,10 +72,10 @@ class Adapter:
 
     @classmethod
     def supports(cls, model) -> bool:
-        import transformers
-
-        classes = tuple(getattr(transformers, name, None) for name in cls.supported)
-        return isinstance(model, tuple(c for c in classes if c is not None))
+        """Whether the model's nearest transformers class is one of ``supported``: a user's own subclass
+        of a supported class is claimed, but another transformers model built on one (a family with its
+        own tower or token layout) is not, so no family's logic runs on a model it was not written for."""
+        return nearest_transformers_class(type(model)) in cls.supported
 
     def visual_tokens(self) -> int | None:
         """Visual tokens of one image when every image has the same number (for ``ModelInfo``)."""
