@@ -32,6 +32,7 @@ from vtprune.testing.prompts import (
     tokens_per_image,
     video_token_counts,
 )
+from vtprune.testing.timm_vlms import tiny_fast_vlm, tiny_perception_lm
 
 __all__ = [
     "IMAGE_TOKEN_ID",
@@ -44,11 +45,13 @@ __all__ = [
     "save_tiny_llava_next_hf",
     "save_tiny_qwen2_vl_hf",
     "surviving_positions",
+    "tiny_fast_vlm",
     "tiny_llava",
     "tiny_llava_next",
     "tiny_llava_next_processor",
     "tiny_llava_next_video",
     "tiny_llava_onevision",
+    "tiny_perception_lm",
     "tiny_qwen2_vl",
     "tiny_qwen2_vl_for",
     "tiny_qwen2_vl_processor",
