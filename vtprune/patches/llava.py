@@ -1,4 +1,4 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration`` and subclasses, llava-hf checkpoints).
+"""LLaVA-1.5 (``LlavaForConditionalGeneration`` and users' own subclasses of it, llava-hf checkpoints).
 
 One fixed-size image per ``<image>``: its tokens are the tower's patch grid in raster order (the
 CLS token dropped with ``vision_feature_select_strategy="default"``), every one of them prunable.
