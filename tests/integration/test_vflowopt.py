@@ -144,3 +144,12 @@ def test_the_entropy_term_is_refused_where_the_tower_gets_no_pixel_images():
     assert vtprune.handle_of(model) is None
     with vtprune.apply(model, "vflowopt"):  # the attention term alone runs
         pass
+
+
+def test_a_cls_reading_pruner_beside_vflowopts_tower_rule_is_refused(model):
+    # The tower's attention is scored once per forward: by VFlowOpt's rule or as the CLS row, not both.
+    select = vtprune.VFlowOpt(keep=64).pruners[0]
+    pipeline = vtprune.Pipeline([select, vtprune.MustDropFilter(keep=32)])
+    with pytest.raises(ValueError, match=r"\['mustdrop.filter'\] read the tower's CLS attention.*use one or the other"):
+        vtprune.apply(model, pipeline)
+    assert vtprune.handle_of(model) is None

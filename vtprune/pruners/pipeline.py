@@ -132,6 +132,15 @@ class Pipeline:
     def check(self, info: ModelInfo) -> None:
         for p in self.pruners:
             p.check(info)
+        rule = self.tower_score_rule()
+        # The tower's attention is captured once per forward, scored one way: a rule replaces the CLS row.
+        cls_readers = [p.name for p in self.pruners if p.tower_score_rule() is None and p.tower_attention_layers(info)]
+        if rule is not None and cls_readers:
+            raise ValueError(
+                f"{cls_readers} read the tower's CLS attention, but another pruner of this Pipeline scores the "
+                f"tower's attention by its own rule ({rule}), and the tower is read once per forward: use one or "
+                f"the other"
+            )
         for p in self.llm:
             check_signals(p.name, p.signals)
         if info.visual_tokens is None:
