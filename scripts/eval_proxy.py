@@ -60,13 +60,13 @@ def parse_args(argv=None):
 
 def options(spec: str) -> dict:
     """The options of a pruner spec ``name:key=value:...`` (values parsed as JSON where they parse)."""
+    if ":" in spec and "+" in spec:
+        raise ValueError(f"{spec!r}: options are for one pruner, not an a+b Pipeline")
     out = {}
     for part in spec.split(":")[1:]:
         name, sep, text = part.partition("=")
         if not sep or not name:
             raise ValueError(f"{spec!r}: options are written name:key=value, got {part!r}")
-        if "+" in spec:
-            raise ValueError(f"{spec!r}: options are for one pruner, not an a+b Pipeline")
         try:
             out[name] = json.loads(text)
         except json.JSONDecodeError:

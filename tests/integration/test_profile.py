@@ -39,6 +39,12 @@ def test_layer_flops_counts_projections_causal_attention_and_mlp(tiny):
         prefill_flops(model.config, [8, 3], [[4, 4]])
 
 
+def _cached_bytes_per_token(model) -> int:
+    """Bytes one token's keys and values take in one decoder layer's cache (fp32)."""
+    text_cfg = model.config.text_config
+    return 2 * text_cfg.num_key_value_heads * (text_cfg.hidden_size // text_cfg.num_attention_heads) * 4
+
+
 def test_measurements_follow_the_tokens_kept(tiny):
     model, inputs = tiny
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -53,8 +59,7 @@ def test_measurements_follow_the_tokens_kept(tiny):
     assert unpruned.prefill_gflops * 1e9 == layers * layer_flops(model.config, text + n_visual)
     assert divprune.prefill_gflops * 1e9 == layers * layer_flops(model.config, text + 16)
     # The cache: every layer holds the prompt; pruned layers hold fewer visual tokens.
-    text_cfg = model.config.text_config
-    per_token = 2 * text_cfg.num_key_value_heads * (text_cfg.hidden_size // text_cfg.num_attention_heads) * 4
+    per_token = _cached_bytes_per_token(model)
     assert unpruned.kv_cache_mb * 2**20 == layers * (text + n_visual) * per_token
     assert divprune.kv_cache_mb * 2**20 == layers * (text + 16) * per_token
     assert fastv.kv_cache_mb * 2**20 == (2 * (text + n_visual) + 2 * (text + 16)) * per_token
@@ -76,8 +81,7 @@ def test_a_cache_policy_shows_in_the_cache_left_after_generation():
     inputs = batch_inputs(model, [make_prompt(model, [1, 5, 6, 7], [8, 9, 10, 11])])
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     text, layers = inputs["input_ids"].shape[1] - n_visual, model.config.text_config.num_hidden_layers
-    text_cfg = model.config.text_config
-    per_token = 2 * text_cfg.num_key_value_heads * (text_cfg.hidden_size // text_cfg.num_attention_heads) * 4
+    per_token = _cached_bytes_per_token(model)
     m = measure(model, inputs, "mustdrop", 64, new_tokens=3, repeats=1, warmup=0)
     assert m.end_layer_tokens < m.mean_layer_tokens
     assert m.kv_cache_end_mb * 2**20 == (layers * (text + 2) + m.end_layer_tokens * layers) * per_token

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from vtprune.patches.adapter import nearest_transformers_class
 from vtprune.patches.llava import LlavaAdapter
 from vtprune.patches.llava_next import LlavaNextAdapter
 from vtprune.patches.llava_next_video import LlavaNextVideoAdapter
@@ -24,11 +25,10 @@ def adapter_for(model):
         return TimmViTAdapter(model)
     kind = type(model).__name__
     base = next((c.__name__ for c in type(model).__mro__[1:] if c.__name__ in supported_classes()), None)
-    why = (
-        ""
-        if base is None
-        else f" (transformers' {kind} subclasses {base} but is another family: its own tower or layout)"
-    )
+    why = ""
+    if base is not None:  # a transformers family built on a supported class (the adapters claim only exact ones)
+        family = nearest_transformers_class(type(model))
+        why = f" (transformers' {family} subclasses {base} but is another family: its own tower or layout)"
     raise TypeError(
         f"vtprune does not support {kind}{why}; supported model classes: {', '.join(supported_classes())}"
         f" (and, for tower-stage pruners such as vtprune.ToMe, timm's VisionTransformer)"

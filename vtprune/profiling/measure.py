@@ -58,17 +58,20 @@ def _cache_bytes(cache) -> int:
     return total
 
 
-def _peak_bytes(fn, device: torch.device) -> int | None:
+def _peak_bytes(fn, device: torch.device) -> tuple[int | None, object]:
+    """Runs ``fn`` once: the peak bytes it allocated above what was allocated before (None where this
+    device gives no reading) and what it returned."""
+    result = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
+        result.append(fn())
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return torch.cuda.max_memory_allocated(device) - before, result[0]
     if device.type == "cpu" and peak_memory_available():
-        return peak_memory_growth(fn)
-    return None
+        return peak_memory_growth(lambda: result.append(fn())), result[0]
+    return None, fn()
 
 
 @torch.no_grad()
@@ -106,15 +109,11 @@ def measure(
                 progress()
         kv_bytes = _cache_bytes(out.past_key_values)
         del out
-        generated = {}
-
-        def final_generate():
-            generated["out"] = model.generate(**inputs, **generate_kwargs, return_dict_in_generate=True)
-
-        peak = _peak_bytes(final_generate, device)
-        if not generated:  # no peak-memory reading on this device: the final run still gives the cache
-            final_generate()
-        end_bytes = _cache_bytes(generated.pop("out").past_key_values)
+        peak, out = _peak_bytes(
+            lambda: model.generate(**inputs, **generate_kwargs, return_dict_in_generate=True), device
+        )
+        end_bytes = _cache_bytes(out.past_key_values)
+        del out
         visual = visual_token_counts(model.config, inputs["input_ids"])
         stats = handle.last if handle is not None else None
     finally:
