@@ -14,10 +14,12 @@ from vtprune.testing import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
     image_token_counts,
+    tiny_fast_vlm,
     tiny_llava,
     tiny_llava_next,
     tiny_llava_next_video,
     tiny_llava_onevision,
+    tiny_perception_lm,
     tiny_qwen2_vl,
     video_token_counts,
 )
@@ -96,6 +98,36 @@ class Family:
         """Per-token inputs a family's prompts need besides input_ids (none by default)."""
         return {}
 
+    def image_features(self, model, inputs: dict) -> list[torch.Tensor]:
+        """Each image's (n_tokens, D) tokens as the model scatters them, from its own encoder."""
+        image = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+        with torch.no_grad():
+            return list(model.model.get_image_features(**image, return_dict=True).pooler_output)
+
+    def video_features(self, model, inputs: dict) -> list[torch.Tensor]:
+        """Each video's (n_tokens, D) tokens as the model scatters them, from its own encoder."""
+        video = {k: v for k, v in inputs.items() if k in ("pixel_values_videos", "video_grid_thw")}
+        with torch.no_grad():
+            return list(model.model.get_video_features(**video, return_dict=True).pooler_output)
+
+
+@dataclass(frozen=True)
+class PerceptionLMFamily(Family):
+    """Images of a thumbnail and tiles: the encoder gives one row per crop, an image is its crops' rows."""
+
+    def image_features(self, model, inputs: dict) -> list[torch.Tensor]:
+        return _by_item(model, inputs["pixel_values"])
+
+    def video_features(self, model, inputs: dict) -> list[torch.Tensor]:
+        return _by_item(model, inputs["pixel_values_videos"])  # one method for both: frames are crops
+
+
+def _by_item(model, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """PerceptionLM's encoder output for (items, crops, 3, H, W) pixels, as one (n_tokens, D) per item."""
+    with torch.no_grad():
+        rows = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    return list(rows.reshape(pixels.shape[0], -1, rows.shape[-1]))
+
 
 @dataclass(frozen=True)
 class Qwen2VLFamily(Family):
@@ -132,6 +164,8 @@ ONEVISION_SIZES = ((200, 200), (60, 200), (150, 100))  # 200x200's 2x2 crops gri
 QWEN_SIZES = ((16, 20), (12, 12), (20, 8))  # in patches (h, w): 16 x 20 patches -> 8 x 10 = 80 visual tokens
 LLAVA_VIDEO = (4, 3, 112, 112)  # 4 frames of 8 x 8 patches, pooled to 4 x 4 tokens each
 QWEN_VIDEO = (2, 8, 8)  # 4 frames = 2 temporal patches of 8 x 8 patches: 2 x 4 x 4 tokens
+PLM_IMAGE = (3, 3, 112, 112)  # a thumbnail and two tiles of 8 x 8 patches, each pooled to 4 x 4 tokens
+PLM_VIDEO = (4, 3, 112, 112)  # 4 frames of 8 x 8 patches, pooled to 4 x 4 tokens each
 
 FAMILIES = (
     Family("llava", tiny_llava, (3, 336, 336)),
@@ -140,6 +174,9 @@ FAMILIES = (
     Family("llava_onevision", tiny_llava_onevision, (5, 3, 112, 112), ONEVISION_SIZES, LLAVA_VIDEO),
     Qwen2VLFamily("qwen2_vl", tiny_qwen2_vl, (1176,), QWEN_SIZES, QWEN_VIDEO),
     Qwen2VLFamily("qwen2_5_vl", partial(tiny_qwen2_vl, version="2.5"), (1176,), QWEN_SIZES, QWEN_VIDEO),
+    # timm towers: FastViT-HD (no CLS; 384 px -> 6 x 6 tokens), Perception Encoder (CLS, RoPE)
+    Family("fast_vlm", tiny_fast_vlm, (3, 384, 384)),
+    PerceptionLMFamily("perception_lm", partial(tiny_perception_lm, tile=112), PLM_IMAGE, video_shape=PLM_VIDEO),
 )
 # Families with video inputs (LLaVA-NeXT-Video's images are LLaVA-NeXT's).
 VIDEO_FAMILIES = (

@@ -29,6 +29,8 @@ def skip_if_refused(family: str, name: str, budget: str | None = None) -> None:
     """Skip the combinations vtprune refuses on purpose (their refusal is tested in test_tower_vlm.py)."""
     if name in IN_TOWER and family.startswith("qwen2"):
         pytest.skip("tower-stage pruners are refused on Qwen2-VL's tower (its 2x2 patch merger)")
+    if name in IN_TOWER and family in ("fast_vlm", "perception_lm"):
+        pytest.skip("tower-stage pruners are refused on timm towers (FastViT's convolutions, PE's pooling)")
     if name in TOWER and budget == "per_video":
         pytest.skip("tower-stage pruners count keep per frame (each frame passes the tower alone)")
     if name == "catp" and budget == "per_frame":

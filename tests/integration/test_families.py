@@ -35,27 +35,19 @@ def family(request):
     return request.param
 
 
-IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw")
-
-
-def image_inputs(inputs) -> dict:
-    return {k: v for k, v in inputs.items() if k in IMAGE_INPUTS}
-
-
-def fixed_tokens(model, inputs) -> list[torch.Tensor]:
+def fixed_tokens(family, model, inputs) -> list[torch.Tensor]:
     """Per image, the positions among its tokens that are not image patches (LLaVA-NeXT's newline
     tokens), found by comparing the model's own features with its newline embedding."""
-    with torch.no_grad():
-        features = model.model.get_image_features(**image_inputs(inputs), return_dict=True).pooler_output
+    features = family.image_features(model, inputs)
     newline = getattr(model.model, "image_newline", None)
     if newline is None:
         return [torch.zeros(0, dtype=torch.long) for _ in features]
     return [(f == newline).all(-1).nonzero().flatten() for f in features]
 
 
-def prunable_count(model, inputs) -> int:
+def prunable_count(family, model, inputs) -> int:
     n_tokens = int((inputs["input_ids"][0] == IMAGE_TOKEN_ID).sum())
-    return n_tokens - int(fixed_tokens(model, inputs)[0].numel())
+    return n_tokens - int(fixed_tokens(family, model, inputs)[0].numel())
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -63,7 +55,7 @@ def test_keep_all_is_the_unpruned_model(family, name):
     model = family.model()
     inputs, _ = family.batch(model, ONE_IMAGE)
     base_logits, base_tokens = logits(model, inputs), greedy(model, inputs)
-    n = prunable_count(model, inputs)
+    n = prunable_count(family, model, inputs)
     with apply(model, name, keep=1.0) as handle:
         pruned_logits, pruned_tokens = logits(model, inputs), greedy(model, inputs)
         assert torch.equal(handle.last.kept[0], torch.arange(n))
@@ -86,10 +78,9 @@ def test_kept_counts_match_keep(family, name, keep):
     with apply(model, name, keep=keep) as handle:
         logits(model, inputs)
         if name in TOWER:  # one token per tower token: the distinct rows among the copies the tower gave
-            with torch.no_grad():
-                features = model.model.get_image_features(**image_inputs(inputs), return_dict=True).pooler_output[0]
+            features = family.image_features(model, inputs)[0]
             patches = torch.ones(features.shape[0], dtype=torch.bool)
-            patches[fixed_tokens(model, inputs)[0]] = False
+            patches[fixed_tokens(family, model, inputs)[0]] = False
             stats, rows = handle.last, features[patches]
             assert stats.token_counts == [len(stats.kept[0]) + len(stats.merged[0])]
             for group in stats.merged[0]:  # a merged token's patches carry copies of its row
@@ -106,7 +97,7 @@ def test_kept_counts_match_keep(family, name, keep):
             if family.name == "llava":
                 assert handle.last.token_counts == [vtprune.registry.pruner_class(name)(keep=keep).keep_count(576)]
         else:
-            assert_kept_as_scheduled(model, handle, name, keep, n=prunable_count(model, inputs))
+            assert_kept_as_scheduled(model, handle, name, keep, n=prunable_count(family, model, inputs))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -154,10 +145,9 @@ def test_vision_stage_equals_the_prompt_written_with_the_kept_tokens(family, nam
     assert kept.numel() + len(groups) == 20
     # The reference: the unwrapped model fed only the kept patch tokens, every fixed token, and the
     # merged tokens (after the others, or at their anchors where tokens keep their positions).
-    with torch.no_grad():
-        features = model.model.get_image_features(**image_inputs(inputs), return_dict=True).pooler_output[0]
+    features = family.image_features(model, inputs)[0]
     is_fixed = torch.zeros(features.shape[0], dtype=torch.bool)
-    is_fixed[fixed_tokens(model, inputs)[0]] = True
+    is_fixed[fixed_tokens(family, model, inputs)[0]] = True
     keeps_positions = "mm_token_type_ids" in inputs
     stays, tokens = pruned_image_tokens(features, is_fixed, kept, groups, at_anchor=keeps_positions)
     ids = inputs["input_ids"][0]

@@ -251,25 +251,40 @@ def test_the_family_is_read_from_the_config():
     from transformers import LlamaConfig
 
     from vtprune.patches.loading import model_class_for
-    from vtprune.testing import tiny_llava_next_video, tiny_llava_onevision, tiny_qwen2_vl
+    from vtprune.testing import (
+        tiny_fast_vlm,
+        tiny_llava_next_video,
+        tiny_llava_onevision,
+        tiny_perception_lm,
+        tiny_qwen2_vl,
+    )
 
-    for model in (tiny_llava_next_video(), tiny_llava_onevision(), tiny_qwen2_vl(), tiny_qwen2_vl(version="2.5")):
+    families = (tiny_llava_next_video, tiny_llava_onevision, tiny_qwen2_vl, tiny_fast_vlm, tiny_perception_lm)
+    for model in (*(build() for build in families), tiny_qwen2_vl(version="2.5")):
         assert model_class_for(model.config) is type(model)
-    with pytest.raises(ValueError, match="vtprune cannot prune model_type 'llama'; supported: llava, llava_next"):
+    with pytest.raises(
+        ValueError, match="vtprune cannot prune model_type 'llama'; supported: fast_vlm, llava, llava_next"
+    ):
         model_class_for(LlamaConfig())
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "fast_vlm", "perception_lm"])
 def test_other_families_batch_like_single_requests(tmp_path, docs, family):
     from vtprune import testing
 
-    if family == "llava_next":
-        model_dir = testing.save_tiny_llava_next_hf(tmp_path / family)
-    else:
+    if family.startswith("qwen"):
         model_dir = testing.save_tiny_qwen2_vl_hf(tmp_path / family, version="2.5" if family == "qwen2_5_vl" else "2")
+    else:
+        model_dir = getattr(testing, f"save_tiny_{family}_hf")(tmp_path / family)
     single = _lmm(model_dir, docs, pruner="divprune", keep=0.25)
     batched = _lmm(model_dir, docs, pruner="divprune", keep=0.25, batch_size=4)
-    classes = {"llava_next": "LlavaNext", "qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}
+    classes = {
+        "llava_next": "LlavaNext",
+        "qwen2_vl": "Qwen2VL",
+        "qwen2_5_vl": "Qwen2_5_VL",
+        "fast_vlm": "FastVlm",
+        "perception_lm": "PerceptionLM",
+    }
     assert type(single.model).__name__ == f"{classes[family]}ForConditionalGeneration"
     one, four = single.generate_until(_generate_requests(docs)), batched.generate_until(_generate_requests(docs))
     assert [r.text for r in four] == [r.text for r in one]

@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,14 @@ import vtprune
 from vtprune.profiling.cli import main as profile
 from vtprune.profiling.flops import layer_flops, prefill_flops
 from vtprune.profiling.measure import measure
-from vtprune.testing import batch_inputs, make_prompt, save_tiny_llava_hf, tiny_llava
+from vtprune.testing import (
+    batch_inputs,
+    make_prompt,
+    save_tiny_fast_vlm_hf,
+    save_tiny_llava_hf,
+    save_tiny_perception_lm_hf,
+    tiny_llava,
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +117,24 @@ def test_profile_writes_table_csv_and_plot(tmp_path, capsys):
     assert out_png.stat().st_size > 10_000
 
 
-def test_profile_loads_a_model_directory(tmp_path, capsys):
-    model_dir = save_tiny_llava_hf(tmp_path / "tiny")
-    assert (
-        profile(["--model", str(model_dir), "--pruners", "cls", "--keeps", "32", "--repeats", "1", "--new-tokens", "2"])
-        == 0
-    )
-    assert "LlavaForConditionalGeneration" in capsys.readouterr().out
+@pytest.mark.parametrize(
+    ("save", "family"),
+    [
+        (save_tiny_llava_hf, "LlavaForConditionalGeneration"),
+        (save_tiny_fast_vlm_hf, "FastVlmForConditionalGeneration"),
+        (save_tiny_perception_lm_hf, "PerceptionLMForConditionalGeneration"),
+    ],
+)
+def test_profile_loads_a_model_directory(tmp_path, capsys, save, family):
+    model_dir = save(tmp_path / "tiny")
+    args = ["--model", str(model_dir), "--pruners", "cls", "--keeps", "4", "--repeats", "1", "--new-tokens", "2"]
+    with warnings.catch_warnings():  # FastViT has no CLS token: the substitute score is announced
+        warnings.simplefilter("ignore")
+        assert profile(args) == 0
+    out = capsys.readouterr().out
+    assert family in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("cls "))
+    assert row[:4] == ["cls", "4", "4", "4.0"]  # pruner, keep, kept, per layer
 
 
 @pytest.mark.slow  # a fresh Python process per case: seconds each

@@ -1,12 +1,19 @@
-"""FastVLM and PerceptionLM (timm towers): the tiny builders' layouts, and vtprune refusing both
-until a family adapter claims them (issue 34)."""
+"""FastVLM and PerceptionLM (timm towers): the tiny builders' layouts, the tower signals read from
+timm's attention modules against the probabilities timm's own eager attention forms, the pooled and
+tiled layouts the pruners see, and what is refused on these towers and why. The equivalence matrix
+covers both families in test_families.py and test_video.py."""
+
+import warnings
 
 import pytest
 import torch
-from helpers import hooks_of
+import torch.nn.functional as F
 
 import vtprune
+from vtprune.patches import towers
 from vtprune.testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_fast_vlm, tiny_perception_lm
+
+CLOSE = {"atol": 1e-5, "rtol": 0}  # with sdpa, the blocks before a read one run fused
 
 
 def _prompt(*runs: tuple[int, int]) -> torch.Tensor:
@@ -37,12 +44,166 @@ def test_perception_lm_pools_every_crop_and_frame():
     assert out.logits.shape == (1, ids.shape[1], 96)
 
 
-@pytest.mark.parametrize("build", [tiny_fast_vlm, tiny_perception_lm])
-def test_timm_tower_vlms_are_refused_until_an_adapter_claims_them(build):
+def _eager_probabilities(model, blocks, pixels) -> list[torch.Tensor]:
+    """Per block, the (B, H, T, T) attention probabilities timm's eager path forms (its dropout's input)."""
+    captured, handles = [], []
+    for block in blocks:
+        attention = getattr(block, "token_mixer", None) or block.attn
+        assert not attention.fused_attn
+        handles.append(attention.attn_drop.register_forward_hook(lambda m, i, out: captured.append(out.detach())))
+    try:
+        with torch.no_grad():
+            model.model.vision_tower(pixels)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _content_keys(blocks, model, pixels) -> list[torch.Tensor]:
+    """Per block, the head-mean keys (B, T, d) of its fused qkv projection, before any rotary term."""
+    captured, handles = [], []
+    for block in blocks:
+        attention = getattr(block, "token_mixer", None) or block.attn
+
+        def hook(module, inputs, out, heads=attention.num_heads):
+            b, t = out.shape[:2]
+            captured.append(out.reshape(b, t, 3, heads, -1)[:, :, 1].mean(2))
+
+        handles.append(attention.qkv.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.model.vision_tower(pixels)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _read(model, layers, pixels) -> dict:
+    reader = towers.TowerReader(model.model.vision_tower, layers, layers)
+    handles = reader.install()
+    try:
+        with reader.reading() as read, torch.no_grad():
+            model.model.vision_tower(pixels)
+    finally:
+        for h in handles:
+            h.remove()
+    return read
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fastvit_signals_are_the_attention_each_token_receives_and_the_keys_of_its_last_stage(attn):
+    reference, model = tiny_fast_vlm(attn="eager"), tiny_fast_vlm(attn=attn)  # same weights
+    pixels = torch.randn(2, 3, 256, 320, generator=torch.Generator().manual_seed(0))
+    blocks = reference.model.vision_tower.timm_model.stages[-1].blocks
+    probabilities = _eager_probabilities(reference, blocks, pixels)
+    keys = _content_keys(blocks, reference, pixels)
+    read = _read(model, [0, 1], pixels)
+    assert [p.shape for p in probabilities] == [(2, 2, 20, 20)] * 2  # a 4 x 5 grid, two heads
+    for layer in (0, 1):
+        torch.testing.assert_close(read["scores"][layer], probabilities[layer].mean(dim=(1, 2)), **CLOSE)
+        torch.testing.assert_close(read["keys"][layer], keys[layer], **CLOSE)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_perception_encoder_signals_are_the_cls_row_with_rope_and_the_keys_before_it(attn):
+    reference, model = tiny_perception_lm(attn="eager"), tiny_perception_lm(attn=attn)
+    pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    blocks = reference.model.vision_tower.timm_model.blocks
+    probabilities = _eager_probabilities(reference, blocks, pixels)
+    keys = _content_keys(blocks, reference, pixels)
+    read = _read(model, [0, 1], pixels)
+    for layer in (0, 1):
+        torch.testing.assert_close(read["scores"][layer], probabilities[layer][:, :, 0].mean(1), **CLOSE)
+        torch.testing.assert_close(read["keys"][layer], keys[layer], **CLOSE)
+    # The rotary embedding matters: block 0's CLS row without it is another row.
+    calls = []
+    block = model.model.vision_tower.timm_model.blocks[0]
+    handle = block.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0], kwargs)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model.vision_tower(pixels)
+    finally:
+        handle.remove()
+    hidden, kwargs = calls[0]
+    assert kwargs.get("rope") is not None
+    spec = towers.tower_spec(model.model.vision_tower)
+    with torch.no_grad():
+        q, k, _, scale = spec.qk(block, hidden, {})
+        without_rope = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) * scale, -1)[:, :, 0].mean(1)
+    assert not torch.allclose(without_rope, read["scores"][0], atol=1e-3)
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.topk(k).indices.sort().values
+
+
+@torch.no_grad()
+def test_cls_on_fast_vlm_keeps_the_tokens_that_receive_the_most_attention_in_the_last_block():
+    model = tiny_fast_vlm(attn="eager")
+    pixels = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(2))
+    received = _eager_probabilities(model, model.model.vision_tower.timm_model.stages[-1].blocks, pixels)[-1]
+    ids = _prompt((IMAGE_TOKEN_ID, 36))
+    with warnings.catch_warnings():  # the substitute for the CLS row is announced once per process
+        warnings.simplefilter("ignore")
+        handle = vtprune.apply(model, "cls", keep=7)
+    with handle:
+        model(input_ids=ids, pixel_values=pixels)
+    assert torch.equal(handle.last.kept[0], _top(received[0].mean(dim=(0, 1)), 7))
+
+
+@torch.no_grad()
+def test_cls_on_perception_lm_keeps_the_tokens_with_the_most_pooled_cls_attention():
+    model = tiny_perception_lm(attn="eager", tile=112)
+    pixels = torch.randn(1, 1, 3, 112, 112, generator=torch.Generator().manual_seed(3))  # one crop ("vanilla")
+    blocks = model.model.vision_tower.timm_model.blocks
+    row = _eager_probabilities(model, blocks, pixels[0])[-1][0, :, 0, 1:].mean(0)  # the last block's, patches only
+    pooled = F.avg_pool2d(row.reshape(1, 8, 8), 2).flatten()  # 2 x 2 patches per token, as the projector pools
+    ids = _prompt((IMAGE_TOKEN_ID, 16))
+    with vtprune.apply(model, "cls", keep=5) as handle:
+        model(input_ids=ids, pixel_values=pixels)
+    assert torch.equal(handle.last.kept[0], _top(pooled, 5))
+
+
+@torch.no_grad()
+def test_perception_lm_images_are_a_thumbnail_part_and_a_tiles_part_with_the_budget_shared():
+    model = tiny_perception_lm(tile=112)
+    pixels = torch.randn(1, 4, 3, 112, 112)  # thumbnail + 3 tiles: 4 x 16 tokens
+    ids = _prompt((IMAGE_TOKEN_ID, 64))
+    with vtprune.apply(model, "cls", keep=16) as handle:
+        model(input_ids=ids, pixel_values=pixels)
+    kept = handle.last.kept[0]
+    assert (kept < 16).sum() == 4 and (kept >= 16).sum() == 12  # in proportion: 16 and 48 tokens
+    with pytest.raises(ValueError, match="do not say how its tiles are arranged; use crop_budget='proportional'"):
+        vtprune.apply(model, "divprune", keep=16, crop_budget="global")
+    assert vtprune.handle_of(model) is None
+
+
+@pytest.mark.parametrize("build, reason", [(tiny_fast_vlm, "convolutions follow"), (tiny_perception_lm, "pools every")])
+def test_tower_stage_pruners_are_refused_with_the_reason(build, reason):
     model = build()
-    with pytest.raises(TypeError, match=f"vtprune does not support {type(model).__name__}; supported model"):
-        vtprune.apply(model, "divprune", keep=4)
-    assert not hooks_of(model) and "forward" not in model.__dict__
+    for name in ("tome", "zerotprune", "mustdrop"):
+        with pytest.raises(
+            ValueError, match=f"inside the vision tower, which it cannot do in TimmWrapperModel.*{reason}"
+        ):
+            vtprune.apply(model, name, keep=4)
+        assert vtprune.handle_of(model) is None
+
+
+@pytest.mark.parametrize("build", [tiny_fast_vlm, tiny_perception_lm])
+def test_a_subclass_of_a_timm_tower_vlm_is_claimed_as_its_family(build):
+    model = build()
+
+    class Mine(type(model)):
+        pass
+
+    model.__class__ = Mine
+    pixels = torch.randn(1, 3, 256, 256) if build is tiny_fast_vlm else torch.randn(1, 1, 3, 56, 56)
+    n = 16 if build is tiny_fast_vlm else 4
+    with vtprune.apply(model, "divprune", keep=3) as handle, torch.no_grad():
+        model(input_ids=_prompt((IMAGE_TOKEN_ID, n)), pixel_values=pixels)
+    assert handle.last.token_counts == [3]
 
 
 def test_the_builders_refuse_layouts_their_towers_cannot_make():

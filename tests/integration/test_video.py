@@ -43,9 +43,7 @@ def family(request):
 def video_layout(model, family, inputs) -> tuple[int, int, int]:
     """(frames, tokens per frame, fixed tokens after the last frame) of the first video, found from
     the model's own features: fixed tokens equal its newline embedding (OneVision)."""
-    video = {k: v for k, v in inputs.items() if k in ("pixel_values_videos", "video_grid_thw")}
-    with torch.no_grad():
-        features = model.model.get_video_features(**video, return_dict=True).pooler_output[0]
+    features = family.video_features(model, inputs)[0]
     newline = getattr(model.model, "image_newline", None)
     tail = 0 if newline is None else int((features == newline).all(-1).sum())
     frames = family.video_shape[0]
@@ -119,11 +117,7 @@ def test_vision_stage_equals_the_prompt_written_with_the_kept_tokens(family, nam
         pruned = logits(model, inputs)
         kept, groups = handle.last.kept[0], (handle.last.merged or [[]])[0]
     ids = inputs["input_ids"][0]
-    image_inputs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
-    video_inputs = {k: v for k, v in inputs.items() if k in ("pixel_values_videos", "video_grid_thw")}
-    with torch.no_grad():
-        image = model.model.get_image_features(**image_inputs, return_dict=True).pooler_output[0]
-        video = model.model.get_video_features(**video_inputs, return_dict=True).pooler_output[0]
+    image, video = family.image_features(model, inputs)[0], family.video_features(model, inputs)[0]
     newline = getattr(model.model, "image_newline", None)
     keeps_positions = "mm_token_type_ids" in inputs
     # What is pruned as one image: the image, and the video whole or (per_frame) each frame.
@@ -175,9 +169,7 @@ def test_divprune_chooses_among_a_frames_or_the_whole_videos_tokens(family, budg
     model = family.model()
     inputs, _ = family.batch(model, ONE_VIDEO)
     frames, per_frame, _ = video_layout(model, family, inputs)
-    video = {k: v for k, v in inputs.items() if k in ("pixel_values_videos", "video_grid_thw")}
-    with torch.no_grad():
-        features = model.model.get_video_features(**video, return_dict=True).pooler_output[0][: frames * per_frame]
+    features = family.video_features(model, inputs)[0][: frames * per_frame]
     pruner = vtprune.DivPrune(keep=4)
     if budget == "per_frame":
         blocks = features.split(per_frame)
@@ -277,10 +269,11 @@ def test_remove_restores_the_model(family, name):
     model = family.model()
     inputs, _ = family.batch(model, ONE_VIDEO)
     base = logits(model, inputs)
-    forward, encode = model.forward, model.model.get_video_features
+    encoders = ("get_image_features", "get_video_features")
+    forward, encode = model.forward, {n: getattr(model.model, n) for n in encoders if hasattr(model.model, n)}
     handle = apply(model, name, keep=3, budget="per_frame" if name in TOWER else "per_video")
     logits(model, inputs)
     handle.remove()
-    assert model.forward == forward and model.model.get_video_features == encode
+    assert model.forward == forward and {n: getattr(model.model, n) for n in encode} == encode
     assert vtprune.handle_of(model) is None
     assert torch.equal(logits(model, inputs), base)

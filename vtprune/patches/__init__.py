@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from vtprune.patches.adapter import nearest_transformers_class
+from vtprune.patches.fast_vlm import FastVlmAdapter
 from vtprune.patches.llava import LlavaAdapter
 from vtprune.patches.llava_next import LlavaNextAdapter
 from vtprune.patches.llava_next_video import LlavaNextVideoAdapter
 from vtprune.patches.llava_onevision import LlavaOnevisionAdapter
+from vtprune.patches.perception_lm import PerceptionLMAdapter
 from vtprune.patches.qwen2_vl import Qwen2VLAdapter
 from vtprune.patches.timm_vit import TimmViTAdapter
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
+ADAPTERS = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaNextVideoAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    FastVlmAdapter,
+    PerceptionLMAdapter,
+)
 
 
 def supported_classes() -> list[str]:

@@ -26,7 +26,7 @@ from vtprune.core.generation import Generation, is_static
 from vtprune.core.image_parts import ImageParts
 from vtprune.core.layout import VisualLayout
 from vtprune.core.llm_stage import LLMStage
-from vtprune.core.patching import MethodPatch
+from vtprune.core.patching import MethodPatch, PerThread
 from vtprune.core.stats import PruneStats
 from vtprune.core.tokens import ModelInfo
 from vtprune.core.tower_signals import TowerSignals
@@ -42,6 +42,8 @@ from vtprune.registry import available, pruner_class
 # Attribute set on each image's (video's) feature tensor: its ImageParts (VideoFrames); on the encoder
 # output too, for models whose videos come as one (videos, tokens, D) tensor.
 _LAYOUT = "_vtprune_layout"
+# Attribute set on an encoder output whose rows are not one image (video) each: each item's tokens.
+_ITEM_SIZES = "_vtprune_item_sizes"
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
@@ -98,6 +100,15 @@ class Adapter:
     def vision_tower(self):
         return self.model.model.vision_tower
 
+    def encoder(self, modality: str) -> tuple[str, str]:
+        """The method of ``model.model`` that encodes a modality, and the argument its pixels go to."""
+        return f"get_{modality}_features", _PIXELS[modality]
+
+    def feature_items(self, pooler_output, arguments: dict) -> list[torch.Tensor]:
+        """Each image's (video's) (n_tokens, D) tokens in an encoder's ``pooler_output``, as the model
+        scatters them into its placeholders (one row or list entry each by default)."""
+        return list(pooler_output)
+
     def frame_pool(self):
         """How the model pools a video frame's patches after the tower, as a function of (frames, side,
         side, C) maps -> (frames, tokens, C); None when it does not pool them."""
@@ -147,7 +158,7 @@ class Adapter:
             num_decoder_layers=len(self.decoder_layers),
             num_tower_layers=n_tower,
             tower_has_cls=towers.has_cls_token(self.tower),
-            tower_name=type(self.tower).__name__,
+            tower_name=towers.tower_name(self.tower),
             feature_layers=self.feature_layers(n_tower),
             visual_tokens=self.visual_tokens(),
         )
@@ -157,8 +168,9 @@ class Adapter:
         self._llm: LLMStage | None = None
         self._decode: DecodeStage | None = None
         self._generation = Generation()
-        has_videos = hasattr(model.model, "get_video_features") and getattr(self.config, "video_token_id", None)
+        has_videos = hasattr(model.model, self.encoder("video")[0]) and getattr(self.config, "video_token_id", None)
         self.modalities = ("image", "video") if has_videos else ("image",)
+        self._encoding = PerThread()  # the modality being encoded, where one method encodes several
 
     @property
     def attn_implementation(self) -> str:
@@ -222,9 +234,9 @@ class Adapter:
                     owner, method = self.pooling_site()
                     undo.append(MethodPatch(owner, method, self._tokens_instead_of_pooling).undo)
             undo += [h.remove for h in self._tower_reader.install()]
-            for modality in self.modalities:
+            for method, modality in {self.encoder(m)[0]: m for m in reversed(self.modalities)}.items():
                 encode = functools.partial(self._encoded_features, modality)
-                undo.append(MethodPatch(self.model.model, f"get_{modality}_features", encode).undo)
+                undo.append(MethodPatch(self.model.model, method, encode).undo)
             if pipeline.vision is not None or pipeline.tower is not None:
                 tower = None if pipeline.tower is None else pipeline.tower.name
                 self._vision = VisionStage(pipeline.vision, self.info.num_decoder_layers, self.keeps_positions, tower)
@@ -246,6 +258,9 @@ class Adapter:
         return undo
 
     def _encoded_features(self, modality: str, original, *args, **kwargs):
+        """``modality``: what the patched method encodes unless ``_encode`` says otherwise (a method
+        encoding several modalities is patched once, for its first)."""
+        modality = self._encoding.get() or modality
         bound = inspect.signature(original).bind(*args, **kwargs)
         arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
         with (
@@ -256,16 +271,14 @@ class Adapter:
         ):
             out = original(*args, **kwargs)
         signals = self._signals(read, runs)
-        if isinstance(out, tuple):
-            features = list(out[1])
-        else:
-            features = list(out.pooler_output)
+        features = self.feature_items(out[1] if isinstance(out, tuple) else out.pooler_output, arguments)
         describe = self.image_parts if modality == "image" else self.video_frames
         layouts = describe(features, arguments, signals)
         for f, layout in zip(features, layouts):
             setattr(f, _LAYOUT, layout)
         if not isinstance(out, tuple):
             setattr(out, _LAYOUT, layouts)
+            setattr(out, _ITEM_SIZES, [f.shape[0] for f in features])
         return out
 
     def _tower_runs(self):
@@ -298,7 +311,7 @@ class Adapter:
 
     def _layouts_of(self, encoded, modality: str) -> list:
         """Each image's ``ImageParts`` (video's ``VideoFrames``) as recorded when it was encoded."""
-        features = list(encoded.pooler_output)
+        features = _items(encoded)
         found = [getattr(f, _LAYOUT, None) for f in features]
         if all(x is not None for x in found):
             return found
@@ -403,7 +416,7 @@ class Adapter:
         return [
             visual
             for modality, output in encoded.items()
-            for visual in visuals_of(modality, list(output.pooler_output), self._layouts_of(output, modality), budget)
+            for visual in visuals_of(modality, _items(output), self._layouts_of(output, modality), budget)
         ]
 
     def _layout(self, input_ids: torch.Tensor, items: list[tuple[str, ImageParts]]) -> VisualLayout:
@@ -422,11 +435,13 @@ class Adapter:
     def _encode(self, a: dict, modality: str, pixels: str):
         """Run the model's own ``get_{modality}_features`` as its forward would, and hand the result
         to the forward as ``mm_encoder_outputs[modality]`` instead of the pixels."""
-        encode = getattr(self.model.model, f"get_{modality}_features")
+        method, argument = self.encoder(modality)
+        encode = getattr(self.model.model, method)
         # What the model's own forward passes on (image_sizes, batch_num_images, video_grid_thw, ...):
         # every argument of this forward that the encoder names.
-        named = {n: a[n] for n in inspect.signature(encode).parameters if n in a and n != pixels}
-        encoded = encode(**{pixels: a[pixels]}, **named, return_dict=True)
+        named = {n: a[n] for n in inspect.signature(encode).parameters if n in a and n not in (pixels, argument)}
+        with self._encoding.set(modality):
+            encoded = encode(**{argument: a[pixels]}, **named, return_dict=True)
         a[pixels] = None
         a["mm_encoder_outputs"] = {**(a.get("mm_encoder_outputs") or {}), modality: encoded}
         return encoded
@@ -520,6 +535,17 @@ class Adapter:
 
 def _vision_pruner_names() -> list[str]:
     return [name for name in available() if pruner_class(name).stage == "vision"]
+
+
+def _items(encoded) -> list[torch.Tensor]:
+    """Each image's (video's) tokens in an encoder output: its rows, or, where the family grouped them
+    otherwise when they were encoded (``Adapter.feature_items``), those groups."""
+    sizes = getattr(encoded, _ITEM_SIZES, None)
+    rows = list(encoded.pooler_output)
+    if sizes is None or [r.shape[0] for r in rows] == sizes:
+        return rows
+    flat = torch.cat(rows)
+    return list(flat.split(sizes)) if flat.shape[0] == sum(sizes) else rows  # else: repeated since
 
 
 def _aligned(values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

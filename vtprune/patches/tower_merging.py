@@ -31,7 +31,7 @@ import torch
 from vtprune.core.patching import MethodPatch, PerThread
 from vtprune.core.tower_signals import TowerSignals
 from vtprune.core.tower_stage import TowerRun, TowerStage
-from vtprune.patches.towers import TowerSpec, tower_spec
+from vtprune.patches.towers import TowerSpec, tower_name, tower_spec
 
 
 def check_tower_merging(pruner, tower: torch.nn.Module, model_name: str, blocks: int, no_drops: str = "") -> None:
@@ -42,7 +42,7 @@ def check_tower_merging(pruner, tower: torch.nn.Module, model_name: str, blocks:
         why = spec.no_merging if spec is not None else "vtprune does not know its encoder layers"
         raise ValueError(
             f"the {pruner.name!r} pruner merges tokens inside the vision tower, which it cannot do in "
-            f"{type(tower).__name__} ({model_name}): {why}"
+            f"{tower_name(tower)} ({model_name}): {why}"
         )
     if pruner.drops and no_drops:
         raise ValueError(

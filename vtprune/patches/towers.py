@@ -19,6 +19,7 @@ from torch import nn
 from vtprune.core.patching import PerThread
 from vtprune.core.tower_signals import GlobalTokenRule
 from vtprune.ops import attention_rows, global_token_attention, patch_entropy
+from vtprune.patches.timm_towers import timm_spec
 
 
 def _clip_layer_merging(layer: nn.Module, x: torch.Tensor, mask, kwargs: dict, merge: Callable) -> torch.Tensor:
@@ -37,7 +38,9 @@ def _dinov2_layer_merging(layer: nn.Module, x: torch.Tensor, mask, kwargs: dict,
 @dataclass(frozen=True)
 class TowerSpec:
     """How to reach the pre-attention norm and the q/k projections of one tower family's layers
-    (``query``/``key`` None: one fused ``qkv`` projection, as in Qwen2-VL's towers).
+    (``query``/``key`` None: one fused ``qkv`` projection, as in Qwen2-VL's towers; ``qk`` set: a
+    function ``(layer, hidden, kwargs) -> (q, k, content keys, scale)``, each (B, H, T, d), that forms
+    them as the layer does, for towers whose layers are not transformers modules: ``timm_towers.py``).
 
     merging_layer: ``(layer, x, attention_mask, kwargs, merge) -> x``, the layer's own computation with
     ``merge`` applied after its attention residual (the tower stage), or None; ``no_merging`` then
@@ -59,6 +62,11 @@ class TowerSpec:
     # (VFlowOpt's patch entropy); None where the tower does not take images as (B, 3, H, W) pixels.
     pixel_mean: tuple[float, float, float] | None = None
     pixel_std: tuple[float, float, float] | None = None
+    qk: Callable | None = None
+    # The tower's patch side in pixels and its tokens before the patches, where its config does not
+    # say (``tower.config.patch_size``; the CLS token when ``has_cls``).
+    patch_size: Callable[[nn.Module], int] | None = None
+    prefix_tokens: Callable[[nn.Module], int] | None = None
 
 
 def _clip_style_layers(tower: nn.Module) -> nn.ModuleList:
@@ -123,12 +131,33 @@ _SPECS = {
 
 
 def tower_spec(tower: nn.Module) -> TowerSpec | None:
+    if type(tower).__name__ == "TimmWrapperModel":
+        return timm_spec(tower, TowerSpec)
     return _SPECS.get(type(tower).__name__)
+
+
+def tower_name(tower: nn.Module) -> str:
+    """The tower's class, with the timm model's for a ``TimmWrapperModel``."""
+    inner = getattr(tower, "timm_model", None)
+    return type(tower).__name__ + (f" (timm {type(inner).__name__})" if inner is not None else "")
 
 
 def num_tower_layers(tower: nn.Module) -> int:
     config = tower.config
-    return config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.depth
+    if hasattr(config, "num_hidden_layers"):
+        return config.num_hidden_layers
+    if hasattr(config, "depth"):
+        return config.depth
+    spec = tower_spec(tower)
+    return len(spec.layers(tower)) if spec is not None else 0
+
+
+def patch_size(tower: nn.Module, spec: TowerSpec) -> int:
+    return spec.patch_size(tower) if spec.patch_size is not None else tower.config.patch_size
+
+
+def prefix_tokens(tower: nn.Module, spec: TowerSpec) -> int:
+    return spec.prefix_tokens(tower) if spec.prefix_tokens is not None else int(spec.has_cls)
 
 
 def has_cls_token(tower: nn.Module) -> bool:
@@ -151,6 +180,9 @@ def _heads(projection: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tenso
 
 def _cls_row(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """(B, T) head-mean attention of token 0 (CLS) over all T tokens of an encoder layer's input."""
+    if spec.qk is not None:
+        q, k, _, scale = spec.qk(layer, hidden, kwargs)
+        return attention_rows(q[:, :, :1], k, scale=scale)[:, 0]
     attn, x, scale = _attention_input(layer, spec, hidden)
     q = _heads(getattr(attn, spec.query), x[:, :1], attn.head_dim)
     k = _heads(getattr(attn, spec.key), x, attn.head_dim)
@@ -171,6 +203,11 @@ def _received_by(q: torch.Tensor, k: torch.Tensor, scale) -> torch.Tensor:
 def _per_input(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict):
     """Per tower input, its queries and keys (1, H, T, D) in an encoder layer, and the softmax scale:
     the batch's rows, or the segments of a fused-qkv tower whose one sequence holds every image."""
+    if spec.qk is not None:
+        q, k, _, scale = spec.qk(layer, hidden, kwargs)
+        for i in range(q.shape[0]):
+            yield q[i : i + 1], k[i : i + 1], scale
+        return
     attn, x, scale = _attention_input(layer, spec, hidden)
     if spec.query is None:
         n = x.shape[0]
@@ -189,7 +226,12 @@ def _per_input(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: 
 
 def _per_token(spec: TowerSpec, rows: list[torch.Tensor]) -> torch.Tensor:
     """Per-input (1, T) rows as (B, T), or as (S,) for a fused-qkv tower."""
-    return torch.cat([r[0] for r in rows]) if spec.query is None else torch.cat(rows)
+    return torch.cat([r[0] for r in rows]) if _one_sequence(spec) else torch.cat(rows)
+
+
+def _one_sequence(spec: TowerSpec) -> bool:
+    """Whether the tower runs every image as one sequence (Qwen2-VL's towers)."""
+    return spec.query is None and spec.qk is None
 
 
 def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -226,6 +268,8 @@ def pixel_entropy(spec: TowerSpec, pixel_values: torch.Tensor, patch: int, prefi
 def _keys(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Head-mean keys of an encoder layer: (B, T, head_dim), or (S, head_dim) for a fused-qkv tower
     (before its rotary embedding: the keys' content, not their place)."""
+    if spec.qk is not None:
+        return spec.qk(layer, hidden, kwargs)[2].mean(1).float()
     attn, x, _ = _attention_input(layer, spec, hidden)
     if spec.query is None:
         n = x.shape[0]
@@ -293,5 +337,5 @@ class TowerReader:
             return
         pixels = args[0] if args else kwargs["pixel_values"]
         with torch.no_grad():
-            shares = pixel_entropy(spec, pixels, module.config.patch_size, int(spec.has_cls))
+            shares = pixel_entropy(spec, pixels, patch_size(module, spec), prefix_tokens(module, spec))
         read["scores"].append(self.rule.entropy_weight * shares)

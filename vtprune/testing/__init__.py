@@ -6,8 +6,10 @@ the other families' builders follow their own layouts at tiny sizes.
 """
 
 from vtprune.testing.checkpoints import (
+    save_tiny_fast_vlm_hf,
     save_tiny_llava_hf,
     save_tiny_llava_next_hf,
+    save_tiny_perception_lm_hf,
     save_tiny_qwen2_vl_hf,
     tiny_llava_next_processor,
     tiny_qwen2_vl_for,
@@ -41,8 +43,10 @@ __all__ = [
     "batch_inputs",
     "image_token_counts",
     "make_prompt",
+    "save_tiny_fast_vlm_hf",
     "save_tiny_llava_hf",
     "save_tiny_llava_next_hf",
+    "save_tiny_perception_lm_hf",
     "save_tiny_qwen2_vl_hf",
     "surviving_positions",
     "tiny_fast_vlm",

@@ -5,6 +5,7 @@ profiler's tests, all offline."""
 from __future__ import annotations
 
 from vtprune.testing.models import tiny_llava, tiny_llava_next, tiny_qwen2_vl
+from vtprune.testing.timm_vlms import tiny_fast_vlm, tiny_perception_lm
 
 # A chat template of the llava-1.5-hf shape: "USER: <image>\n{question} ASSISTANT:".
 _CHAT_TEMPLATE = (
@@ -19,9 +20,13 @@ _WORDS = (
 ).split()
 
 
-def word_tokenizer(specials: list[str], words=_WORDS):
+def word_tokenizer(specials: list[str], words=_WORDS, named: dict | None = None):
     """A word-level fast tokenizer (left padding) over ``words`` with ``<s>``, ``</s>``, ``<unk>``,
-    ``<pad>`` and the model's own special tokens; returns it and its vocabulary."""
+    ``<pad>`` and the model's own special tokens; returns it and its vocabulary. ``named``: special
+    tokens the processor reads as attributes (``{"image_token": ...}`` gives ``tokenizer.image_token``
+    and ``tokenizer.image_token_id``), added after ``specials``."""
+    named = named or {}
+    specials = [*specials, *named.values()]
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,8 +39,8 @@ def word_tokenizer(specials: list[str], words=_WORDS):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        additional_special_tokens=specials,
         padding_side="left",
+        **({"extra_special_tokens": named} if named else {"additional_special_tokens": specials}),
     )
     return tokenizer, vocab
 
@@ -147,3 +152,43 @@ def save_tiny_qwen2_vl_hf(directory, *, attn: str = "sdpa", version: str = "2"):
     """Write a random tiny Qwen2-VL (``version="2.5"``: Qwen2.5-VL) with its processor to ``directory``."""
     processor, vocab = tiny_qwen2_vl_processor()
     return _save(tiny_qwen2_vl_for(vocab, attn=attn, version=version), processor, directory, vocab)
+
+
+def save_tiny_fast_vlm_hf(directory, *, attn: str = "sdpa"):
+    """Write a random tiny FastVLM (``tiny_fast_vlm``) with a LLaVA processor to ``directory``: 256 px
+    images, one ``<image>`` token per 64 px square (16 per image)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer, vocab = word_tokenizer(["<image>"])
+    images = CLIPImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 256, "width": 256})
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=64,  # what LlavaProcessor divides the image by: FastViT-HD's downsampling
+        vision_feature_select_strategy="full",
+        chat_template=_CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+    )
+    model = tiny_fast_vlm(attn=attn, vocab=len(vocab))
+    model.config.image_token_id = vocab["<image>"]
+    return _save(model, processor, directory, vocab)
+
+
+def save_tiny_perception_lm_hf(directory, *, attn: str = "sdpa"):
+    """Write a random tiny PerceptionLM (``tiny_perception_lm`` on 56 px tiles) with its processor to
+    ``directory``: an image is a thumbnail and up to two tiles, a video its frames, 4 tokens each."""
+    from transformers import PerceptionLMImageProcessor, PerceptionLMProcessor, PerceptionLMVideoProcessor
+
+    tokenizer, vocab = word_tokenizer([], named={"image_token": "<|image|>", "video_token": "<|video|>"})
+    processor = PerceptionLMProcessor(
+        image_processor=PerceptionLMImageProcessor(tile_size=56, max_num_tiles=2),
+        video_processor=PerceptionLMVideoProcessor(size={"height": 56, "width": 56}),
+        tokenizer=tokenizer,
+        patch_size=14,
+        pooling_ratio=2,
+        chat_template=_CHAT_TEMPLATE.replace("<image>\n", "<|image|>\n"),
+    )
+    model = tiny_perception_lm(attn=attn, vocab=len(vocab))
+    model.config.image_token_id, model.config.video_token_id = vocab["<|image|>"], vocab["<|video|>"]
+    return _save(model, processor, directory, vocab)

@@ -12,14 +12,29 @@ from vtprune.testing.models import IMAGE_TOKEN_ID
 def image_token_counts(model, **image_inputs) -> list[int]:
     """Placeholder tokens of each image, from the model's own feature packing (any family)."""
     features = model.model.get_image_features(**image_inputs, return_dict=True).pooler_output
-    return [int(f.shape[0]) for f in features]
+    return _per_item([int(f.shape[0]) for f in features], image_inputs.get("pixel_values"))
 
 
 @torch.no_grad()
 def video_token_counts(model, **video_inputs) -> list[int]:
-    """Placeholder tokens of each video, from the model's own video features (any family)."""
+    """Placeholder tokens of each video, from the model's own video features (any family; PerceptionLM
+    encodes videos with its image method, each frame a crop)."""
+    if not hasattr(model.model, "get_video_features"):
+        pixels = video_inputs["pixel_values_videos"]
+        features = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        return _per_item([int(f.shape[0]) for f in features], pixels)
     features = model.model.get_video_features(**video_inputs, return_dict=True).pooler_output
     return [int(f.shape[0]) for f in features]
+
+
+def _per_item(counts: list[int], pixels) -> list[int]:
+    """Per-row token counts as per-item counts where the encoder gave one row per crop (or frame) of
+    (items, crops, 3, H, W) pixels (PerceptionLM) rather than one per item."""
+    items = pixels.shape[0] if isinstance(pixels, torch.Tensor) and pixels.dim() == 5 else len(counts)
+    if items == len(counts) or len(counts) % items:
+        return counts
+    per = len(counts) // items
+    return [sum(counts[i * per : (i + 1) * per]) for i in range(items)]
 
 
 def tokens_per_image(model) -> int:

@@ -2,8 +2,8 @@
 (a FastViT-HD tower) and PerceptionLM (a Perception Encoder tower). Built from configs with
 ``pretrained=False`` weights: nothing downloads.
 
-vtprune has no adapter for these families yet (``vtprune.apply`` refuses them); the builders are here
-so that their layouts can be tested offline.
+timm's attention modules ignore ``attn_implementation``; the builders set timm's own switch
+(``fused_attn``) from ``attn``, so an ``"eager"`` model is eager in its tower too.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ def tiny_fast_vlm(
     *,
     attn: str = "sdpa",
     embed_dims: tuple[int, ...] = (8, 16, 32, 32, 64),
+    last_stage_blocks: int = 2,
     hidden: int = 64,
     layers: int = 4,
     heads: int = 4,
@@ -25,23 +26,25 @@ def tiny_fast_vlm(
     seed: int = 0,
 ):
     """A random ``FastVlmForConditionalGeneration`` in eval mode: timm's ``fastvit_mci3`` (FastViT-HD)
-    with one block per stage, so three convolutional stages and two attention stages, and a Qwen2
-    decoder. The tower downsamples by 64 and has no CLS token: an image of s x s pixels (s a multiple
-    of 64) gives (s / 64)^2 visual tokens in raster order (256 px: 16), image token id ``IMAGE_TOKEN_ID``.
-    """
+    with three convolutional stages and two attention stages, one block each but ``last_stage_blocks``
+    in the last (the tower layers pruners read), and a Qwen2 decoder. The tower downsamples by 64 and
+    has no CLS token: an image of s x s pixels (s a multiple of 64) gives (s / 64)^2 visual tokens in
+    raster order (256 px: 16), image token id ``IMAGE_TOKEN_ID``."""
     from transformers import FastVlmConfig, FastVlmForConditionalGeneration, Qwen2Config, TimmWrapperConfig
 
     if len(embed_dims) != 5 or any(d % 32 for d in embed_dims[3:]):
         raise ValueError(f"embed_dims: five widths, the two attention stages' multiples of 32, got {embed_dims}")
+    if last_stage_blocks < 1:
+        raise ValueError(f"last_stage_blocks must be at least 1, got {last_stage_blocks}")
     vision = TimmWrapperConfig(
         architecture="fastvit_mci3",
         do_pooling=False,  # the classifier head's output is discarded by FastVLM anyway
         hidden_size=2 * embed_dims[-1],  # the final convolution doubles the last stage's width
-        model_args={"inference_mode": True, "layers": (1,) * 5, "embed_dims": tuple(embed_dims)},
+        model_args={"inference_mode": True, "layers": (1, 1, 1, 1, last_stage_blocks), "embed_dims": tuple(embed_dims)},
     )
     text = Qwen2Config(**_text_config(hidden, layers, heads, kv_heads, None, vocab))
     config = FastVlmConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID)
-    return _finish(FastVlmForConditionalGeneration, config, attn, torch.float32, seed)
+    return _timm_tower(_finish(FastVlmForConditionalGeneration, config, attn, torch.float32, seed), attn, seed)
 
 
 def tiny_perception_lm(
@@ -82,4 +85,22 @@ def tiny_perception_lm(
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
     )
-    return _finish(PerceptionLMForConditionalGeneration, config, attn, torch.float32, seed)
+    return _timm_tower(_finish(PerceptionLMForConditionalGeneration, config, attn, torch.float32, seed), attn, seed)
+
+
+def _timm_tower(model, attn: str, seed: int):
+    """timm initialises these towers for training (weights of std 0.02, layer scales of 1e-5), which at
+    this size leaves every attention uniform and every token alike, so pruners would choose among
+    ties: the tower's projections are drawn again with unit gain (std fan_in^-1/2), layer scales 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.model.vision_tower.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                weight = torch.randn(module.weight.shape, generator=generator) * module.weight[0].numel() ** -0.5
+                module.weight.copy_(weight)
+            elif type(module).__name__.startswith("LayerScale"):
+                for parameter in module.parameters():
+                    parameter.fill_(1.0)
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = attn != "eager"
+    return model
