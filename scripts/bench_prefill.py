@@ -18,6 +18,8 @@ copy of the model instead, run alternately with it (twice the time, robust to ma
     python scripts/bench_prefill.py --family llava_onevision  # a 756x756 image: 3,645 visual tokens
     python scripts/bench_prefill.py --family qwen2_vl     # a 728x1176 image: 1,092 visual tokens
     python scripts/bench_prefill.py --family llava_next_video  # 16 frames: 2,304 visual tokens
+    python scripts/bench_prefill.py --family fast_vlm     # a 1024x1024 image: 256 visual tokens
+    python scripts/bench_prefill.py --family perception_lm  # thumbnail + 2x2 tiles: 1,280 visual tokens
     python scripts/bench_prefill.py --pruners tome tome+divprune  # a+b: a Pipeline, a keeping twice b's keep
 
 Model (random weights): CLIP-like tower (336 px, patch 14 -> 576 patches per tower input), Llama
@@ -31,7 +33,11 @@ llava_onevision``: a SigLIP-like tower (378 px, 27 x 27 patches, no CLS token) i
 756x756 image is a base image and 2x2 crops: 729 + 2,916 visual tokens and 54 newline tokens.
 ``--family llava_next_video``: the LLaVA tower and decoder in LLaVA-NeXT-Video's layout; a video of 16
 frames at 336 px, each frame's 24 x 24 patches pooled to 12 x 12: 2,304 visual tokens; ``keep`` is per
-frame (``budget="per_frame"``).
+frame (``budget="per_frame"``). ``--family fast_vlm``: a FastViT-HD tower at half FastVLM's widths (48 to
+768 channels, blocks 2/2/4/2/2; ``--vision-*`` do not apply) and the same decoder; a 1024x1024 image is
+a 16 x 16 grid, 256 visual tokens. ``--family perception_lm``: a Perception Encoder tower (CLS, RoPE,
+14 px patches) of ``--vision-hidden`` x ``--vision-layers`` on 448 px tiles, each pooled 2x2 to 16 x 16
+tokens; an image is a thumbnail and 2x2 tiles: 1,280 visual tokens.
 """
 
 from __future__ import annotations
@@ -52,22 +58,26 @@ from vtprune.testing import (
     batch_inputs,
     image_token_counts,
     make_prompt,
+    tiny_fast_vlm,
     tiny_llava,
     tiny_llava_next,
     tiny_llava_next_video,
     tiny_llava_onevision,
+    tiny_perception_lm,
     tiny_qwen2_vl,
     video_token_counts,
 )
 from vtprune.timing import median_seconds, paired_median_seconds
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "llava_next_video")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "llava_next_video", "fast_vlm", "perception_lm")
 DEFAULT_KEEPS = {
     "llava": [64, 128, 192],
     "llava_next": [160, 320, 640],
     "llava_onevision": [196, 392, 784],
     "qwen2_vl": [128, 256, 512],
     "llava_next_video": [18, 36, 72],  # per frame, of 144
+    "fast_vlm": [32, 64, 128],
+    "perception_lm": [160, 320, 640],
 }
 VISUAL_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos")
 
@@ -87,6 +97,12 @@ def build(args) -> tuple:
     if args.family == "llava_next":
         model = tiny_llava_next(image_size=336, **tower, **LLAVA_SHAPED_LLM)
         images = {"pixel_values": torch.randn(1, 5, 3, 336, 336), "image_sizes": torch.tensor([[672, 672]])}
+    elif args.family == "fast_vlm":
+        model = tiny_fast_vlm(embed_dims=(48, 96, 192, 384, 768), blocks=(2, 2, 4, 2, 2), **LLAVA_SHAPED_LLM)
+        images = {"pixel_values": torch.randn(1, 3, 1024, 1024)}
+    elif args.family == "perception_lm":
+        model = tiny_perception_lm(tile=448, **tower, **LLAVA_SHAPED_LLM)
+        images = {"pixel_values": torch.randn(1, 5, 3, 448, 448)}
     elif args.family == "llava_onevision":
         model = tiny_llava_onevision(image_size=378, vision_aspect_ratio="anyres_max_9", **tower, **LLAVA_SHAPED_LLM)
         images = {"pixel_values": torch.randn(1, 5, 3, 378, 378), "image_sizes": torch.tensor([[756, 756]])}
@@ -117,8 +133,15 @@ def fixed_positions(model, inputs) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long)
     _, encode = unwrapped(model, modality(inputs)[0])
     with torch.no_grad():
-        features = encode(**visual_inputs(inputs)).pooler_output[0]
+        features = first_item(encode(**visual_inputs(inputs)).pooler_output)
     return (features == newline).all(-1).nonzero().flatten()
+
+
+def first_item(pooler_output) -> torch.Tensor:
+    """The prompt's one image (video) as (n_tokens, D): PerceptionLM's encoder gives one row per crop."""
+    if isinstance(pooler_output, torch.Tensor) and pooler_output.dim() == 3:
+        return pooler_output.flatten(0, 1)
+    return pooler_output[0]
 
 
 def surviving_positions(ids: torch.Tensor, kept: torch.Tensor, fixed: torch.Tensor, token_id: int) -> torch.Tensor:
@@ -159,11 +182,15 @@ def ideal_vision(model, inputs, kept, fixed, groups=(), tower_pruned=False):
     prunable = prunable.nonzero().flatten()
 
     def run():
-        features = encode(**visual_inputs(inputs)).pooler_output[0]
+        pooler = encode(**visual_inputs(inputs)).pooler_output
+        features = first_item(pooler)
         tokens = features[in_image]
         if groups:
             tokens = torch.cat([tokens, torch.stack([features[prunable[g]].mean(0) for g in groups])])
-        encoded = BaseModelOutputWithPooling(pooler_output=[tokens])
+        # as the encoder gave them: one tensor (FastVLM, PerceptionLM take no list) or a list per image
+        encoded = BaseModelOutputWithPooling(
+            pooler_output=tokens[None] if isinstance(pooler, torch.Tensor) else [tokens]
+        )
         return forward(input_ids=short_ids, mm_encoder_outputs={kind: encoded}, logits_to_keep=1)
 
     return run
@@ -186,7 +213,7 @@ def ideal_llm(model, inputs, drops, fixed):
         present = keep
 
     def run():
-        features = encode(**visual_inputs(inputs)).pooler_output[0]
+        features = first_item(encode(**visual_inputs(inputs)).pooler_output)
         h = model.get_input_embeddings()(ids)
         h = h.masked_scatter((ids == token_id)[..., None], features)
         cos, sin = lm.rotary_emb(h, positions[None])
@@ -249,9 +276,10 @@ def main() -> None:
     def prefill():
         return model(**inputs, logits_to_keep=1)
 
+    tower_text = "FastViT-HD 48-768" if args.family == "fast_vlm" else f"{args.vision_layers}x{args.vision_hidden}"
     print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}")
     print(
-        f"model: {args.family}, tower {args.vision_layers}x{args.vision_hidden}, Llama 8x1024, prompt {length} "
+        f"model: {args.family}, tower {tower_text}, Llama 8x1024, prompt {length} "
         f"tokens ({n_image - fixed.numel()} visual, {fixed.numel()} newline)\n"
     )
     base = timed(prefill)

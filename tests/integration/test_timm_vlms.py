@@ -44,6 +44,16 @@ def test_perception_lm_pools_every_crop_and_frame():
     assert out.logits.shape == (1, ids.shape[1], 96)
 
 
+def _run_tower(model, pixels, handles) -> None:
+    """One tower forward, then the hooks ``handles`` removed."""
+    try:
+        with torch.no_grad():
+            model.model.vision_tower(pixels)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _eager_probabilities(model, blocks, pixels) -> list[torch.Tensor]:
     """Per block, the (B, H, T, T) attention probabilities timm's eager path forms (its dropout's input)."""
     captured, handles = [], []
@@ -51,12 +61,7 @@ def _eager_probabilities(model, blocks, pixels) -> list[torch.Tensor]:
         attention = getattr(block, "token_mixer", None) or block.attn
         assert not attention.fused_attn
         handles.append(attention.attn_drop.register_forward_hook(lambda m, i, out: captured.append(out.detach())))
-    try:
-        with torch.no_grad():
-            model.model.vision_tower(pixels)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_tower(model, pixels, handles)
     return captured
 
 
@@ -71,12 +76,7 @@ def _content_keys(blocks, model, pixels) -> list[torch.Tensor]:
             captured.append(out.reshape(b, t, 3, heads, -1)[:, :, 1].mean(2))
 
         handles.append(attention.qkv.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model.model.vision_tower(pixels)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_tower(model, pixels, handles)
     return captured
 
 
@@ -120,12 +120,8 @@ def test_perception_encoder_signals_are_the_cls_row_with_rope_and_the_keys_befor
     # The rotary embedding matters: block 0's CLS row without it is another row.
     calls = []
     block = model.model.vision_tower.timm_model.blocks[0]
-    handle = block.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0], kwargs)), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model.model.vision_tower(pixels)
-    finally:
-        handle.remove()
+    hook = block.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0], kwargs)), with_kwargs=True)
+    _run_tower(model, pixels, [hook])
     hidden, kwargs = calls[0]
     assert kwargs.get("rope") is not None
     spec = towers.tower_spec(model.model.vision_tower)
@@ -209,5 +205,33 @@ def test_a_subclass_of_a_timm_tower_vlm_is_claimed_as_its_family(build):
 def test_the_builders_refuse_layouts_their_towers_cannot_make():
     with pytest.raises(ValueError, match="multiples of 32"):
         tiny_fast_vlm(embed_dims=(8, 16, 32, 40, 64))
+    with pytest.raises(ValueError, match=r"blocks: five stages of at least one block each, got \(1, 1, 1, 0, 2\)"):
+        tiny_fast_vlm(blocks=(1, 1, 1, 0, 2))
     with pytest.raises(ValueError, match=r"tile must be a multiple of 14 \* pooling = 28, got 42"):
         tiny_perception_lm(tile=42)
+
+
+@pytest.mark.parametrize(
+    "build, shape, n", [(tiny_fast_vlm, (3, 384, 384), 36), (tiny_perception_lm, (3, 3, 56, 56), 12)]
+)
+def test_generate_repeating_the_image_features_samples_like_a_batch_of_copies(build, shape, n):
+    """Both families' encoders give one tensor, which num_return_sequences restacks into new tensors:
+    each repeated image is matched to the one encoded, its layout and tower scores with it."""
+    model = build()
+    ids, pixels = _prompt((IMAGE_TOKEN_ID, n)), torch.randn(1, *shape, generator=torch.Generator().manual_seed(4))
+    outputs, kept = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FastViT's substitute for the CLS row, announced once
+        handle = vtprune.apply(model, "cls", keep=5)
+    with handle, torch.no_grad():
+        for batch, extra in (
+            ((ids, pixels), {"num_return_sequences": 2}),
+            ((ids.repeat(2, 1), pixels.repeat(2, *[1] * len(shape))), {}),
+        ):
+            torch.manual_seed(0)
+            outputs.append(
+                model.generate(input_ids=batch[0], pixel_values=batch[1], max_new_tokens=4, do_sample=True, **extra)
+            )
+            kept.append(handle.last.kept)
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(a, b) for a, b in zip(kept[0], kept[1])) and len(kept[0]) == 2

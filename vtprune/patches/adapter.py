@@ -42,8 +42,9 @@ from vtprune.registry import available, pruner_class
 # Attribute set on each image's (video's) feature tensor: its ImageParts (VideoFrames); on the encoder
 # output too, for models whose videos come as one (videos, tokens, D) tensor.
 _LAYOUT = "_vtprune_layout"
-# Attribute set on an encoder output whose rows are not one image (video) each: each item's tokens.
-_ITEM_SIZES = "_vtprune_item_sizes"
+# Attribute set on the encoder output: each image's (video's) tokens as encoded, which tells its layout
+# again when generate() repeats the features (num_return_sequences) into new tensors.
+_ITEMS = "_vtprune_items"
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
@@ -278,7 +279,7 @@ class Adapter:
             setattr(f, _LAYOUT, layout)
         if not isinstance(out, tuple):
             setattr(out, _LAYOUT, layouts)
-            setattr(out, _ITEM_SIZES, [f.shape[0] for f in features])
+            setattr(out, _ITEMS, features)
         return out
 
     def _tower_runs(self):
@@ -318,6 +319,12 @@ class Adapter:
         recorded = getattr(encoded, _LAYOUT, None)
         if recorded is not None and len(recorded) == len(features):
             return recorded
+        originals = getattr(encoded, _ITEMS, None)
+        if modality == "image" and recorded is not None and originals is not None:
+            # Repeated images (generate()'s num_return_sequences): each is one of those encoded.
+            matched = [next((i for i, o in enumerate(originals) if _same(f, o)), None) for f in features]
+            if None not in matched:
+                return [recorded[i] for i in matched]
         if modality == "image":
             raise NotImplementedError(
                 "vtprune lays out an image's tokens (grid, fixed tokens, tower signals) when it encodes the image: "
@@ -539,13 +546,21 @@ def _vision_pruner_names() -> list[str]:
 
 def _items(encoded) -> list[torch.Tensor]:
     """Each image's (video's) tokens in an encoder output: its rows, or, where the family grouped them
-    otherwise when they were encoded (``Adapter.feature_items``), those groups."""
-    sizes = getattr(encoded, _ITEM_SIZES, None)
+    otherwise when they were encoded (``Adapter.feature_items``: PerceptionLM's crops, all alike in
+    size), groups of that size, also after generate() repeated them."""
+    originals = getattr(encoded, _ITEMS, None)
     rows = list(encoded.pooler_output)
-    if sizes is None or [r.shape[0] for r in rows] == sizes:
+    if originals is None or [r.shape[0] for r in rows] == [o.shape[0] for o in originals]:
         return rows
+    sizes = {o.shape[0] for o in originals}
     flat = torch.cat(rows)
-    return list(flat.split(sizes)) if flat.shape[0] == sum(sizes) else rows  # else: repeated since
+    if len(sizes) == 1 and flat.shape[0] % (size := sizes.pop()) == 0:
+        return list(flat.split(size))
+    return rows
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or torch.equal(a, b))
 
 
 def _aligned(values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -17,32 +17,33 @@ def tiny_fast_vlm(
     *,
     attn: str = "sdpa",
     embed_dims: tuple[int, ...] = (8, 16, 32, 32, 64),
-    last_stage_blocks: int = 2,
+    blocks: tuple[int, ...] = (1, 1, 1, 1, 2),
     hidden: int = 64,
     layers: int = 4,
     heads: int = 4,
     kv_heads: int = 2,
+    intermediate: int | None = None,
     vocab: int = 96,
     seed: int = 0,
 ):
     """A random ``FastVlmForConditionalGeneration`` in eval mode: timm's ``fastvit_mci3`` (FastViT-HD)
-    with three convolutional stages and two attention stages, one block each but ``last_stage_blocks``
-    in the last (the tower layers pruners read), and a Qwen2 decoder. The tower downsamples by 64 and
+    with three convolutional stages and two attention stages of ``blocks`` blocks each (the last stage's
+    are the tower layers pruners read), and a Qwen2 decoder. The tower downsamples by 64 and
     has no CLS token: an image of s x s pixels (s a multiple of 64) gives (s / 64)^2 visual tokens in
     raster order (256 px: 16), image token id ``IMAGE_TOKEN_ID``."""
     from transformers import FastVlmConfig, FastVlmForConditionalGeneration, Qwen2Config, TimmWrapperConfig
 
     if len(embed_dims) != 5 or any(d % 32 for d in embed_dims[3:]):
         raise ValueError(f"embed_dims: five widths, the two attention stages' multiples of 32, got {embed_dims}")
-    if last_stage_blocks < 1:
-        raise ValueError(f"last_stage_blocks must be at least 1, got {last_stage_blocks}")
+    if len(blocks) != 5 or min(blocks) < 1:
+        raise ValueError(f"blocks: five stages of at least one block each, got {blocks}")
     vision = TimmWrapperConfig(
         architecture="fastvit_mci3",
         do_pooling=False,  # the classifier head's output is discarded by FastVLM anyway
         hidden_size=2 * embed_dims[-1],  # the final convolution doubles the last stage's width
-        model_args={"inference_mode": True, "layers": (1, 1, 1, 1, last_stage_blocks), "embed_dims": tuple(embed_dims)},
+        model_args={"inference_mode": True, "layers": tuple(blocks), "embed_dims": tuple(embed_dims)},
     )
-    text = Qwen2Config(**_text_config(hidden, layers, heads, kv_heads, None, vocab))
+    text = Qwen2Config(**_text_config(hidden, layers, heads, kv_heads, intermediate, vocab))
     config = FastVlmConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID)
     return _timm_tower(_finish(FastVlmForConditionalGeneration, config, attn, torch.float32, seed), attn, seed)
 
@@ -59,6 +60,7 @@ def tiny_perception_lm(
     layers: int = 4,
     heads: int = 4,
     kv_heads: int = 2,
+    intermediate: int | None = None,
     vocab: int = 96,
     seed: int = 0,
 ):
@@ -78,7 +80,7 @@ def tiny_perception_lm(
         model_args={"embed_dim": vision_hidden, "depth": vision_layers, "num_heads": vision_heads, "img_size": tile},
     )
     config = PerceptionLMConfig(
-        text_config=_llama_config(hidden, layers, heads, kv_heads, None, vocab),
+        text_config=_llama_config(hidden, layers, heads, kv_heads, intermediate, vocab),
         vision_config=vision,
         projector_pooling_ratio=pooling,
         vision_use_cls_token=True,
