@@ -283,7 +283,10 @@ def main() -> None:
         f"tokens ({n_image - fixed.numel()} visual, {fixed.numel()} newline)\n"
     )
     base = timed(prefill)
-    print(f"unpruned prefill: {base * 1e3:.0f} ms\n")
+    _, encode = unwrapped(model, modality(inputs)[0])
+    with torch.no_grad():
+        tower = timed(lambda: encode(**visual_inputs(inputs)))
+    print(f"unpruned prefill: {base * 1e3:.0f} ms, of which the tower and projector: {tower * 1e3:.0f} ms\n")
     untouched = copy.deepcopy(model) if args.paired_unpruned else None
 
     def unpruned_prefill():

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vtprune.patches.tower_spec import TowerSpec
+
 _FASTVIT_NO_MERGING = (
     "convolutions follow each of its attention blocks (the blocks' convolutional MLPs, the stages' "
     "position encodings and its final 3x3 convolution), each mixing a patch with its neighbours on the "
@@ -71,14 +73,14 @@ def _eva_qk(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple:
     return q, k, content, attn.scale
 
 
-def timm_spec(tower: nn.Module, spec_type: type):
+def timm_spec(tower: nn.Module) -> TowerSpec | None:
     """The ``TowerSpec`` of a ``TimmWrapperModel``'s timm model, or None for a timm model vtprune does
     not know."""
     model = tower.timm_model
     kind = type(model).__name__
     if kind == "FastVit" and _fastvit_attention_last(model):
         # No pixel statistics: FastVLM's processor, not timm's configuration, decides its normalisation.
-        return spec_type(
+        return TowerSpec(
             lambda t: t.timm_model.stages[-1].blocks,
             "norm",
             "token_mixer",
@@ -90,7 +92,7 @@ def timm_spec(tower: nn.Module, spec_type: type):
         )
     if kind == "Eva" and all(hasattr(b, "attn") and hasattr(b, "norm1") for b in model.blocks):
         mean, std = _pixel_statistics(model)
-        return spec_type(
+        return TowerSpec(
             lambda t: t.timm_model.blocks,
             "norm1",
             "attn",

@@ -31,7 +31,8 @@ import torch
 from vtprune.core.patching import MethodPatch, PerThread
 from vtprune.core.tower_signals import TowerSignals
 from vtprune.core.tower_stage import TowerRun, TowerStage
-from vtprune.patches.towers import TowerSpec, tower_name, tower_spec
+from vtprune.patches.tower_spec import TowerSpec
+from vtprune.patches.towers import tower_name, tower_spec
 
 
 def check_tower_merging(pruner, tower: torch.nn.Module, model_name: str, blocks: int, no_drops: str = "") -> None:

@@ -1,8 +1,9 @@
 """Vision towers: where their encoder layers are and how to recompute their CLS attention row.
 
-Knowledge of specific vision-encoder classes lives here and nowhere else. Towers without a CLS token
-(SigLIP) get a substitute score instead of the CLS row: the attention each token receives, averaged
-over heads and over all query tokens.
+Knowledge of specific vision-encoder classes lives here and nowhere else (timm models behind
+``TimmWrapperModel`` in ``timm_towers.py``). Towers without a CLS token (SigLIP, FastViT) get a
+substitute score instead of the CLS row: the attention each token receives, averaged over heads and
+over all query tokens.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import functools
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from vtprune.core.patching import PerThread
 from vtprune.core.tower_signals import GlobalTokenRule
 from vtprune.ops import attention_rows, global_token_attention, patch_entropy
 from vtprune.patches.timm_towers import timm_spec
+from vtprune.patches.tower_spec import TowerSpec
 
 
 def _clip_layer_merging(layer: nn.Module, x: torch.Tensor, mask, kwargs: dict, merge: Callable) -> torch.Tensor:
@@ -33,40 +34,6 @@ def _dinov2_layer_merging(layer: nn.Module, x: torch.Tensor, mask, kwargs: dict,
     attended = layer.attention(layer.norm1(x), attention_mask=mask, **kwargs)[0]
     x = merge(layer.drop_path(layer.layer_scale1(attended)) + x)
     return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))) + x
-
-
-@dataclass(frozen=True)
-class TowerSpec:
-    """How to reach the pre-attention norm and the q/k projections of one tower family's layers
-    (``query``/``key`` None: one fused ``qkv`` projection, as in Qwen2-VL's towers; ``qk`` set: a
-    function ``(layer, hidden, kwargs) -> (q, k, content keys, scale)``, each (B, H, T, d), that forms
-    them as the layer does, for towers whose layers are not transformers modules: ``timm_towers.py``).
-
-    merging_layer: ``(layer, x, attention_mask, kwargs, merge) -> x``, the layer's own computation with
-    ``merge`` applied after its attention residual (the tower stage), or None; ``no_merging`` then
-    says why tokens cannot be merged inside this tower.
-    """
-
-    layers: Callable[[nn.Module], nn.ModuleList]
-    norm: str  # attribute of an encoder layer: the norm applied before self-attention
-    attention: str  # attribute of an encoder layer: the self-attention module
-    query: str | None
-    key: str | None
-    has_cls: bool
-    merging_layer: Callable | None = None
-    no_merging: str = ""
-    # Whether config.image_size is the input size; DINOv2's is its position table's (518 px), resized
-    # to whatever input comes (the proxy feeds 224 px), so its grid is known only at the forward.
-    grid_from_config: bool = True
-    # The per-channel mean and std its image processors normalise pixels with, to read the pixels back
-    # (VFlowOpt's patch entropy); None where the tower does not take images as (B, 3, H, W) pixels.
-    pixel_mean: tuple[float, float, float] | None = None
-    pixel_std: tuple[float, float, float] | None = None
-    qk: Callable | None = None
-    # The tower's patch side in pixels and its tokens before the patches, where its config does not
-    # say (``tower.config.patch_size``; the CLS token when ``has_cls``).
-    patch_size: Callable[[nn.Module], int] | None = None
-    prefix_tokens: Callable[[nn.Module], int] | None = None
 
 
 def _clip_style_layers(tower: nn.Module) -> nn.ModuleList:
@@ -132,7 +99,7 @@ _SPECS = {
 
 def tower_spec(tower: nn.Module) -> TowerSpec | None:
     if type(tower).__name__ == "TimmWrapperModel":
-        return timm_spec(tower, TowerSpec)
+        return timm_spec(tower)
     return _SPECS.get(type(tower).__name__)
 
 
