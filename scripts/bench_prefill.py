@@ -279,7 +279,7 @@ def main() -> None:
     tower_text = "FastViT-HD 48-768" if args.family == "fast_vlm" else f"{args.vision_layers}x{args.vision_hidden}"
     print(f"machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}")
     print(
-        f"model: {args.family}, tower {tower_text}, Llama 8x1024, prompt {length} "
+        f"model: {args.family}, tower {tower_text}, decoder 8x1024, prompt {length} "
         f"tokens ({n_image - fixed.numel()} visual, {fixed.numel()} newline)\n"
     )
     base = timed(prefill)

@@ -176,7 +176,9 @@ def test_perception_lm_images_are_a_thumbnail_part_and_a_tiles_part_with_the_bud
     assert vtprune.handle_of(model) is None
 
 
-@pytest.mark.parametrize("build, reason", [(tiny_fast_vlm, "convolutions follow"), (tiny_perception_lm, "pools every")])
+@pytest.mark.parametrize(
+    "build, reason", [(tiny_fast_vlm, "convolutions follow"), (tiny_perception_lm, "average-pools blocks")]
+)
 def test_tower_stage_pruners_are_refused_with_the_reason(build, reason):
     model = build()
     for name in ("tome", "zerotprune", "mustdrop"):
@@ -235,3 +237,14 @@ def test_generate_repeating_the_image_features_samples_like_a_batch_of_copies(bu
             kept.append(handle.last.kept)
     assert torch.equal(outputs[0], outputs[1])
     assert all(torch.equal(a, b) for a, b in zip(kept[0], kept[1])) and len(kept[0]) == 2
+
+
+def test_perception_lm_video_features_encoded_without_vtprune_are_refused_with_a_message():
+    model = tiny_perception_lm()
+    video = torch.randn(1, 4, 3, 56, 56)
+    with torch.no_grad():
+        encoded = model.model.get_image_features(pixel_values=video, return_dict=True)  # before apply: no layout
+    ids = _prompt((VIDEO_TOKEN_ID, 16))
+    with vtprune.apply(model, "divprune", keep=4), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="do not say which frames make one video"):
+            model(input_ids=ids, mm_encoder_outputs={"video": encoded})

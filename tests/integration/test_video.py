@@ -241,6 +241,27 @@ def test_generate_repeating_the_video_features_samples_like_a_batch_of_copies(fa
     assert torch.equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("name", ["divprune", "cls"])
+@pytest.mark.parametrize("family", [f for f in VIDEO_FAMILIES if f not in TENSOR_VIDEOS], ids=lambda f: f.name)
+def test_generate_repeating_a_video_samples_like_a_batch_of_copies(family, name):
+    """Videos given as a list per video (Qwen2-VL) or encoded after generate() repeats the pixels
+    (PerceptionLM): two returned sequences equal a batch of two copies, tower scores included."""
+    model = family.model()
+    inputs, _ = family.batch(model, ONE_VIDEO)
+    copies, _ = family.batch(model, ONE_VIDEO * 2)
+    for key in ("pixel_values_videos", "video_grid_thw"):
+        if key in inputs:
+            copies[key] = inputs[key].repeat(2, *[1] * (inputs[key].dim() - 1))
+    outputs, kept = [], []
+    with apply(model, name, keep=3) as handle, torch.no_grad():
+        for batch, extra in ((inputs, {"num_return_sequences": 2}), (copies, {})):
+            torch.manual_seed(0)
+            outputs.append(model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=4, **extra))
+            kept.append(handle.last.kept)
+    assert torch.equal(outputs[0], outputs[1])
+    assert len(kept[0]) == 2 and all(torch.equal(a, b) for a, b in zip(kept[0], kept[1]))
+
+
 @pytest.mark.parametrize("family", TENSOR_VIDEOS, ids=lambda f: f.name)
 def test_cls_with_repeated_video_features_is_refused(family):
     model = family.model()

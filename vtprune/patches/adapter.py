@@ -45,6 +45,8 @@ _LAYOUT = "_vtprune_layout"
 # Attribute set on the encoder output: each image's (video's) tokens as encoded, which tells its layout
 # again when generate() repeats the features (num_return_sequences) into new tensors.
 _ITEMS = "_vtprune_items"
+# Attribute set on the encoder output when its rows are not one image (video) each (``feature_items``).
+_GROUPED = "_vtprune_grouped"
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
@@ -199,8 +201,8 @@ class Adapter:
         if rule is not None and rule.entropy_weight and (spec is None or spec.pixel_mean is None):
             raise ValueError(
                 f"the {reader.name!r} pruner's entropy term reads each patch's pixels, which vtprune cannot "
-                f"do in vision tower {self.info.tower_name} (its inputs are not (B, 3, H, W) images); use "
-                f"entropy=0"
+                f"do in vision tower {self.info.tower_name} (its inputs are not (B, 3, H, W) images, or their "
+                f"normalisation is not known from the model); use entropy=0"
             )
 
     def _merging_blocks(self) -> int:
@@ -272,7 +274,8 @@ class Adapter:
         ):
             out = original(*args, **kwargs)
         signals = self._signals(read, runs)
-        features = self.feature_items(out[1] if isinstance(out, tuple) else out.pooler_output, arguments)
+        rows = out[1] if isinstance(out, tuple) else out.pooler_output
+        features = self.feature_items(rows, arguments)
         describe = self.image_parts if modality == "image" else self.video_frames
         layouts = describe(features, arguments, signals)
         for f, layout in zip(features, layouts):
@@ -280,6 +283,7 @@ class Adapter:
         if not isinstance(out, tuple):
             setattr(out, _LAYOUT, layouts)
             setattr(out, _ITEMS, features)
+            setattr(out, _GROUPED, [f.shape[0] for f in features] != [r.shape[0] for r in rows])
         return out
 
     def _tower_runs(self):
@@ -550,7 +554,7 @@ def _items(encoded) -> list[torch.Tensor]:
     size), groups of that size, also after generate() repeated them."""
     originals = getattr(encoded, _ITEMS, None)
     rows = list(encoded.pooler_output)
-    if originals is None or [r.shape[0] for r in rows] == [o.shape[0] for o in originals]:
+    if not getattr(encoded, _GROUPED, False) or [r.shape[0] for r in rows] == [o.shape[0] for o in originals]:
         return rows
     sizes = {o.shape[0] for o in originals}
     flat = torch.cat(rows)

@@ -80,6 +80,11 @@ class PerceptionLMAdapter(Adapter):
         return out
 
     def video_frames(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[VideoFrames]:
+        if "pixel_values" not in arguments:  # features encoded without vtprune: one row per frame, no videos
+            raise NotImplementedError(
+                "PerceptionLM's video features do not say which frames make one video when they were encoded "
+                "without vtprune (mm_encoder_outputs computed before vtprune.apply); pass pixel_values_videos"
+            )
         return pooled_frames(features, self._side(arguments["pixel_values"]), 0, signals, self._pool)
 
 

@@ -13,7 +13,8 @@ output is untouched: the hooks only look at its input.
 - Perception Encoder (``Eva`` with RoPE, PerceptionLM's tower): a CLS token, 2-D rotary embeddings on
   the patches' queries and keys. Tokens cannot merge inside it: the model average-pools every
   ``projector_pooling_ratio`` x ``projector_pooling_ratio`` block of the output grid, which needs the
-  whole grid, and a merged token has no single rotary position.
+  whole grid, and a merged token has no single rotary position. Grouped-query attention (fewer key
+  heads) is left to ``ops.attention_rows``, which takes it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ _FASTVIT_NO_MERGING = (
     "grid, so a merged or dropped patch leaves a grid they cannot run on; use a vision-stage pruner"
 )
 _PE_NO_MERGING = (
-    "PerceptionLM average-pools every 2x2 block of the tower's output grid (projector_pooling_ratio), "
-    "which needs the whole grid, and a merged patch has no single rotary position; use a vision-stage "
-    "pruner"
+    "PerceptionLM average-pools blocks of the tower's output grid (projector_pooling_ratio), which needs "
+    "the whole grid, and a merged patch has no single rotary position; use a vision-stage pruner"
 )
 
 

@@ -26,6 +26,8 @@ def word_tokenizer(specials: list[str], words=_WORDS, named: dict | None = None)
     tokens the processor reads as attributes (``{"image_token": ...}`` gives ``tokenizer.image_token``
     and ``tokenizer.image_token_id``), added after ``specials``."""
     named = named or {}
+    if named and specials:
+        raise ValueError("word_tokenizer: give specials or named special tokens, not both")
     specials = [*specials, *named.values()]
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
