@@ -176,17 +176,38 @@ def test_perception_lm_images_are_a_thumbnail_part_and_a_tiles_part_with_the_bud
     assert vtprune.handle_of(model) is None
 
 
+TOWER_STAGE = [n for n in vtprune.available() if "tower" in vtprune.registry.pruner_class(n).stage]
+
+
 @pytest.mark.parametrize(
     "build, reason", [(tiny_fast_vlm, "convolutions follow"), (tiny_perception_lm, "average-pools blocks")]
 )
 def test_tower_stage_pruners_are_refused_with_the_reason(build, reason):
     model = build()
-    for name in ("tome", "zerotprune", "mustdrop"):
+    assert {"tome", "pitome", "mustdrop_merge", "zerotprune", "mustdrop", "aim"} <= set(TOWER_STAGE)
+    for name in TOWER_STAGE:
         with pytest.raises(
             ValueError, match=f"inside the vision tower, which it cannot do in TimmWrapperModel.*{reason}"
         ):
             vtprune.apply(model, name, keep=4)
         assert vtprune.handle_of(model) is None
+
+
+@torch.no_grad()
+def test_vflowopt_entropy_reads_perception_lm_pixels_and_is_refused_on_fast_vlm():
+    with pytest.raises(ValueError, match=r"normalisation is not known from the model\); use entropy=0"):
+        vtprune.apply(tiny_fast_vlm(), "vflowopt", entropy=0.5)
+    model = tiny_perception_lm()
+    ids, pixels = (
+        _prompt((IMAGE_TOKEN_ID, 12)),
+        torch.randn(1, 3, 3, 56, 56, generator=torch.Generator().manual_seed(5)),
+    )
+    kept = []
+    for entropy in (0.0, 1e4):  # a weight that outweighs the attention term changes the choice
+        with vtprune.apply(model, "vflowopt", keep=4, entropy=entropy) as handle:
+            model(input_ids=ids, pixel_values=pixels)
+        kept.append(handle.last.kept[0])
+    assert not torch.equal(kept[0], kept[1])
 
 
 @pytest.mark.parametrize("build", [tiny_fast_vlm, tiny_perception_lm])
