@@ -164,7 +164,7 @@ class VisionStage:
             return VisionOutcome(stats, comp, None, None, None, remaining, None)
         tokens: dict = {}
         for v, r in zip(visuals, reductions):
-            mine = _image_tokens(v, r, merged_at_anchor=self.merged_at_anchor)
+            mine = kept_features(v, r, merged_at_anchor=self.merged_at_anchor)
             tokens.setdefault(v.modality, {}).setdefault(v.number, []).append(mine)
         tokens = {m: [torch.cat(parts) for parts in per_number.values()] for m, per_number in tokens.items()}
         short, full_positions = self._shorten(comp, prompt)
@@ -305,8 +305,8 @@ def _slots(r: Reduction) -> torch.Tensor:
     return torch.cat([r.kept, r.anchors.to(r.kept.device)]).sort().values
 
 
-def _image_tokens(v: Visual, r: Reduction, merged_at_anchor: bool) -> torch.Tensor:
-    """(k + fixed + merged, D): what the model gets for one image: kept and fixed tokens in prompt
+def kept_features(v: Visual, r: Reduction, merged_at_anchor: bool) -> torch.Tensor:
+    """(k + fixed + merged, D): what the model gets for one image after reduction ``r``: kept and fixed tokens in prompt
     order, then each merged token (the (weighted) mean of its group), or, with ``merged_at_anchor``, each merged
     token at its anchor's place."""
     f = v.features

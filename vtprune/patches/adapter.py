@@ -62,6 +62,14 @@ def nearest_transformers_class(kind: type) -> str | None:
     return next((c.__name__ for c in kind.__mro__ if c.__module__.split(".")[0] == "transformers"), None)
 
 
+def selected_layers(vision_feature_layer: int | list[int], n_tower: int) -> tuple[int, ...]:
+    """The encoder layers (0-based) whose outputs a LLaVA-style config's ``vision_feature_layer``
+    selects (an index, or indices, into the tower's hidden states) in an ``n_tower``-layer tower."""
+    selected = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
+    # hidden_states[j] is the output of encoder layer j-1; hidden_states[0] is the embeddings.
+    return tuple(sorted({max((j % (n_tower + 1)) - 1, 0) for j in selected}))
+
+
 class Adapter:
     """Attach the stages to one model instance. Subclasses set ``supported`` and implement
     ``visual_tokens`` and ``image_parts``."""
@@ -138,10 +146,7 @@ class Adapter:
 
     def feature_layers(self, n_tower: int) -> tuple[int, ...]:
         """Encoder layers (0-based) whose outputs are the selected image features."""
-        selected = self.config.vision_feature_layer
-        selected = [selected] if isinstance(selected, int) else list(selected)
-        # hidden_states[j] is the output of encoder layer j-1; hidden_states[0] is the embeddings.
-        return tuple(sorted({max((j % (n_tower + 1)) - 1, 0) for j in selected}))
+        return selected_layers(self.config.vision_feature_layer, n_tower)
 
     def original_positions(self, a: dict) -> torch.Tensor | None:
         """(R, B, L) position ids of the full prompt, for families that keep them (``keeps_positions``)."""

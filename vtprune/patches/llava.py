@@ -24,14 +24,20 @@ class LlavaAdapter(Adapter):
     def image_parts(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[ImageParts]:
         pixel_values = arguments["pixel_values"]
         patch = self.tower.config.patch_size
-        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-        out = []
-        for i, f in enumerate(features):
-            n = f.shape[0]
-            scores = keys = ids = None
-            if signals is not None and i < signals.values.shape[0]:
-                rows = signals.values[i, signals.values.shape[1] - n :]  # the CLS token's own row goes with "default"
-                scores, keys = signals.split(rows)
-                ids = signals.token_ids(rows)
-            out.append(ImageParts.single(n, grid, scores, keys, tower_ids=ids))
-        return out
+        return grid_images(features, (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch), signals)
+
+
+def grid_images(features: list, grid: tuple[int, int], signals: TowerSignals | None) -> list[ImageParts]:
+    """Each image's layout when its (n, D) ``features`` are the tower's patch grid in raster order (or,
+    with the CLS token kept, the CLS token and that grid), every token prunable; ``signals`` (B, T, C)
+    per image as the tower saw it (T >= n: the rows of tokens the features do not hold lead)."""
+    out = []
+    for i, f in enumerate(features):
+        n = f.shape[0]
+        scores = keys = ids = None
+        if signals is not None and i < signals.values.shape[0]:
+            rows = signals.values[i, signals.values.shape[1] - n :]  # the CLS token's own row goes with "default"
+            scores, keys = signals.split(rows)
+            ids = signals.token_ids(rows)
+        out.append(ImageParts.single(n, grid, scores, keys, tower_ids=ids))
+    return out

@@ -255,9 +255,15 @@ class TowerReader:
     """
 
     def __init__(
-        self, tower: nn.Module, score_layers: list[int], key_layers: list[int], rule: GlobalTokenRule | None = None
+        self,
+        tower: nn.Module,
+        score_layers: list[int],
+        key_layers: list[int],
+        rule: GlobalTokenRule | None = None,
+        spec: TowerSpec | None = None,
     ):
         self.tower = tower
+        self.spec = spec  # None: the spec of the tower's class (``tower_spec``)
         self.score_layers = score_layers
         self.key_layers = key_layers
         self.rule = rule
@@ -267,7 +273,7 @@ class TowerReader:
         """Register the hooks; returns their handles."""
         if not self.score_layers and not self.key_layers:
             return []
-        spec = tower_spec(self.tower)
+        spec = self.spec or tower_spec(self.tower)
         modules = spec.layers(self.tower)
         if self.rule is not None:
             score = functools.partial(_global_attention, self.rule.threshold)

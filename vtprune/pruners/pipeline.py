@@ -26,6 +26,10 @@ class Pipeline:
     pruners: list
 
     name: ClassVar[str] = "pipeline"
+    # Whether the LLM-stage pruners only gate an image's tokens off in late layers, so that the vision
+    # stage alone is the method's main reduction (ToDRE): an engine that cannot drop tokens inside the
+    # decoder (vLLM) may run the vision stage alone, saying so.
+    late_gate: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.pruners, (list, tuple)) or not self.pruners:

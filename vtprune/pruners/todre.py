@@ -111,6 +111,7 @@ class ToDRE(Pipeline):
 
     name: ClassVar[str] = "todre"
     stage: ClassVar[str] = "vision+llm"
+    late_gate: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         # Each stage checks its own options (budget, threshold, layer) as it is built.

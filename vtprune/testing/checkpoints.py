@@ -47,11 +47,12 @@ def word_tokenizer(specials: list[str], words=_WORDS, named: dict | None = None)
     return tokenizer, vocab
 
 
-def save_tiny_llava_hf(directory, *, attn: str = "sdpa"):
+def save_tiny_llava_hf(directory, *, attn: str = "sdpa", **sizes):
     """Write a random tiny LLaVA in the llava-hf checkpoint layout to ``directory``: config and weights,
     a word-level tokenizer with ``<image>`` and a chat template, and a CLIP image processor (336 px),
     so ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` load it
-    like a real checkpoint. Returns the directory."""
+    like a real checkpoint. ``sizes``: ``tiny_llava``'s size options (e.g. ``heads=2`` for vLLM's CPU
+    attention, which needs a head size of 32 or more). Returns the directory."""
     from pathlib import Path
 
     from transformers import CLIPImageProcessor, LlavaProcessor
@@ -67,7 +68,7 @@ def save_tiny_llava_hf(directory, *, attn: str = "sdpa"):
         image_token="<image>",
         num_additional_image_tokens=1,
     )
-    model = tiny_llava(attn=attn, vocab=len(vocab), image_token_id=vocab["<image>"])
+    model = tiny_llava(attn=attn, vocab=len(vocab), image_token_id=vocab["<image>"], **sizes)
     model.config.pad_token_id = model.config.text_config.pad_token_id = vocab["<pad>"]
     model.generation_config.pad_token_id = vocab["<pad>"]
     directory = Path(directory)
@@ -194,3 +195,27 @@ def save_tiny_perception_lm_hf(directory, *, attn: str = "sdpa"):
     model = tiny_perception_lm(attn=attn, vocab=len(vocab))
     model.config.image_token_id, model.config.video_token_id = vocab["<|image|>"], vocab["<|video|>"]
     return _save(model, processor, directory, vocab)
+
+
+def nest_vision_model_keys(directory):
+    """Rewrite a saved checkpoint's CLIP/SigLIP tower weights from transformers 5's flat names
+    (``vision_tower.encoder...``) to the nested ones the Hub's llava-hf checkpoints carry
+    (``vision_tower.vision_model.encoder...``), which transformers still loads and vLLM 0.32
+    requires. Returns the directory."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    for path in directory.glob("*.safetensors"):
+        weights = load_file(path)
+        save_file({_nested(k): v for k, v in weights.items()}, path, metadata={"format": "pt"})
+    return directory
+
+
+def _nested(key: str) -> str:
+    # transformers saves the tower as "vision_tower.*" (5.19) or "model.vision_tower.*" (later releases).
+    for prefix in ("model.vision_tower.", "vision_tower."):
+        if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + key[len(prefix) :]
+    return key

@@ -1,0 +1,40 @@
+"""What every vLLM model family pruned by vtprune shares: the pruner its config asks for, checked
+against the model at engine start, and the image pruning built on its tower."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vtprune.core.tokens import ModelInfo
+from vtprune.patches.adapter import selected_layers
+from vtprune.serving.images import ImagePruning
+from vtprune.serving.options import check_against, serving_pruner
+from vtprune.serving.towers import built_layers, vllm_tower_spec
+
+
+def model_info(hf_config, tower: nn.Module, visual_tokens: int | None) -> ModelInfo:
+    """What a pruner may know of a LLaVA-style vLLM model (as ``Adapter.info`` for transformers')."""
+    spec = vllm_tower_spec(tower)
+    n_tower = hf_config.vision_config.num_hidden_layers
+    return ModelInfo(
+        num_decoder_layers=hf_config.text_config.num_hidden_layers,
+        num_tower_layers=n_tower,
+        tower_has_cls=spec is not None and spec.has_cls,
+        tower_name=f"{type(tower).__name__} (vLLM)",
+        feature_layers=selected_layers(hf_config.vision_feature_layer, n_tower),
+        visual_tokens=visual_tokens,
+    )
+
+
+def image_pruning(hf_config, tower: nn.Module, visual_tokens: int | None) -> ImagePruning | None:
+    """The pruning ``hf_config.vtprune`` asks for on this model (None: off), every check done first:
+    at engine start, an invalid option or a pruner this model cannot run raises vtprune's message."""
+    pruner = serving_pruner(hf_config)
+    if pruner is None:
+        return None
+    info = model_info(hf_config, tower, visual_tokens)
+    spec = vllm_tower_spec(tower)
+    if pruner.reads_tower(info) and spec is None:
+        raise ValueError(f"the {pruner.name!r} pruner cannot read attention from vision tower {info.tower_name}")
+    check_against(pruner, info, built_layers(tower))
+    return ImagePruning(pruner, tower, spec, info)
