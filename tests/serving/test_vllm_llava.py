@@ -1,35 +1,49 @@
-"""vtprune's vLLM plugin on vLLM's CPU build (its own environment: README, "Serving with vLLM"):
-LLaVA-1.5 served with a pruner gives the transformers path's output under ``vtprune.apply``, token
-for token, from a prompt as short; pruning off is vLLM's own LLaVA; bad options stop the engine."""
+"""vtprune's vLLM plugin on vLLM's CPU build (its own environment: README, "Serving with vLLM"): a
+family served with a pruner gives the transformers path's output under ``vtprune.apply``, token for
+token, from a prompt as short; pruning off is vLLM's own model; batched requests equal each alone;
+bad options stop the engine."""
 
-import gc
 import os
 
 import pytest
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: ~2 s a start
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("vllm", reason="the vLLM tests run in the vLLM environment (README: Serving with vLLM)")
 
-vllm = pytest.importorskip("vllm", reason="the vLLM tests run in the vLLM environment (README: Serving with vLLM)")
+from vllm_served import Served, images, request, serve, transformers_path  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from vtprune.testing.checkpoints import (  # noqa: E402
+    nest_vision_model_keys,
+    save_tiny_llava_hf,
+    save_tiny_llava_next_hf,
+)
 
-import vtprune  # noqa: E402
-from vtprune.testing.checkpoints import nest_vision_model_keys, save_tiny_llava_hf  # noqa: E402
+LLAVA = Served("llava", "LlavaForConditionalGeneration", ((336, 336),))
+# Wide, tall and square pictures: 2x1, 1x2 and 2x2 crops, unpadded differently.
+NEXT = Served("llava_next", "LlavaNextForConditionalGeneration", ((200, 120), (90, 160), (224, 224)))
+FAMILIES = {"llava": (LLAVA, save_tiny_llava_hf), "llava_next": (NEXT, save_tiny_llava_next_hf)}
 
-PROMPT = "USER: <image>\nwhat is the shape ? ASSISTANT:"
-NEW_TOKENS = 8
-TOKENS_PER_IMAGE = 576
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    # heads=2: vLLM's CPU attention needs a head size of at least 32 (64 / 2).
-    directory = save_tiny_llava_hf(tmp_path_factory.mktemp("llava"), heads=2)
-    return str(nest_vision_model_keys(directory))
+SERVED = {
+    "llava": [
+        {"pruner": "random", "keep": 64},
+        {"pruner": "uniform", "keep": 64},
+        {"pruner": "cls", "keep": 64},
+        {"pruner": "cls", "keep": 0.25, "strategy": "row"},
+        {"pruner": "divprune", "keep": 64},
+        {"pruner": "visionzip", "keep": 64},
+        {"pruner": "todre", "keep": 32},
+    ],
+    "llava_next": [
+        {"pruner": "random", "keep": 48},
+        {"pruner": "uniform", "keep": 48},
+        {"pruner": "cls", "keep": 48},
+        {"pruner": "cls", "keep": 48, "crop_budget": "global"},
+        {"pruner": "divprune", "keep": 0.25},
+        {"pruner": "divprune", "keep": 48, "crop_budget": "global"},
+        {"pruner": "visionzip", "keep": 48},
+        {"pruner": "todre", "keep": 32},
+    ],
+}
+CASES = [(family, options) for family, served in SERVED.items() for options in served]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,80 +51,53 @@ def cache_root(tmp_path_factory):
     os.environ["VLLM_CACHE_ROOT"] = str(tmp_path_factory.mktemp("vllm-cache"))
 
 
-def images(n: int) -> list:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(n)]
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Per family, a tiny checkpoint: heads=2 since vLLM's CPU attention needs a head size of 32 or
+    more (64 / 2); the tower's weights named as on the Hub (vLLM 0.32 loads only those)."""
+    out = {}
+    for name, (_, save) in FAMILIES.items():
+        out[name] = str(nest_vision_model_keys(save(tmp_path_factory.mktemp(name), heads=2)))
+    return out
 
 
-def serve(checkpoint, options: dict | None, requests: list) -> list[tuple[int, list[int]]]:
-    """(prompt tokens, greedy tokens) per request from a fresh engine with ``options`` as hf_overrides."""
-    overrides = None if options is None else {"vtprune": dict(options)}
-    llm = vllm.LLM(model=checkpoint, dtype="float32", max_model_len=1024, hf_overrides=overrides, seed=0)
-    try:
-        params = vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
-        outputs = llm.generate(requests, params, use_tqdm=False)
-        return [(len(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-
-
-def request(image) -> dict:
-    return {"prompt": PROMPT, "multi_modal_data": {"image": image}}
-
-
-def transformers_path(checkpoint, options: dict | None, image) -> tuple[int, list[int]]:
-    """(prompt tokens entering the LLM, greedy tokens) of transformers' LLaVA under ``vtprune.apply``."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    inputs = AutoProcessor.from_pretrained(checkpoint)(text=PROMPT, images=image, return_tensors="pt")
-    length = inputs["input_ids"].shape[1]
-    if options is None:
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-        return length, out[0, length:].tolist()
-    options = dict(options)
-    with vtprune.apply(model, options.pop("pruner"), **options) as handle:
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-        entered = length - TOKENS_PER_IMAGE + handle.last.entering()[0].numel()
-    return entered, out[0, length:].tolist()
-
-
-SERVED = [
-    {"pruner": "random", "keep": 64},
-    {"pruner": "uniform", "keep": 64},
-    {"pruner": "cls", "keep": 64},
-    {"pruner": "cls", "keep": 0.25, "strategy": "row"},
-    {"pruner": "divprune", "keep": 64},
-    {"pruner": "visionzip", "keep": 64},
-    {"pruner": "todre", "keep": 32},
-]
+@pytest.fixture(scope="module")
+def unpruned(checkpoints):
+    """Per family, what vLLM serves for its test images with pruning off."""
+    return {
+        name: serve(checkpoints[name], None, [request(im) for im in images(family)])
+        for name, (family, _) in FAMILIES.items()
+    }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", SERVED, ids=lambda o: "-".join(str(v) for v in o.values()))
-def test_served_output_equals_the_transformers_path(checkpoint, options):
-    image = images(1)[0]
-    [(served_length, served)] = serve(checkpoint, options, [request(image)])
-    length, expected = transformers_path(checkpoint, options, image)
-    assert served_length == length < 585
-    assert served == expected
+@pytest.mark.parametrize("family, options", CASES, ids=[f"{f}-{'-'.join(map(str, o.values()))}" for f, o in CASES])
+def test_served_output_equals_the_transformers_path(checkpoints, unpruned, family, options):
+    served_family = FAMILIES[family][0]
+    pictures = images(served_family)
+    served = serve(checkpoints[family], options, [request(im) for im in pictures])
+    for image, (served_length, tokens) in zip(pictures, served):
+        length, expected = transformers_path(served_family, checkpoints[family], options, image)
+        assert served_length == length
+        assert tokens == expected
+    assert all(s[0] < u[0] for s, u in zip(served, unpruned[family]))
 
 
 @pytest.mark.slow
-def test_pruning_off_is_vllms_own_llava(checkpoint):
-    image = images(1)[0]
-    [(served_length, served)] = serve(checkpoint, None, [request(image)])
-    assert (served_length, served) == transformers_path(checkpoint, None, image)
-    assert served_length == 9 + TOKENS_PER_IMAGE
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_off_is_vllms_own_model(checkpoints, unpruned, family):
+    served_family = FAMILIES[family][0]
+    expected = [transformers_path(served_family, checkpoints[family], None, im) for im in images(served_family)]
+    assert unpruned[family] == expected
 
 
 @pytest.mark.slow
-def test_batched_requests_equal_each_alone(checkpoint):
-    options = {"pruner": "visionzip", "keep": 48}
-    several = serve(checkpoint, options, [request(im) for im in images(3)])
-    alone = [serve(checkpoint, options, [request(im)])[0] for im in images(3)]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_requests_equal_each_alone(checkpoints, family):
+    options = {"pruner": "visionzip", "keep": 40}
+    pictures = images(FAMILIES[family][0], 3)
+    several = serve(checkpoints[family], options, [request(im) for im in pictures])
+    alone = [serve(checkpoints[family], options, [request(im)])[0] for im in pictures]
     assert several == alone
     assert len({tuple(tokens) for _, tokens in several}) > 1  # different images, different answers
 
@@ -124,9 +111,28 @@ def test_batched_requests_equal_each_alone(checkpoint):
         ({"pruner": "divprune", "kep": 64}, "bad options for pruner 'divprune'"),
         ({"pruner": "fastv", "keep": 64}, "paged KV cache"),
         ({"pruner": "tome", "keep": 64}, "inside the vision tower"),
-        ({"pruner": "cls", "keep": 64, "layers": [2]}, "only\n?.*up to layer 1"),
+        ({"pruner": "cls", "keep": 64, "layers": [2]}, "only up to layer 1"),
     ],
 )
-def test_bad_options_stop_the_engine(checkpoint, options, message):
+def test_bad_options_stop_the_engine(checkpoints, options, message):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
-        serve(checkpoint, options, [request(images(1)[0])])
+        serve(checkpoints["llava"], options, [request(images(LLAVA)[0])])
+
+
+@pytest.mark.slow
+def test_vllm_serve_flag_carries_the_options(checkpoints):
+    """``vllm serve MODEL --hf-overrides '{"vtprune": {...}}'``: the server's own argument parser puts
+    the options on the model's config, where the plugin reads them."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vtprune.serving.options import serving_pruner
+
+    flag = '{"vtprune": {"pruner": "visionzip", "keep": 48, "contextual": 0.25}}'
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+        ["--model", checkpoints["llava"], "--hf-overrides", flag]
+    )
+    config = EngineArgs.from_cli_args(args).create_model_config()
+    pruner = serving_pruner(config.hf_config)
+    assert (pruner.name, pruner.keep, pruner.contextual) == ("visionzip", 48, 0.25)

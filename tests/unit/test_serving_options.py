@@ -83,3 +83,21 @@ def test_the_model_check_of_apply_runs():
     pruner = serving_pruner(config({"pruner": "cls", "keep": 8, "layers": [7]}))
     with pytest.raises(ValueError, match="outside the 3-layer vision encoder"):
         check_against(pruner, INFO, built_tower_layers=2)
+
+
+def test_the_plugin_registers_its_classes_on_supported_vllm_only(monkeypatch):
+    from types import ModuleType
+
+    from vtprune.serving import plugin
+
+    registered = {}
+    fake = ModuleType("vllm")
+    fake.ModelRegistry = SimpleNamespace(register_model=lambda arch, cls: registered.__setitem__(arch, cls))
+    monkeypatch.setitem(__import__("sys").modules, "vllm", fake)
+    fake.__version__ = "0.32.1"
+    plugin.register()
+    assert registered == plugin.ARCHITECTURES
+    assert all(isinstance(path, str) for path in registered.values())  # lazy: no vLLM model imported yet
+    fake.__version__ = "0.40.0"
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x; this is vLLM 0\.40\.0"):
+        plugin.register()

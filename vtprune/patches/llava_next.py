@@ -43,40 +43,20 @@ class LlavaNextAdapter(Adapter):
         ]
 
     def image_parts(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[ImageParts]:
-        image_sizes = arguments["image_sizes"]
         strategy = arguments.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        # Tokens per tower input after feature selection ("default" drops the first, the CLS token).
-        per_patch = side * side + int(self.info.tower_has_cls) - int(strategy == "default")
-        # With merged-token ids, one more channel holds their squares: a packing that mixes rows
-        # (resampling) shows as a square that is not the id's square.
-        squares = signals is not None and signals.has_ids
-        channels = _SIGNALS + (0 if signals is None else signals.values.shape[-1]) + int(squares)
-        newline = torch.zeros(channels, dtype=torch.float64)
-        newline[_PATCH] = -1
-        out, start = [], 0
-        for i, (f, n_inputs) in enumerate(zip(features, self._tower_inputs(arguments))):
-            markers = torch.zeros(n_inputs, per_patch, channels, dtype=torch.float64)
-            markers[..., _IS_TOKEN] = 1
-            markers[..., _PATCH] = torch.arange(n_inputs, dtype=torch.float64)[:, None]
-            if signals is not None:
-                rows = signals.values[start : start + n_inputs, -per_patch:].double().cpu()
-                markers[..., _SIGNALS : _SIGNALS + rows.shape[-1]] = rows
-                if squares:
-                    markers[..., -1] = rows[..., int(signals.has_scores)] ** 2
-            start += n_inputs
-            packed = self._pack(markers, torch.as_tensor(image_sizes[i]).cpu(), arguments, newline)
-            mixed = None
-            if squares:
-                packed, mixed = _without_squares(packed, int(signals.has_scores))
-            if packed.shape[0] != f.shape[0]:
-                raise RuntimeError(
-                    f"vtprune could not follow {type(self.model).__name__}'s packing of image {i}: "
-                    f"{packed.shape[0]} tokens expected, the model gave {f.shape[0]}"
-                )
-            layout = self._crop_layout(image_sizes[i]) if n_inputs > 1 else None
-            out.append(self._parts(packed, side, per_patch, signals, layout, mixed))
-        return out
+        return anyres_images(
+            features,
+            arguments["image_sizes"],
+            signals,
+            pack=lambda markers, size, newline: self._pack(markers, size, arguments, newline),
+            tower_inputs=self._tower_inputs(arguments),
+            side=side,
+            # Tokens per tower input after feature selection ("default" drops the first, the CLS token).
+            per_patch=side * side + int(self.info.tower_has_cls) - int(strategy == "default"),
+            crop_layout=self._crop_layout,
+            model_name=type(self.model).__name__,
+        )
 
     def _crop_layout(self, image_size) -> tuple[int, int]:
         """(rows, cols) of the crops the image is cut into, as ``pack_image_features`` computes it."""
@@ -110,6 +90,61 @@ class LlavaNextAdapter(Adapter):
             ids = signals.token_ids(packed[:, _SIGNALS:], mixed)
             ids = None if ids is None else torch.where(is_token, ids, -1)
         return ImageParts(packed.shape[0], tuple(parts), scores, per_crop, regions, keys, ids)
+
+
+def anyres_images(
+    features: list,
+    image_sizes,
+    signals: TowerSignals | None,
+    *,
+    pack,
+    tower_inputs: list[int],
+    side: int,
+    per_patch: int,
+    crop_layout,
+    model_name: str,
+    signal_rows: list[int] | None = None,
+) -> list[ImageParts]:
+    """Each anyres image's layout (base grid, crops grid, fixed newlines), following a model's packing.
+
+    features: per image, its (n_tokens, D) packed tokens; image_sizes: per image, (height, width);
+    pack: the model's packing of one image's ``(tower inputs, per_patch, C)`` markers given its size and a
+    (C,) newline marker, -> (n_tokens, C); tower_inputs: per image, its tower inputs (base + crops);
+    signal_rows: per image, the rows of ``signals`` its tower inputs start at (default: one after the
+    other; an engine that pads every image to the same number of crops gives its own); crop_layout:
+    ``image_size -> (rows, cols)`` of the crops.
+    """
+    # With merged-token ids, one more channel holds their squares: a packing that mixes rows
+    # (resampling) shows as a square that is not the id's square.
+    squares = signals is not None and signals.has_ids
+    channels = _SIGNALS + (0 if signals is None else signals.values.shape[-1]) + int(squares)
+    newline = torch.zeros(channels, dtype=torch.float64)
+    newline[_PATCH] = -1
+    if signal_rows is None:
+        signal_rows = [sum(tower_inputs[:i]) for i in range(len(tower_inputs))]
+    out = []
+    for i, (f, n_inputs, start) in enumerate(zip(features, tower_inputs, signal_rows)):
+        markers = torch.zeros(n_inputs, per_patch, channels, dtype=torch.float64)
+        markers[..., _IS_TOKEN] = 1
+        markers[..., _PATCH] = torch.arange(n_inputs, dtype=torch.float64)[:, None]
+        if signals is not None:
+            rows = signals.values[start : start + n_inputs, -per_patch:].double().cpu()
+            markers[..., _SIGNALS : _SIGNALS + rows.shape[-1]] = rows
+            if squares:
+                markers[..., -1] = rows[..., int(signals.has_scores)] ** 2
+        size = torch.as_tensor(image_sizes[i]).cpu()
+        packed = pack(markers, size, newline)
+        mixed = None
+        if squares:
+            packed, mixed = _without_squares(packed, int(signals.has_scores))
+        if packed.shape[0] != f.shape[0]:
+            raise RuntimeError(
+                f"vtprune could not follow {model_name}'s packing of image {i}: "
+                f"{packed.shape[0]} tokens expected, the model gave {f.shape[0]}"
+            )
+        layout = crop_layout(size) if n_inputs > 1 else None
+        out.append(LlavaNextAdapter._parts(packed, side, per_patch, signals, layout, mixed))
+    return out
 
 
 def _without_squares(packed: torch.Tensor, id_channel: int) -> tuple[torch.Tensor, torch.Tensor]:

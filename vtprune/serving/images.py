@@ -31,6 +31,7 @@ class ImagePruning:
 
     def __init__(self, pruner: VisionPruner, tower: torch.nn.Module, spec: TowerSpec | None, info: ModelInfo):
         self.pruner = pruner
+        self.info = info
         self.reader = TowerReader(tower, pruner.tower_attention_layers(info), pruner.tower_key_layers(info), None, spec)
         self.hooks = self.reader.install()
 

@@ -8,6 +8,7 @@ SUPPORTED_VLLM = ("0.32.",)  # the vLLM releases whose private classes this plug
 
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "vtprune.serving.llava:PrunedLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "vtprune.serving.llava_next:PrunedLlavaNextForConditionalGeneration",
 }
 
 

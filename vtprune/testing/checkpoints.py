@@ -113,10 +113,11 @@ def tiny_llava_next_processor():
     return processor, vocab
 
 
-def save_tiny_llava_next_hf(directory, *, attn: str = "sdpa"):
-    """Write a random tiny LLaVA-NeXT with its processor to ``directory`` (see ``save_tiny_llava_hf``)."""
+def save_tiny_llava_next_hf(directory, *, attn: str = "sdpa", **sizes):
+    """Write a random tiny LLaVA-NeXT with its processor to ``directory`` (see ``save_tiny_llava_hf``;
+    ``sizes``: ``tiny_llava_next``'s size options)."""
     processor, vocab = tiny_llava_next_processor()
-    model = tiny_llava_next(attn=attn, vocab=len(vocab))
+    model = tiny_llava_next(attn=attn, vocab=len(vocab), **sizes)
     model.config.image_token_id = vocab["<image>"]
     return _save(model, processor, directory, vocab)
 
