@@ -29,6 +29,7 @@ class Served:
     name: str
     model_class: str
     sizes: tuple[tuple[int, int], ...]  # (width, height) of the test images
+    prompt: str = PROMPT
 
 
 def images(family: Served, n: int | None = None) -> list:
@@ -37,8 +38,8 @@ def images(family: Served, n: int | None = None) -> list:
     return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
-def request(image) -> dict:
-    return {"prompt": PROMPT, "multi_modal_data": {"image": image}}
+def request(image, prompt: str = PROMPT) -> dict:
+    return {"prompt": prompt, "multi_modal_data": {"image": image}}
 
 
 def serve(checkpoint: str, options: dict | None, requests: list) -> list[tuple[int, list[int]]]:
@@ -46,7 +47,7 @@ def serve(checkpoint: str, options: dict | None, requests: list) -> list[tuple[i
     overrides = None if options is None else {"vtprune": dict(options)}
     llm = vllm.LLM(model=checkpoint, dtype="float32", max_model_len=2048, hf_overrides=overrides, seed=0)
     try:
-        params = vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+        params = vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
         outputs = llm.generate(requests, params, use_tqdm=False)
         return [(len(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
     finally:
@@ -60,7 +61,8 @@ def transformers_path(family: Served, checkpoint: str, options: dict | None, ima
     import transformers
 
     model = getattr(transformers, family.model_class).from_pretrained(checkpoint, dtype=torch.float32).eval()
-    inputs = transformers.AutoProcessor.from_pretrained(checkpoint)(text=PROMPT, images=image, return_tensors="pt")
+    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+    inputs = processor(text=family.prompt, images=image, return_tensors="pt")
     length = inputs["input_ids"].shape[1]
     if options is None:
         out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)

@@ -88,9 +88,10 @@ def test_the_model_check_of_apply_runs():
 def test_the_plugin_registers_its_classes_on_supported_vllm_only(monkeypatch):
     from types import ModuleType
 
-    from vtprune.serving import plugin
+    from vtprune.serving import plugin, runner
 
-    registered = {}
+    registered, turned_on = {}, []
+    monkeypatch.setattr(runner, "turn_on_position_recompute", lambda: turned_on.append(True))
     fake = ModuleType("vllm")
     fake.ModelRegistry = SimpleNamespace(register_model=lambda arch, cls: registered.__setitem__(arch, cls))
     monkeypatch.setitem(__import__("sys").modules, "vllm", fake)
@@ -98,6 +99,7 @@ def test_the_plugin_registers_its_classes_on_supported_vllm_only(monkeypatch):
     plugin.register()
     assert registered == plugin.ARCHITECTURES
     assert all(isinstance(path, str) for path in registered.values())  # lazy: no vLLM model imported yet
+    assert turned_on == [True]  # the runners then call recompute_mrope_positions for vtprune's Qwen models
     fake.__version__ = "0.40.0"
     with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x; this is vLLM 0\.40\.0"):
         plugin.register()

@@ -305,6 +305,16 @@ def _slots(r: Reduction) -> torch.Tensor:
     return torch.cat([r.kept, r.anchors.to(r.kept.device)]).sort().values
 
 
+def token_places(parts: ImageParts, r: Reduction) -> torch.Tensor:
+    """(k + fixed + merged,) ascending: the image token each row of ``kept_features(..., merged_at_anchor=True)``
+    stands at (a kept or fixed token's own, a merged token's anchor's): where a position-keeping model
+    places it."""
+    staying = parts.token_positions(r.kept)
+    if not r.groups:
+        return staying
+    return torch.cat([staying, parts.prunable[r.anchors.cpu()]]).sort().values
+
+
 def kept_features(v: Visual, r: Reduction, merged_at_anchor: bool) -> torch.Tensor:
     """(k + fixed + merged, D): what the model gets for one image after reduction ``r``: kept and fixed tokens in prompt
     order, then each merged token (the (weighted) mean of its group), or, with ``merged_at_anchor``, each merged

@@ -37,49 +37,13 @@ class Qwen2VLAdapter(Adapter):
 
     def image_parts(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[ImageParts]:
         merge = self.config.vision_config.spatial_merge_size
-        grids = arguments["image_grid_thw"]
-        out = []
-        for f, (t, h, w), values in zip(features, grids.tolist(), self._per_token(signals, grids, features)):
-            grid = (h // merge, w // merge) if t == 1 else None
-            scores, keys = signals.split(values) if signals is not None else (None, None)
-            out.append(ImageParts.single(f.shape[0], grid, scores, keys))
-        return out
+        return qwen_images(features, arguments["image_grid_thw"], merge, signals, self.tower)
 
     def video_frames(self, features: list, arguments: dict, signals: TowerSignals | None) -> list[VideoFrames]:
-        """A frame is a temporal patch (``temporal_patch_size`` video frames, 2 by default)."""
         grids = arguments.get("video_grid_thw")
         if grids is None:
             raise ValueError(f"{type(self.model).__name__} needs video_grid_thw with videos (the processor returns it)")
-        merge = self.config.vision_config.spatial_merge_size
-        out = []
-        for (t, h, w), values in zip(grids.tolist(), self._per_token(signals, grids, features)):
-            scores, keys = signals.split(values) if signals is not None else (None, None)
-            out.append(VideoFrames(t, (h // merge, w // merge), 0, scores, keys))
-        return out
-
-    def _per_token(self, signals: TowerSignals | None, grids: torch.Tensor, features: list) -> list:
-        """Per image (video), its tokens' (n, C) signals; None each when no pruner asked for any."""
-        if signals is None:
-            return [None] * len(features)
-        return list(self._token_signals(signals.values, grids).split([f.shape[0] for f in features]))
-
-    def _token_signals(self, patch_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-        """(tokens, C) per visual token, in the order of the features: the mean over the patches it
-        merges of ``patch_values`` ((patches, C) in the tower's block order)."""
-        unit = self.config.vision_config.spatial_merge_size**2
-        merged = patch_values.reshape(-1, unit, patch_values.shape[-1]).mean(1)
-        if hasattr(self.tower, "window_size"):
-            # Qwen2.5-VL runs its blocks on merge groups reordered into attention windows.
-            from transformers.vision_utils import get_vision_window_index
-
-            window_index, _ = get_vision_window_index(
-                grids,
-                spatial_merge_size=self.tower.spatial_merge_size,
-                window_size=self.tower.window_size,
-                patch_size=self.tower.patch_size,
-            )
-            merged = merged[torch.argsort(window_index.to(merged.device))]
-        return merged.float()
+        return qwen_videos(features, grids, self.config.vision_config.spatial_merge_size, signals, self.tower)
 
     def original_positions(self, a: dict) -> torch.Tensor:
         """(3, B, L) M-RoPE positions of the full prompt: the ones ``generate()`` passes (their first
@@ -141,3 +105,55 @@ class Qwen2VLAdapter(Adapter):
         if "after" in deltas:
             self.model.model.rope_deltas = deltas["after"]
         return out
+
+
+def qwen_images(
+    features: list, grids: torch.Tensor, merge: int, signals: TowerSignals | None, tower
+) -> list[ImageParts]:
+    """Each image's layout: its tokens in raster order over the merged grid (``grids`` rows (1, h, w) in
+    patches, ``merge`` patches a side per token), with its tower signals (read in ``tower``) or None."""
+    out = []
+    for f, (t, h, w), values in zip(features, grids.tolist(), per_token_signals(signals, grids, features, tower)):
+        grid = (h // merge, w // merge) if t == 1 else None
+        scores, keys = signals.split(values) if signals is not None else (None, None)
+        out.append(ImageParts.single(f.shape[0], grid, scores, keys))
+    return out
+
+
+def qwen_videos(
+    features: list, grids: torch.Tensor, merge: int, signals: TowerSignals | None, tower
+) -> list[VideoFrames]:
+    """Each video's layout: a frame is a temporal patch (``temporal_patch_size`` video frames, 2 by
+    default), its tokens in raster order over the merged grid (``grids`` rows (t, h, w) in patches)."""
+    out = []
+    for (t, h, w), values in zip(grids.tolist(), per_token_signals(signals, grids, features, tower)):
+        scores, keys = signals.split(values) if signals is not None else (None, None)
+        out.append(VideoFrames(t, (h // merge, w // merge), 0, scores, keys))
+    return out
+
+
+def per_token_signals(signals: TowerSignals | None, grids: torch.Tensor, features: list, tower) -> list:
+    """Per image (video), its tokens' (n, C) signals; None each when no pruner asked for any. ``tower``:
+    the Qwen2-VL / Qwen2.5-VL tower (transformers' or vLLM's) the patch signals were read in."""
+    if signals is None:
+        return [None] * len(features)
+    return list(_token_signals(signals.values, grids, tower).split([f.shape[0] for f in features]))
+
+
+def _token_signals(patch_values: torch.Tensor, grids: torch.Tensor, tower) -> torch.Tensor:
+    """(tokens, C) per visual token, in the order of the features: the mean over the patches it merges
+    of ``patch_values`` ((patches, C) in the tower's block order)."""
+    unit = tower.spatial_merge_size**2
+    merged = patch_values.reshape(-1, unit, patch_values.shape[-1]).mean(1)
+    if hasattr(tower, "window_size"):
+        # Qwen2.5-VL runs its blocks on merge groups reordered into attention windows.
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            grids,
+            spatial_merge_size=tower.spatial_merge_size,
+            window_size=tower.window_size,
+            patch_size=tower.patch_size,
+        )
+        merged = merged[torch.argsort(window_index.to(merged.device))]
+    return merged.float()

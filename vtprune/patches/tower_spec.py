@@ -41,3 +41,6 @@ class TowerSpec:
     # say (``tower.config.patch_size``; the CLS token when ``has_cls``).
     patch_size: Callable[[nn.Module], int] | None = None
     prefix_tokens: Callable[[nn.Module], int] | None = None
+    # Every input in one sequence whose segments (the layer's ``cu_seqlens`` kwarg) attend only within
+    # themselves, as Qwen2-VL's towers run; ``qk`` then gives (1, H, S, d) over the whole sequence.
+    one_sequence: bool = False

@@ -89,10 +89,10 @@ _SPECS = {
     # Qwen2-VL / Qwen2.5-VL: every image's patches in one sequence, attention within segments
     # (cu_seqlens), 2-D rotary embeddings; no CLS token.
     "Qwen2VisionTransformerPretrainedModel": TowerSpec(
-        lambda t: t.blocks, "norm1", "attn", None, None, False, no_merging=_QWEN_NO_MERGING
+        lambda t: t.blocks, "norm1", "attn", None, None, False, no_merging=_QWEN_NO_MERGING, one_sequence=True
     ),
     "Qwen2_5_VisionTransformerPretrainedModel": TowerSpec(
-        lambda t: t.blocks, "norm1", "attn", None, None, False, no_merging=_QWEN_NO_MERGING
+        lambda t: t.blocks, "norm1", "attn", None, None, False, no_merging=_QWEN_NO_MERGING, one_sequence=True
     ),
 }
 
@@ -172,6 +172,9 @@ def _per_input(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: 
     the batch's rows, or the segments of a fused-qkv tower whose one sequence holds every image."""
     if spec.qk is not None:
         q, k, _, scale = spec.qk(layer, hidden, kwargs)
+        if spec.one_sequence:
+            yield from _segments(q[0], k[0], scale, kwargs["cu_seqlens"])
+            return
         for i in range(q.shape[0]):
             yield q[i : i + 1], k[i : i + 1], scale
         return
@@ -181,14 +184,21 @@ def _per_input(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: 
         q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = kwargs["position_embeddings"]
         q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
-        bounds = kwargs["cu_seqlens"].tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            yield q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], scale
+        yield from _segments(q.transpose(0, 1), k.transpose(0, 1), scale, kwargs["cu_seqlens"])
         return
     q = _heads(getattr(attn, spec.query), x, attn.head_dim)
     k = _heads(getattr(attn, spec.key), x, attn.head_dim)
     for i in range(x.shape[0]):  # one tower input at a time: each needs its whole (T, T) map
         yield q[i : i + 1], k[i : i + 1], scale
+
+
+def _segments(q: torch.Tensor, k: torch.Tensor, scale, cu_seqlens: torch.Tensor):
+    """Per segment of a one-sequence tower (``cu_seqlens`` bounds), its (1, H, T, D) queries and keys
+    and the scale; q, k: (H, S, D) over the whole sequence."""
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            yield q[:, a:b][None], k[:, a:b][None], scale
 
 
 def _per_token(spec: TowerSpec, rows: list[torch.Tensor]) -> torch.Tensor:
@@ -198,7 +208,7 @@ def _per_token(spec: TowerSpec, rows: list[torch.Tensor]) -> torch.Tensor:
 
 def _one_sequence(spec: TowerSpec) -> bool:
     """Whether the tower runs every image as one sequence (Qwen2-VL's towers)."""
-    return spec.query is None and spec.qk is None
+    return spec.one_sequence
 
 
 def _received(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -236,7 +246,8 @@ def _keys(layer: nn.Module, spec: TowerSpec, hidden: torch.Tensor, kwargs: dict)
     """Head-mean keys of an encoder layer: (B, T, head_dim), or (S, head_dim) for a fused-qkv tower
     (before its rotary embedding: the keys' content, not their place)."""
     if spec.qk is not None:
-        return spec.qk(layer, hidden, kwargs)[2].mean(1).float()
+        content = spec.qk(layer, hidden, kwargs)[2].mean(1).float()
+        return content[0] if spec.one_sequence else content
     attn, x, _ = _attention_input(layer, spec, hidden)
     if spec.query is None:
         n = x.shape[0]

@@ -9,6 +9,8 @@ SUPPORTED_VLLM = ("0.32.",)  # the vLLM releases whose private classes this plug
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "vtprune.serving.llava:PrunedLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "vtprune.serving.llava_next:PrunedLlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "vtprune.serving.qwen2_vl:PrunedQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vtprune.serving.qwen2_vl:PrunedQwen2_5_VLForConditionalGeneration",
 }
 
 
@@ -23,3 +25,6 @@ def register() -> None:
         )
     for architecture, model in ARCHITECTURES.items():
         ModelRegistry.register_model(architecture, model)
+    from vtprune.serving.runner import turn_on_position_recompute
+
+    turn_on_position_recompute()

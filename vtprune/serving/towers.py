@@ -22,10 +22,33 @@ def _fused_qkv(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple:
     return q, k, k, attn.scale
 
 
+def _qwen_qkv(attn: nn.Module, normed: torch.Tensor, kwargs: dict) -> tuple:
+    """q and k (1, H, S, d) over the one sequence of a Qwen2-VL / Qwen2.5-VL tower block's attention in
+    vLLM (its fused ``qkv``, one rank's heads; ``normed`` (S, 1, C), the block's normed input), turned
+    by the block's 2-D rotary embedding as the attention turns them; the keys' content before it; the
+    scale."""
+    qkv, _ = attn.qkv(normed)
+    heads, d = attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head
+    q, k, _ = qkv.reshape(qkv.shape[0], 3, heads, d).unbind(1)  # (S, H, d) each
+    turned = attn.apply_rotary_emb(torch.stack([q, k]), kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"])
+    q_turned, k_turned = turned.unbind(0)
+    return (*(x.transpose(0, 1)[None] for x in (q_turned, k_turned, k)), d**-0.5)
+
+
+def _qwen_spec() -> TowerSpec:
+    # The hooks sit on each block's attention, not on the block: vLLM may wrap Qwen2.5-VL's blocks for
+    # torch.compile (support_torch_compile), whose __call__ runs forward without the module's hooks.
+    return TowerSpec(
+        lambda tower: [block.attn for block in tower.blocks], "", "", None, None, False, qk=_qwen_qkv, one_sequence=True
+    )
+
+
 _SPECS = {
     "CLIPVisionModel": TowerSpec(
         lambda tower: tower.vision_model.encoder.layers, "layer_norm1", "self_attn", None, None, True, qk=_fused_qkv
     ),
+    "Qwen2VisionTransformer": _qwen_spec(),
+    "Qwen2_5_VisionTransformer": _qwen_spec(),
 }
 
 

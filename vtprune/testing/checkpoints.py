@@ -152,10 +152,11 @@ def tiny_qwen2_vl_for(vocab, **options):
     return model
 
 
-def save_tiny_qwen2_vl_hf(directory, *, attn: str = "sdpa", version: str = "2"):
-    """Write a random tiny Qwen2-VL (``version="2.5"``: Qwen2.5-VL) with its processor to ``directory``."""
+def save_tiny_qwen2_vl_hf(directory, *, attn: str = "sdpa", version: str = "2", **sizes):
+    """Write a random tiny Qwen2-VL (``version="2.5"``: Qwen2.5-VL) with its processor to ``directory``
+    (``sizes``: ``tiny_qwen2_vl``'s size options, e.g. ``hidden=128`` for vLLM's CPU attention)."""
     processor, vocab = tiny_qwen2_vl_processor()
-    return _save(tiny_qwen2_vl_for(vocab, attn=attn, version=version), processor, directory, vocab)
+    return _save(tiny_qwen2_vl_for(vocab, attn=attn, version=version, **sizes), processor, directory, vocab)
 
 
 def save_tiny_fast_vlm_hf(directory, *, attn: str = "sdpa"):
