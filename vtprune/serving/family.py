@@ -7,7 +7,7 @@ from torch import nn
 
 from vtprune.core.tokens import ModelInfo
 from vtprune.patches.adapter import selected_layers
-from vtprune.serving.images import ImagePruning
+from vtprune.serving.images import ImagePruning, placeholder_count
 from vtprune.serving.options import check_against, serving_pruner
 from vtprune.serving.towers import built_layers, vllm_tower_spec
 
@@ -46,3 +46,10 @@ def image_pruning(
         raise ValueError(f"the {pruner.name!r} pruner cannot read attention from vision tower {info.tower_name}")
     check_against(pruner, info, built_layers(tower))
     return ImagePruning(pruner, tower, spec, info)
+
+
+def image_placeholders(hf_config, tokens: int) -> int:
+    """Placeholders of an image of ``tokens`` tokens, all prunable, under the pruning ``hf_config.vtprune``
+    asks for (``tokens`` when off)."""
+    pruner = serving_pruner(hf_config)
+    return tokens if pruner is None else placeholder_count(pruner, tokens)

@@ -10,7 +10,7 @@ import torch
 from vtprune.core.image_parts import ImageParts
 from vtprune.core.tokens import ModelInfo
 from vtprune.core.tower_signals import TowerSignals
-from vtprune.core.vision_stage import kept_features, reduce_visual, token_places, visuals_of
+from vtprune.core.vision_stage import Visual, kept_features, reduce_visual, token_places
 from vtprune.patches.tower_spec import TowerSpec
 from vtprune.patches.towers import TowerReader
 from vtprune.pruners.base import VisionPruner
@@ -45,31 +45,28 @@ class ImagePruning:
     def prune(self, features: list[torch.Tensor], layouts: list[ImageParts]) -> list[torch.Tensor]:
         """Per image, the (k, D) tokens that fill its placeholders: the kept ones, then any merged ones
         (as the transformers path scatters them into a position-shifting prompt)."""
-        return [tokens for tokens, _ in self._reduce("image", features, layouts, merged_at_anchor=False)]
+        return [tokens for tokens, _ in self._reduce(features, layouts, merged_at_anchor=False)]
 
     def prune_in_place(
-        self, modality: str, features: list[torch.Tensor], layouts: list
+        self, features: list[torch.Tensor], layouts: list[ImageParts]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image (video: ``layouts`` are then ``VideoFrames``), the (k, D) tokens that fill its
-        placeholders in the order of the tokens they stand at (a merged token at its anchor's), and
-        those tokens' (k,) indices: for models whose kept tokens keep their original positions."""
-        return self._reduce(modality, features, layouts, merged_at_anchor=True)
+        """Per image, the (k, D) tokens that fill its placeholders in the order of the image tokens they
+        stand at (a merged token at its anchor's), and those tokens' (k,) indices: for models whose
+        kept tokens keep their original positions."""
+        return self._reduce(features, layouts, merged_at_anchor=True)
 
-    def _reduce(self, modality: str, features: list, layouts: list, merged_at_anchor: bool) -> list:
-        tokens, places = [[] for _ in features], [[] for _ in features]
-        start = [0] * len(features)
-        for v in visuals_of(modality, features, layouts, self.pruner.budget):
-            reduction, _ = reduce_visual(self.pruner, v.features, v.parts)
-            kept = kept_features(v, reduction, merged_at_anchor=merged_at_anchor)
-            fixed = v.parts.n_tokens - v.parts.prunable.numel()
-            expected = placeholder_count(self.pruner, v.parts.prunable.numel(), fixed)
-            if kept.shape[0] != expected:
+    def _reduce(self, features: list, layouts: list, merged_at_anchor: bool) -> list:
+        out = []
+        for number, (f, parts) in enumerate(zip(features, layouts)):
+            reduction, _ = reduce_visual(self.pruner, f, parts)
+            tokens = kept_features(Visual("image", number, f, parts), reduction, merged_at_anchor=merged_at_anchor)
+            fixed = parts.n_tokens - parts.prunable.numel()
+            expected = placeholder_count(self.pruner, parts.prunable.numel(), fixed)
+            if tokens.shape[0] != expected:
                 raise RuntimeError(
-                    f"the {self.pruner.name!r} pruner left {kept.shape[0]} tokens of one {modality} item whose prompt "
-                    f"holds {expected} placeholders (vLLM fixes them from keep before it is encoded): in vLLM a "
+                    f"the {self.pruner.name!r} pruner left {tokens.shape[0]} tokens of an image whose prompt holds "
+                    f"{expected} placeholders (vLLM fixes them from keep before the image is encoded): in vLLM a "
                     f"pruner must keep exactly its budget"
                 )
-            tokens[v.number].append(kept)
-            places[v.number].append(start[v.number] + token_places(v.parts, reduction))
-            start[v.number] += v.parts.n_tokens
-        return [(torch.cat(t), torch.cat(p)) for t, p in zip(tokens, places)]
+            out.append((tokens, token_places(parts, reduction)))
+        return out

@@ -14,9 +14,8 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vtprune.patches.llava import grid_images
-from vtprune.serving.family import image_pruning
-from vtprune.serving.images import placeholder_count
-from vtprune.serving.options import requested, serving_pruner
+from vtprune.serving.family import image_placeholders, image_pruning
+from vtprune.serving.options import requested
 
 
 class PrunedLlavaInfo(LlavaProcessingInfo):
@@ -24,8 +23,7 @@ class PrunedLlavaInfo(LlavaProcessingInfo):
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        pruner = serving_pruner(self.get_hf_config())
-        return n if pruner is None else placeholder_count(pruner, n)
+        return image_placeholders(self.get_hf_config(), n)
 
 
 def _info(ctx):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -22,8 +21,7 @@ from vllm.model_executor.models.qwen2_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vtprune.patches.qwen2_vl import qwen_images
-from vtprune.serving.family import image_pruning
-from vtprune.serving.images import placeholder_count
+from vtprune.serving.family import image_placeholders, image_pruning
 from vtprune.serving.mrope import Media, place_tokens, prompt_positions, with_places
 from vtprune.serving.options import serving_pruner
 from vtprune.serving.runner import ASKS
@@ -33,9 +31,7 @@ class _PrunedCounts:
     """vLLM's Qwen processing info, with each image's placeholder count cut to the budget."""
 
     def get_num_image_tokens(self, **kwargs) -> int:
-        n = super().get_num_image_tokens(**kwargs)
-        pruner = serving_pruner(self.get_hf_config())
-        return n if pruner is None else placeholder_count(pruner, n)
+        return image_placeholders(self.get_hf_config(), super().get_num_image_tokens(**kwargs))
 
     def get_supported_mm_limits(self):
         limits = super().get_supported_mm_limits()
@@ -50,14 +46,14 @@ class _PrunedReplacements:
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        pruner = serving_pruner(self.info.get_hf_config())
-        if pruner is None:
+        hf_config = self.info.get_hf_config()
+        if serving_pruner(hf_config) is None:
             return updates
 
         def cut(update):
             def replacement(item_idx: int):
                 ids = update.replacement(item_idx)
-                return ids[: placeholder_count(pruner, len(ids))]
+                return ids[: image_placeholders(hf_config, len(ids))]
 
             return dataclasses.replace(update, replacement=replacement)
 
@@ -102,20 +98,17 @@ class _PrunedQwen:
         setattr(self, ASKS, True)  # the runner then calls recompute_mrope_positions (runner.py)
 
     def _process_image_input(self, image_input):
+        """Per image, its kept tokens (k, D + PLACE_CHANNELS), their grid places appended."""
         if self.vtprune is None:
             return super()._process_image_input(image_input)
-        return self._pruned("image", image_input, super()._process_image_input)
-
-    def _pruned(self, modality: str, given, encode) -> tuple[torch.Tensor, ...]:
-        """Per image, its kept tokens (k, D + PLACE_CHANNELS), their grid places appended."""
-        if given["type"] != "pixel_values":
+        if image_input["type"] != "pixel_values":
             raise ValueError("vtprune prunes images given as pixels; image embeddings cannot be pruned")
         with self.vtprune.reading() as signals:
-            features = list(encode(given))
-        grids = given[f"{modality}_grid_thw"]
+            features = list(super()._process_image_input(image_input))
+        grids = image_input["image_grid_thw"]
         merge = self.visual.spatial_merge_size
         layouts = qwen_images(features, grids, merge, signals(), self.visual)
-        pruned = self.vtprune.prune_in_place(modality, features, layouts)
+        pruned = self.vtprune.prune_in_place(features, layouts)
         return tuple(
             with_places(tokens, places, (t, h // merge, w // merge))
             for (tokens, places), (t, h, w) in zip(pruned, grids.tolist())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 ASKS = "vtprune_places_tokens"  # a model attribute: True when its embeddings carry grid places to place
+_WRAPPED = "_vtprune_wrapped"  # marks a load_model already wrapped in this process
 
 
 def turn_on_position_recompute() -> None:
@@ -23,7 +24,7 @@ def turn_on_position_recompute() -> None:
         runners.append(CPUModelRunner)
     for runner in runners:
         original = vars(runner)["load_model"]
-        if not getattr(original, ASKS, False):
+        if not getattr(original, _WRAPPED, False):
             runner.load_model = _after_load(original)
 
 
@@ -35,5 +36,5 @@ def _after_load(original):
             self.is_multimodal_pruning_enabled = True
         return out
 
-    setattr(load_model, ASKS, True)
+    setattr(load_model, _WRAPPED, True)
     return load_model

@@ -35,20 +35,19 @@ def _qwen_qkv(attn: nn.Module, normed: torch.Tensor, kwargs: dict) -> tuple:
     return (*(x.transpose(0, 1)[None] for x in (q_turned, k_turned, k)), d**-0.5)
 
 
-def _qwen_spec() -> TowerSpec:
-    # The hooks sit on each block's attention, not on the block: vLLM may wrap Qwen2.5-VL's blocks for
-    # torch.compile (support_torch_compile), whose __call__ runs forward without the module's hooks.
-    return TowerSpec(
-        lambda tower: [block.attn for block in tower.blocks], "", "", None, None, False, qk=_qwen_qkv, one_sequence=True
-    )
+# The hooks sit on each block's attention, not on the block: vLLM may wrap Qwen2.5-VL's blocks for
+# torch.compile (support_torch_compile), whose __call__ runs forward without the module's hooks.
+_QWEN = TowerSpec(
+    lambda tower: [block.attn for block in tower.blocks], "", "", None, None, False, qk=_qwen_qkv, one_sequence=True
+)
 
 
 _SPECS = {
     "CLIPVisionModel": TowerSpec(
         lambda tower: tower.vision_model.encoder.layers, "layer_norm1", "self_attn", None, None, True, qk=_fused_qkv
     ),
-    "Qwen2VisionTransformer": _qwen_spec(),
-    "Qwen2_5_VisionTransformer": _qwen_spec(),
+    "Qwen2VisionTransformer": _QWEN,
+    "Qwen2_5_VisionTransformer": _QWEN,
 }
 
 
