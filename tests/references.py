@@ -398,3 +398,33 @@ def naive_facility_location(x, k, text=None, weight=0.0):
         chosen.append(best)
         cover = torch.maximum(cover, s[best])
     return torch.tensor(sorted(chosen))
+
+
+def naive_instruction_relevance(x, text, negate=True):
+    """CDPruner's relevance written out in float64: each token's mean cosine with the text rows,
+    negated, min-max normalised over the tokens."""
+    u = torch.nn.functional.normalize(x.double(), dim=1)
+    t = torch.nn.functional.normalize(text.double(), dim=1)
+    r = torch.tensor([sum(float(u[i] @ t[m]) for m in range(t.shape[0])) / t.shape[0] for i in range(u.shape[0])])
+    r = -r if negate else r
+    return (r - r.min()) / (r.max() - r.min())
+
+
+def naive_conditional_dpp(x, quality, k):
+    """The DPP's greedy MAP rule by its definition: each step adds the token that makes the determinant
+    of the kernel diag(q) S diag(q) (S the cosine similarity) over the chosen tokens largest, each
+    candidate's determinant computed afresh, float64. Returns the picked indices, ascending."""
+    u = torch.nn.functional.normalize(x.double(), dim=1)
+    q = quality.double()
+    s = u @ u.T
+    s.diagonal().fill_(1.0)
+    kernel = q[:, None] * s * q[None, :]
+    chosen = []
+    for _ in range(k):
+        dets = {
+            c: float(torch.linalg.det(kernel[chosen + [c]][:, chosen + [c]]))
+            for c in range(x.shape[0])
+            if c not in chosen
+        }
+        chosen.append(max(dets, key=lambda c: (dets[c], -c)))
+    return torch.tensor(sorted(chosen))

@@ -64,6 +64,7 @@ def test_todre_says_its_late_gate_is_not_applied(caplog):
         ({"pruner": "mustdrop", "keep": 64}, ValueError, "cannot run in vLLM"),
         ({"pruner": "tome", "keep": 64}, ValueError, "inside the vision tower"),
         ({"pruner": "catp", "keep": 64}, ValueError, "cannot run in vLLM"),
+        ({"pruner": "cdpruner", "keep": 64}, ValueError, "paired prompt text, which vLLM's image encoder does not see"),
         ({"pruner": "vflowopt", "keep": 64}, ValueError, "cannot run in vLLM"),
     ],
 )

@@ -9,13 +9,19 @@ from vtprune.core.layout import VisualLayout
 
 
 def paired_text(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layout: VisualLayout, ignored: frozenset
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layout: VisualLayout,
+    ignored: frozenset,
+    *,
+    or_before: bool = False,
 ) -> list[torch.Tensor]:
     """Per item (``layout``'s numbering), the (T,) positions in its sample of the text paired with it:
     the prompt's tokens after the item up to the next item of the sample (or the prompt's end),
     leaving out padding, placeholder tokens and the ``ignored`` ids (a model's special tokens). An
     item followed directly by another (a video's frames, images with nothing between them) shares
-    the text after that run; an item with no text after it gets none (empty positions).
+    the text after that run; an item with no text after it gets none (empty positions), or with
+    ``or_before`` the sample's text before it (a question written ahead of its image).
 
     input_ids: (B, L); attention_mask: (B, L) or None.
     """
@@ -35,5 +41,9 @@ def paired_text(
             stop = int(spans[i + 1].min()) if i + 1 < len(spans) else ids.numel()
             segment = positions[end:stop][text[end:stop]]
             following = segment if segment.numel() else following
-            out[layout.items[b][i]] = following
+            if or_before and not following.numel():
+                start = int(spans[i].min())
+                out[layout.items[b][i]] = positions[:start][text[:start]]
+            else:
+                out[layout.items[b][i]] = following
     return out

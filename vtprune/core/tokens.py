@@ -34,8 +34,9 @@ class VisionTokens:
         (``tower_key_layers``), following the model's pooling and merging of patches into tokens;
         None unless the pruner asked.
     text: (T, D) the language model's input embeddings of the text paired with the image (the
-        prompt's text after it up to the next image, ``vtprune.core.paired_text``; T may be 0), in
-        the model's dtype; None unless the pruner reads text (``reads_text``).
+        prompt's text after it up to the next image, ``vtprune.core.paired_text``, or before it for a
+        pruner with ``text_or_before`` when none follows; T may be 0), in the model's dtype; None
+        unless the pruner reads text (``reads_text``).
     """
 
     features: torch.Tensor

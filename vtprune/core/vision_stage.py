@@ -181,7 +181,7 @@ class VisionStage:
         ids = prompt.input_ids if prompt.text_end is None else prompt.input_ids[:, : prompt.text_end]
         mask = prompt.attention_mask
         mask = mask if mask is None or prompt.text_end is None else mask[:, : prompt.text_end]
-        where = paired_text(ids, mask, layout, prompt.special_ids)
+        where = paired_text(ids, mask, layout, prompt.special_ids, or_before=self.pruner.text_or_before)
         sample = {item: b for b, items in enumerate(layout.items) for item in items}
         with torch.no_grad():
             return [prompt.embed(prompt.input_ids[sample[i], p]) for i, p in enumerate(where)]

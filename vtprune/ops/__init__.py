@@ -4,7 +4,8 @@ Each scoring op takes ``backend="auto" | "torch" | "triton"``. ``torch`` is the 
 the oracle in the tests; ``triton`` runs fused kernels (CUDA, or Triton's CPU interpreter under
 ``TRITON_INTERPRET=1``); ``auto`` picks Triton for CUDA tensors when it is installed. Triton is
 imported only when a kernel first runs. The merging helpers (VisionZip's; ToMe's bipartite matching and
-MustDrop's window merge, for the tower stage) and CATP's greedy facility location are plain torch.
+MustDrop's window merge, for the tower stage), CATP's greedy facility location and CDPruner's DPP
+selection are plain torch.
 """
 
 from vtprune.ops._backend import BACKENDS, check_backend, resolve_backend, triton_available
@@ -21,6 +22,7 @@ from vtprune.ops.bipartite import (
 )
 from vtprune.ops.clustering import density_peak_clusters
 from vtprune.ops.diversity import max_min_diversity
+from vtprune.ops.dpp import conditional_dpp, instruction_relevance
 from vtprune.ops.entropy import patch_entropy
 from vtprune.ops.facility import facility_location, rescaled_cosine
 from vtprune.ops.k_center import k_center
@@ -39,11 +41,13 @@ __all__ = [
     "bipartite_matching",
     "causal_attention_rank",
     "check_backend",
+    "conditional_dpp",
     "density_peak_clusters",
     "facility_location",
     "farthest_points",
     "global_token_attention",
     "importance_guided_drops",
+    "instruction_relevance",
     "k_center",
     "max_merges",
     "max_min_diversity",

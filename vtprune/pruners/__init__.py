@@ -4,6 +4,7 @@ from vtprune.pruners.adaptive import AdaptivePrune
 from vtprune.pruners.aim import AIM, AIMMerge, AIMPrune
 from vtprune.pruners.base import DecodePruner, LLMPruner, Pruner, ScheduledPruner, TowerPruner, VisionPruner
 from vtprune.pruners.catp import CATP, CATPDrop, CATPSelect
+from vtprune.pruners.cdpruner import CDPruner
 from vtprune.pruners.cls import CLSPrune
 from vtprune.pruners.divprune import DivPrune
 from vtprune.pruners.fastv import FastV
@@ -30,6 +31,7 @@ __all__ = [
     "CATP",
     "CATPDrop",
     "CATPSelect",
+    "CDPruner",
     "CLSPrune",
     "DecodePruner",
     "DivPrune",

@@ -159,7 +159,10 @@ class VisionPruner(Pruner):
     # Whether each merged token takes its anchor's place (VFlowOpt) rather than following the kept ones
     # (VisionZip); LLM-stage pruners may come after only the former.
     merges_at_anchor: ClassVar[bool] = False
-    reads_text: ClassVar[bool] = False  # whether ``reduce`` reads ``VisionTokens.text`` (CATP)
+    reads_text: ClassVar[bool] = False  # whether ``reduce`` reads ``VisionTokens.text`` (CATP, CDPruner)
+    # Whether an image with no text after it reads the text before it instead of none (an instruction
+    # written ahead of its image: CDPruner).
+    text_or_before: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
