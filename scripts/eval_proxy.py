@@ -12,6 +12,15 @@ of them), so its tokens entering the language model compare with ``b`` alone at 
 pruner written ``name:option=value`` (several joined by ``:``; a value read as JSON where it parses)
 passes options to ``vtprune.apply``, e.g. ``vflowopt:settings=docs/proxy/vflowopt-16.json`` runs
 VFlowOpt with settings ``vtprune calibrate`` wrote; the whole spec names the row.
+
+Every run records ``mean_tokens``: the visual tokens per decoder layer, the mean over layers and
+questions (``--means N`` adds it to runs measured before, from their first N questions: exact for
+pruners whose counts do not depend on the input). ``keep`` means different budgets to different
+pruners (FastV counts the tokens after its drop layer, multi-drop pruners the mean per layer), so
+``--equal-mean 16 32 64`` compares them at the same mean instead: for every pruner and target it picks
+the keep whose mean on the first ``--probe`` questions is nearest the target (searching when keep=target
+misses it by more than 1%), runs it, and prints one table whose cells show the accuracy and the mean
+measured over all questions; a pruner that cannot come within 10% of a target gets "-".
 """
 
 from __future__ import annotations
@@ -41,7 +50,23 @@ def parse_args(argv=None):
     p.add_argument("--results", type=Path, required=True, help="JSON file: read to resume, written after each run")
     p.add_argument("--plot", type=Path, default=None, help="write accuracy vs. kept tokens here (PNG)")
     p.add_argument("--plot-only", action="store_true", help="only print the table and draw the plot")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--equal-mean",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="M",
+        help="compare at these mean visual tokens per decoder layer, not at equal keep",
+    )
+    p.add_argument("--probe", type=int, default=16, help="questions a keep is probed on for --equal-mean")
+    p.add_argument(
+        "--means",
+        type=int,
+        default=None,
+        metavar="N",
+        help="add the mean tokens per layer to stored runs that lack it, measured on N questions",
+    )
+    args = p.parse_args(argv)  # fmt: skip
     specs = [name.split(":")[0] for name in args.pruners]
     unknown = [part for name in specs for part in name.split("+") if part not in vtprune.available()]
     if unknown:
@@ -55,6 +80,10 @@ def parse_args(argv=None):
         p.error(f"--keeps must lie in [1, 256], got {args.keeps}")
     if args.threads < 1 or args.batch_size < 1:
         p.error("--threads and --batch-size must be >= 1")
+    if args.equal_mean is not None and any(not 1 <= m <= 256 for m in args.equal_mean):
+        p.error(f"--equal-mean targets must lie in [1, 256], got {args.equal_mean}")
+    if args.probe < 1 or (args.means is not None and args.means < 1):
+        p.error("--probe and --means must be >= 1")
     return args
 
 
@@ -110,12 +139,17 @@ def load_results(path: Path, args) -> dict:
     return results
 
 
+def mean_note(run: dict) -> str:
+    """`` · 16.3`` (the run's mean visual tokens per layer), or nothing for runs measured before."""
+    return f" · {run['mean_tokens']:.1f}" if "mean_tokens" in run else ""
+
+
 def markdown_table(results: dict, pruners, keeps) -> str:
     runs = results["runs"]
 
     def cell(name):
         run = runs.get(name)
-        return "-" if run is None else f"{100 * run['accuracy']:.1f}"
+        return "-" if run is None else f"{100 * run['accuracy']:.1f}{mean_note(run)}"
 
     lines = [
         "| pruner | " + " | ".join(f"keep {k}" for k in keeps) + " |",
@@ -156,7 +190,7 @@ def pooled_table(results: dict, pruners, keeps, kinds, title: str) -> str:
         if "by_kind" not in run:
             return "-"
         value = pooled(run["by_kind"], counts, kinds)
-        return "-" if value is None else f"{100 * value:.1f} ({100 * value / base:.0f}%)"
+        return "-" if value is None else f"{100 * value:.1f} ({100 * value / base:.0f}%){mean_note(run)}"
 
     n = sum(counts.get(k, 0) for k in kinds)
     lines = [
@@ -188,16 +222,23 @@ def plot(results: dict, pruners, keeps, path: Path) -> None:
         return run["accuracy"]
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    # x: the run's mean visual tokens per decoder layer, so pruners whose keep means other budgets
+    # (FastV's tokens after its drop layer) stand where their cost is; keep for runs without it.
+    every_mean = all("mean_tokens" in runs[key(p, k)] for p in pruners for k in keeps if key(p, k) in runs)
     for name in pruners:
-        points = [(k, value(runs[key(name, k)])) for k in keeps if key(name, k) in runs]
-        points = [(k, v) for k, v in points if v is not None]
+        points = [(runs[key(name, k)], k) for k in keeps if key(name, k) in runs]
+        points = [(run["mean_tokens"] if every_mean else k, value(run)) for run, k in points]
+        points = [(x, v) for x, v in points if v is not None]
         if points:
-            ax.plot([k for k, _ in points], [100 * v for _, v in points], marker="o", label=name)
+            ax.plot([x for x, _ in points], [100 * v for _, v in points], marker="o", label=name)
     if UNPRUNED in runs:
         ax.axhline(100 * value(runs[UNPRUNED]), color="black", linestyle="--", label="unpruned (256)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(keeps, [str(k) for k in keeps])
-    ax.set_xlabel("keep: visual tokens of 256 (multi-drop pruners: mean per decoder layer)")
+    if every_mean:
+        ax.set_xlabel("visual tokens per decoder layer (mean over layers and questions), of 256")
+    else:
+        ax.set_xlabel("keep: visual tokens of 256 (multi-drop pruners: mean per decoder layer)")
     n = sum(counts.get(k, 0) for k in IMAGE_READING) if by_kind else results["setup"]["n"]
     what = "shape + colour questions" if by_kind else "easy-vqa test questions"
     ax.set_ylabel(f"accuracy, % ({n} {what})")
@@ -210,6 +251,156 @@ def plot(results: dict, pruners, keeps, path: Path) -> None:
     plt.close(fig)
 
 
+def run_once(model, processor, items, pruner: str, keep: int | None, batch_size: int) -> dict:
+    """Predictions of ``items`` under ``pruner`` at ``keep`` (UNPRUNED: none): accuracy, by kind,
+    seconds and the mean visual tokens per layer. ValueError when the pruner refuses the keep."""
+    from vtprune.proxy.evaluate import accuracy, accuracy_by_kind, mean_tokens, predict
+
+    start, layer_tokens = time.perf_counter(), []
+    context = contextlib.nullcontext() if pruner == UNPRUNED else pruned(model, pruner, keep)
+    with context:
+        predictions = predict(model, processor, items, batch_size=batch_size, layer_tokens=layer_tokens)
+    return {
+        "accuracy": accuracy(items, predictions),
+        "by_kind": accuracy_by_kind(items, predictions),
+        "seconds": round(time.perf_counter() - start, 1),
+        "mean_tokens": round(mean_tokens(layer_tokens), 2),
+    }
+
+
+def probed_mean(model, processor, items, pruner: str, keep: int | None, batch_size: int) -> float | None:
+    """The mean visual tokens per layer of ``pruner`` at ``keep`` on ``items`` (None: keep refused)."""
+    from vtprune.proxy.evaluate import mean_tokens, predict
+
+    layer_tokens = []
+    try:
+        with contextlib.nullcontext() if pruner == UNPRUNED else pruned(model, pruner, keep):
+            predict(model, processor, items, batch_size=batch_size, layer_tokens=layer_tokens)
+    except ValueError:
+        return None
+    return mean_tokens(layer_tokens)
+
+
+def keep_for_mean(probe, target: float) -> tuple[int, float] | None:
+    """The keep in [1, 256] whose mean (``probe(keep)``, non-decreasing in keep, None where refused) is
+    nearest ``target``: keep=target when that is within 1%, else a bisection; None if nothing runs."""
+    seen: dict[int, float | None] = {}
+
+    def mean(k: int) -> float | None:
+        if k not in seen:
+            seen[k] = probe(k)
+        return seen[k]
+
+    first = mean(round(target))
+    if first is not None and abs(first - target) <= 0.01 * target:
+        return round(target), first
+    lo, hi = 1, 256  # the least keep whose mean reaches the target lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        m = mean(mid)
+        if m is not None and m >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    measured = [(abs(m - target), k, m) for k, m in seen.items() if m is not None and k in (lo - 1, lo)]
+    measured = measured or [(abs(m - target), k, m) for k, m in seen.items() if m is not None]
+    if not measured:
+        return None
+    _, k, m = min(measured)
+    return k, m
+
+
+TOLERANCE = 0.10  # a pruner whose nearest mean misses the target by more gets "-"
+
+
+def equal_mean_table(results: dict, pruners, targets, kinds, title: str) -> str:
+    """Accuracy over ``kinds`` per pruner at each target mean (the keep ``--equal-mean`` chose), with
+    the mean measured over all questions."""
+    from vtprune.proxy.evaluate import pooled
+
+    runs, counts, chosen = results["runs"], results["kind_counts"], results.get("equal_mean", {})
+    base = pooled(runs[UNPRUNED]["by_kind"], counts, kinds)
+
+    def cell(pruner, target):
+        keep = chosen.get(pruner, {}).get(f"{target:g}")
+        run = runs.get(key(pruner, keep), {}) if keep is not None else {}
+        if "by_kind" not in run or "mean_tokens" not in run:
+            return "-"
+        if abs(run["mean_tokens"] - target) > TOLERANCE * target:
+            return f"- (least {run['mean_tokens']:.1f})" if run["mean_tokens"] > target else "-"
+        value = pooled(run["by_kind"], counts, kinds)
+        return f"{100 * value:.1f} ({100 * value / base:.0f}%) · keep {keep} · {run['mean_tokens']:.1f}"
+
+    n = sum(counts.get(k, 0) for k in kinds)
+    lines = [
+        f"| {title} ({n} questions) | " + " | ".join(f"mean {t:g}" for t in targets) + " |",
+        "|---|" + "---|" * len(targets),
+        f"| {UNPRUNED} | " + " | ".join(f"{100 * base:.1f} · 256" for _ in targets) + " |",
+    ]
+    lines += [f"| {p} | " + " | ".join(cell(p, t) for t in targets) + " |" for p in pruners]
+    return "\n".join(lines)
+
+
+def save(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def measure(args, results: dict) -> None:
+    """Every run the arguments ask for that ``results`` lacks, saved after each one."""
+    import torch
+
+    from vtprune.proxy import data, load_proxy
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_proxy(projector=args.projector)
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    items = data.subset("test", args.n, args.seed)
+    todo = [(UNPRUNED, None)]
+    if args.equal_mean is None:
+        todo += [(p, k) for p in args.pruners for k in args.keeps]
+    else:
+        chosen = results.setdefault("equal_mean", {})
+        probe_items = items[: args.probe]
+        for pruner in args.pruners:
+            for target in args.equal_mean:
+                keeps = chosen.setdefault(pruner, {})
+                if f"{target:g}" not in keeps:
+                    found = keep_for_mean(
+                        lambda k, pruner=pruner: probed_mean(model, processor, probe_items, pruner, k, args.batch_size),
+                        target,
+                    )
+                    if found is None:
+                        print(f"{pruner:<16} refused every keep", flush=True)
+                        continue
+                    keeps[f"{target:g}"] = found[0]
+                    save(results, args.results)
+                    print(f"{pruner:<16} mean {target:g}: keep {found[0]} (probed mean {found[1]:.1f})", flush=True)
+                todo.append((pruner, keeps[f"{target:g}"]))
+    for pruner, keep in todo:
+        name = key(pruner, keep)
+        if name in results["runs"]:
+            continue
+        try:
+            run = run_once(model, processor, items, pruner, keep, args.batch_size)
+        except ValueError as error:  # a keep the pruner's rule cannot reach, or a tower it cannot run in
+            print(f"{name:<16} refused: {error}", flush=True)
+            continue
+        results["runs"][name] = run
+        save(results, args.results)
+        print(f"{name:<16} accuracy {100 * run['accuracy']:5.1f}%  ({run['seconds']:.0f} s)", flush=True)
+    if args.means is not None:
+        for name, run in results["runs"].items():
+            if "mean_tokens" in run:
+                continue
+            pruner, _, keep = name.rpartition("@") if name != UNPRUNED else (UNPRUNED, "", None)
+            mean = probed_mean(model, processor, items[: args.means], pruner, keep and int(keep), args.batch_size)
+            if mean is not None:
+                run["mean_tokens"], run["mean_tokens_questions"] = round(mean, 2), args.means
+                save(results, args.results)
+                print(f"{name:<16} mean tokens per layer {mean:.1f} (first {args.means} questions)", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = load_results(args.results, args)
@@ -219,42 +410,17 @@ def main(argv=None) -> int:
 
         results["kind_counts"] = kind_counts(data.subset("test", args.n, args.seed))
     if not args.plot_only:
-        import torch
-
-        from vtprune.proxy import data, load_proxy
-        from vtprune.proxy.evaluate import accuracy, accuracy_by_kind, predict
-
-        torch.set_num_threads(args.threads)
-        model, processor = load_proxy(projector=args.projector)
-        print(
-            f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True
-        )
-        items = data.subset("test", args.n, args.seed)
-        todo = [(UNPRUNED, None)] + [(p, k) for p in args.pruners for k in args.keeps]
-        for pruner, keep in todo:
-            name = key(pruner, keep)
-            if name in results["runs"]:
-                continue
-            start = time.perf_counter()
-            try:
-                context = contextlib.nullcontext() if pruner == UNPRUNED else pruned(model, pruner, keep)
-                with context:
-                    predictions = predict(model, processor, items, batch_size=args.batch_size)
-            except ValueError as error:  # a keep the pruner's rule cannot reach, or a tower it cannot run in
-                print(f"{name:<16} refused: {error}", flush=True)
-                continue
-            seconds = time.perf_counter() - start
-            share = accuracy(items, predictions)
-            by_kind = accuracy_by_kind(items, predictions)
-            results["runs"][name] = {"accuracy": share, "by_kind": by_kind, "seconds": round(seconds, 1)}
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            args.results.write_text(json.dumps(results, indent=1) + "\n")
-            print(f"{name:<16} accuracy {100 * share:5.1f}%  ({seconds:.0f} s)", flush=True)
+        measure(args, results)
     from vtprune.proxy.evaluate import IMAGE_READING
 
+    if args.equal_mean is not None:
+        print("questions that need the image, at equal mean visual tokens per decoder layer")
+        print("(accuracy %, share of unpruned, the keep that gives the mean, and the mean over all questions):")
+        print(equal_mean_table(results, args.pruners, args.equal_mean, IMAGE_READING, "shape + colour"))
+        return 0
     headline = pooled_table(results, args.pruners, args.keeps, IMAGE_READING, "shape + colour")
     if headline:
-        print("questions that need the image (accuracy %, and share of unpruned):")
+        print("questions that need the image (accuracy %, and share of unpruned; · mean visual tokens per layer):")
         print(headline + "\n")
         print("yes/no questions (the proxy answers them from a prior):")
         print(pooled_table(results, args.pruners, args.keeps, ("yes/no present", "yes/no absent"), "yes/no") + "\n")

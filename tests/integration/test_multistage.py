@@ -68,6 +68,26 @@ def test_explicit_schedule_overrides_keep(deep_model):
     assert bool(torch.isin(drop_at_5[1][0], drop_at_2[1][0]).all())  # later drops choose among the survivors
 
 
+@pytest.mark.parametrize(
+    "name, options, counts",
+    [
+        ("pdrop", {}, [576, 576, 288, 288, 144, 144, 72, 72]),  # 50/25/12.5% from 1/4, 1/2, 3/4 of 8 layers
+        ("pdrop", {"ratio": 0.25}, [576, 576, 144, 144, 36, 36, 9, 9]),  # the paper's lambda as an option
+        ("transprune", {}, [576, 576, 504, 360, 72, 72, 72, 72]),  # 87.5/62.5/12.5% from 7, 9, 12 of 32
+        ("adaptive", {"mass": 1.0}, [576, 576, 288, 288, 144, 144, 72, 72]),  # PyramidDrop's caps, all used
+    ],
+)
+def test_paper_schedule_runs_the_published_drops_whatever_keep(deep_model, name, options, counts):
+    inputs = _inputs(deep_model)
+    with vtprune.apply(deep_model, name, keep=16, schedule="paper", **options) as handle, torch.no_grad():
+        deep_model(**inputs)
+    if name == "adaptive":  # a cap, not a count: the rule keeps at most it
+        assert all(c <= cap for c, cap in zip(handle.last.layer_tokens[0], counts))
+        assert handle.last.layer_tokens[0][:2] == counts[:2] and handle.last.layer_tokens[0][2] < 576
+    else:
+        assert handle.last.layer_tokens[0] == counts
+
+
 # -- generation against a recompute reference ------------------------------------------------------------
 @pytest.mark.parametrize("name", SCHEDULED)
 def test_scheduled_generation_matches_recompute_reference(deep_model, deep_eager_model, name):

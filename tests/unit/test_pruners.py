@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.ops import farthest_points
+from vtprune.ops import farthest_points, mass_spread
 from vtprune.pruners.base import PromptTokens, VisionPruner, VisionTokens, keep_from_text
 from vtprune.pruners.todre import ToDREDiversity, ToDRERelevance
 
@@ -40,6 +40,10 @@ def test_keep_from_text_says_what_is_allowed(text, message):
         (lambda: vtprune.AdaptivePrune(keep=8, mass=0), "mass must be in (0, 1]"),
         (lambda: vtprune.AdaptivePrune(keep=8, min_keep=4, max_keep=2), "max_keep must be None or an int >= min_keep"),
         (lambda: vtprune.AdaptivePrune(keep=8, spatial=1.0), "spatial must be in [0, 1)"),
+        (lambda: vtprune.AdaptivePrune(keep=8, outlier=0.5), "outlier must be None or a number >= 1"),
+        (lambda: vtprune.PyramidDrop(keep=8, schedule="papers"), "schedule must be None (fit to keep), 'paper'"),
+        (lambda: vtprune.SparseVLM(keep=8, schedule="paper"), "its paper's settings are retain=64, 128 or 192"),
+        (lambda: vtprune.MustDropFilter(keep=8, schedule="paper"), "its paper's settings are global_threshold"),
         (lambda: vtprune.VisionZip(keep=64, contextual=1.5), "contextual must be a float in"),
         (lambda: vtprune.ToDRE(keep=8, threshold=2), "threshold must be a float in"),
         (lambda: vtprune.Pipeline([]), "non-empty list of pruner objects"),
@@ -121,8 +125,8 @@ def test_cls_ranks_by_cls_attention_or_keeps_whole_rows():
 
 def test_adaptive_spatial_term_spreads_over_the_grid():
     attention = torch.zeros(36)
-    attention[:6] = torch.arange(6, 0, -1).float()  # all the attention on the first row of a 6 x 6 grid
-    pruner = vtprune.AdaptivePrune(keep=12, mass=1.0, spatial=0.5, max_keep=6)
+    attention[:18] = torch.arange(18, 0, -1).float()  # all the attention on the first 3 rows of a 6 x 6 grid
+    pruner = vtprune.AdaptivePrune(keep=12, mass=1.0, spatial=0.5)  # 18 of 36 tokens hold it: half the cap
     tokens = PromptTokens(keep=12, positions=torch.arange(36), grid=(6, 6), instruction_attention=attention)
     kept = pruner.select(tokens)
     assert kept.numel() == 6
@@ -131,6 +135,33 @@ def test_adaptive_spatial_term_spreads_over_the_grid():
     assert torch.equal(
         farthest_points(torch.tensor([[0.0], [1.0], [9.0]]), torch.tensor([True, False, False]), 1), torch.tensor([2])
     )
+
+
+def test_mass_spread_measures_how_widely_the_mass_lies():
+    assert mass_spread(torch.ones(40), 0.9) == 1.0  # 36 of 40 equal scores hold 90%
+    focused = torch.zeros(40)
+    focused[:4] = 1.0
+    assert mass_spread(focused, 0.9) == 4 / 36
+    assert mass_spread(-torch.ones(3), 0.5) == 1.0  # nothing positive: every entry is as good as another
+    sink = torch.ones(40)
+    sink[7] = 1000.0  # one sink: unclipped it holds 96% of the mass; clipped it is one token among many
+    assert mass_spread(sink, 0.9) == 1 / 36
+    assert mass_spread(sink, 0.9, outlier=10) == mass_spread(torch.ones(40).index_fill(0, torch.tensor([7]), 10.0), 0.9)
+    assert mass_spread(sink, 0.9, outlier=10) > 0.8
+    with pytest.raises(ValueError, match="empty"):
+        mass_spread(torch.zeros(0), 0.9)
+
+
+def test_adaptive_counts_follow_the_spread_at_every_cap():
+    pruner = vtprune.AdaptivePrune(keep=8, mass=0.9, outlier=None)
+    wide, narrow = torch.ones(100), torch.cat([torch.ones(30), torch.zeros(70)])
+    assert pruner.count(wide, 20) == 20 and pruner.count(narrow, 20) == round(20 * 27 / 90)
+    assert pruner.count(narrow, 100) == 30  # a cap holding every token still drops by the rule
+    assert vtprune.AdaptivePrune(keep=8, min_keep=9).count(narrow, 20) == 9
+    assert vtprune.AdaptivePrune(keep=8, max_keep=5).count(wide, 20) == 5
+    sink = torch.ones(100).index_fill(0, torch.tensor([3]), 1e4)
+    assert vtprune.AdaptivePrune(keep=8).count(sink, 20) >= 18  # clipped (outlier=10): still spread out
+    assert vtprune.AdaptivePrune(keep=8, outlier=None).count(sink, 20) == 1  # the sink alone holds 99%
 
 
 def test_options_are_checked():

@@ -119,6 +119,13 @@ def fit_average(
     return best
 
 
+def published(depths: list[float], ratios: list[float], num_layers: int, n_tokens: int) -> list[DropPoint]:
+    """A method's own schedule on this decoder: drops at fractions ``depths`` of it (``scaled_layers``,
+    never moved to meet a budget), each keeping ``ratios`` of the ``n_tokens`` (rounded, at least one)."""
+    layers = scaled_layers(depths, num_layers)
+    return [DropPoint(layer, c) for layer, c in zip(layers, _counts(ratios[: len(layers)], 1.0, n_tokens))]
+
+
 def explicit(schedule: list[tuple[int, int | float]], n_tokens: int) -> list[DropPoint]:
     """``[(layer, keep), ...]`` as drop points for an image of ``n_tokens`` (keep as ``budget_tokens``)."""
     points, previous = [], n_tokens

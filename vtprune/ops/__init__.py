@@ -30,6 +30,7 @@ from vtprune.ops.merging import nearest_targets, strided_targets
 from vtprune.ops.pagerank import attention_rank, causal_attention_rank, importance_guided_drops
 from vtprune.ops.sinks import global_token_attention
 from vtprune.ops.spatial import farthest_points
+from vtprune.ops.spread import mass_spread
 from vtprune.ops.transition import transition_variation
 from vtprune.ops.windows import window_matching, window_scores
 
@@ -50,6 +51,7 @@ __all__ = [
     "instruction_relevance",
     "k_center",
     "max_merges",
+    "mass_spread",
     "max_min_diversity",
     "merge_origin",
     "merge_weighted",

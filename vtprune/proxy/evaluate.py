@@ -40,10 +40,19 @@ def _as_context(context):
 
 
 @torch.no_grad()
-def predict(model, processor, items, batch_size: int = 8, progress: bool = False) -> list[str]:
-    """The predicted answer (one of ``data.answers()``) for each ``data.Question`` in ``items``."""
+def predict(
+    model, processor, items, batch_size: int = 8, progress: bool = False, layer_tokens: list | None = None
+) -> list[str]:
+    """The predicted answer (one of ``data.answers()``) for each ``data.Question`` in ``items``.
+
+    ``layer_tokens``: a list to which, per question, the visual tokens entering each decoder layer are
+    appended (a list of ints, one per layer): what the active pruner's handle recorded
+    (``PruneStats.layer_tokens``), or the image's tokens in every layer when nothing prunes.
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if layer_tokens is not None and not isinstance(layer_tokens, list):
+        raise TypeError(f"layer_tokens must be None or a list to append to, got {type(layer_tokens).__name__}")
     items = list(items)
     if not all(isinstance(q, data.Question) for q in items):
         raise TypeError("items must be vtprune.proxy.data.Question objects (see data.subset)")
@@ -68,7 +77,27 @@ def predict(model, processor, items, batch_size: int = 8, progress: bool = False
         logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # (B, vocab)
         choice = logits[:, candidates].argmax(-1)  # (B,) index into the 13 answers
         out.extend(names[i] for i in choice.tolist())
+        if layer_tokens is not None:
+            layer_tokens.extend(_layer_tokens(model, inputs["input_ids"]))
     return out
+
+
+def _layer_tokens(model, input_ids: torch.Tensor) -> list[list[int]]:
+    """Per row of the batch just run, the visual tokens entering each decoder layer."""
+    from vtprune.api import handle_of
+
+    handle = handle_of(model)
+    if handle is not None and handle.last is not None:
+        return [list(row) for row in handle.last.layer_tokens]
+    layers = model.config.text_config.num_hidden_layers
+    return [[int(n)] * layers for n in (input_ids == model.config.image_token_id).sum(1).tolist()]
+
+
+def mean_tokens(layer_tokens: list[list[int]]) -> float:
+    """Visual tokens per decoder layer, the mean over layers and then over questions."""
+    if not layer_tokens:
+        raise ValueError("no questions: layer_tokens is empty")
+    return sum(sum(row) / len(row) for row in layer_tokens) / len(layer_tokens)
 
 
 def accuracy(items, predictions) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.ops import farthest_points
+from vtprune.ops import farthest_points, mass_spread
 from vtprune.pruners.base import PromptTokens, ScheduledPruner, top_k_sorted
 from vtprune.registry import register
 
@@ -15,26 +15,35 @@ from vtprune.registry import register
 @register
 @dataclass
 class AdaptivePrune(ScheduledPruner):
-    """At each drop point every image keeps the fewest of its tokens whose share of the instruction
-    tokens' attention (head- and token-mean, the drop layer's own queries and keys) reaches ``mass``,
-    never fewer than ``min_keep`` nor more than the schedule's cap (and ``max_keep`` when given), so
-    samples of one batch keep different counts.
+    """At every drop point each image keeps a share of the schedule's count (its *cap*) that follows
+    how widely the instruction tokens' attention (head- and token-mean, the drop layer's own queries and
+    keys) spreads over its tokens: ``needed``, the fewest tokens holding ``mass`` of that attention, over
+    the ``ceil(mass * n)`` that spread-out attention over its ``n`` tokens would need, times the cap;
+    within ``[min_keep, cap]`` (and ``max_keep`` when given). Samples of one batch and the drop points of
+    one sample keep different counts, each from its own attention, and no batch-mate changes them.
 
-    ``spatial`` in [0, 1): that fraction of each image's count is filled with the tokens farthest on
-    the patch grid from the ones attention chose (along the token order when the tokens form no
-    grid), so kept tokens do not all cluster. The caps follow PyramidDrop's shape (drops at 1/4, 1/2,
-    3/4 of the decoder, each stage keeping half of the one before), scaled so that their per-layer
-    mean is ``keep``; the real mean is at most that.
+    Before the count, each token's attention is clipped to ``outlier`` times the median over the image
+    (None: not clipped), so one attention sink cannot make every image look focused; the ranking uses
+    the attention as it is. ``spatial`` in [0, 1): that fraction of each image's count is filled with
+    the tokens farthest on the patch grid from the ones attention chose (along the token order when the
+    tokens form no grid), so kept tokens do not all cluster.
+
+    The caps follow PyramidDrop's shape (drops at 1/4, 1/2, 3/4 of the decoder, each stage keeping half
+    of the one before), scaled so that their per-layer mean is ``keep``; ``keep`` is therefore a
+    ceiling: the real mean (``handle.last.layer_tokens``) is below it, by how focused the attention is.
+    ``schedule="paper"`` runs PyramidDrop's own caps (50%, 25%, 12.5% from 1/4, 1/2, 3/4 of the depth).
     """
 
     mass: float = 0.9
     min_keep: int = 1
     max_keep: int | None = None
     spatial: float = 0.0
+    outlier: float | None = 10.0
 
     name = "adaptive"
     signals = ("instruction",)
     score_offset = 0
+    always_selects = True  # the rule may keep fewer than a cap that holds every token
     depths = (0.25, 0.5, 0.75)
     ratios = (0.5, 0.25, 0.125)
 
@@ -54,15 +63,21 @@ class AdaptivePrune(ScheduledPruner):
             raise ValueError(
                 f"spatial must be in [0, 1) (the share of tokens spread over the grid), got {self.spatial!r}"
             )
+        if self.outlier is not None and (
+            isinstance(self.outlier, bool) or not isinstance(self.outlier, numbers.Real) or not self.outlier >= 1
+        ):
+            raise ValueError(
+                f"outlier must be None or a number >= 1 (attention clipped to that many medians), got {self.outlier!r}"
+            )
 
     def count(self, attention: torch.Tensor, cap: int) -> int:
-        """The fewest tokens whose attention share reaches ``mass``, within [min_keep, cap]."""
-        share = attention.float().clamp_min(0)
-        share = share / share.sum().clamp_min(1e-12)
-        cumulative = torch.sort(share, descending=True).values.cumsum(0)
-        needed = int((cumulative < self.mass - 1e-6).sum()) + 1
-        cap = min(cap, self.max_keep) if self.max_keep is not None else cap
-        return max(min(needed, cap, attention.numel()), min(self.min_keep, cap))
+        """Tokens to keep of the ``(n,)`` ``attention``: ``cap`` times the share of ``ceil(mass * n)``
+        that the fewest tokens holding ``mass`` of the clipped attention make up, within
+        ``[min_keep, min(cap, max_keep, n)]``."""
+        n = attention.numel()
+        spread = mass_spread(attention, self.mass, self.outlier)
+        high = min(cap, n, self.max_keep) if self.max_keep is not None else min(cap, n)
+        return max(min(round(cap * spread), high), min(self.min_keep, high))
 
     def select(self, tokens: PromptTokens) -> torch.Tensor:
         attention = tokens.instruction_attention

@@ -104,6 +104,7 @@ class AIMPrune(ScheduledPruner):
     name: ClassVar[str] = "aim.prune"
     signals: ClassVar[tuple[str, ...]] = ("flow",)
     score_offset: ClassVar[int] = 1
+    paper_options: ClassVar[str] = "start and stop (the reference's: 13/32 and 21/32)"
 
     def __post_init__(self) -> None:
         if self.start is None and self.stop is None:

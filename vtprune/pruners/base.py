@@ -11,7 +11,15 @@ from typing import ClassVar
 import torch
 
 from vtprune.core.decode_stage import HeldTokens
-from vtprune.core.schedule import DropPoint, budget_count, budget_tokens, check_explicit, explicit, fit_average
+from vtprune.core.schedule import (
+    DropPoint,
+    budget_count,
+    budget_tokens,
+    check_explicit,
+    explicit,
+    fit_average,
+    published,
+)
 from vtprune.core.tokens import ModelInfo, PromptTokens, Reduction, SampleTokens, VisionTokens
 from vtprune.core.tower_signals import GlobalTokenRule
 from vtprune.ops.bipartite import Matching, max_merges, max_merges_in, spread_merges
@@ -66,6 +74,7 @@ __all__ = [
 ]
 
 BUDGETS = ("per_frame", "per_video")
+PAPER = "paper"  # ScheduledPruner(schedule=PAPER): the method's published drop schedule
 
 
 @dataclass
@@ -232,18 +241,32 @@ class LLMPruner(Pruner):
 class ScheduledPruner(LLMPruner):
     """An LLM-stage pruner with several drop points. ``keep`` is the mean number of visual tokens per
     decoder layer (an int: tokens per image; a float: a fraction of them), met by scaling the
-    method's schedule shape (``fit_average``); ``schedule=[(layer, keep), ...]`` sets the drop points
-    and the tokens kept from each instead (keeps as in ``keep``, relative to the tokens entering the LLM).
+    method's schedule shape (``fit_average``: the default, so pruners compare at equal cost);
+    ``schedule=[(layer, keep), ...]`` sets the drop points and the tokens kept from each instead (keeps
+    as in ``keep``, relative to the tokens entering the LLM); ``schedule="paper"`` runs the paper's own
+    schedule (``published``: its drop depths as fractions of this decoder, its kept ratios), ``keep``
+    unread, to reproduce the paper's setting.
     """
 
-    schedule: list | None = None
+    schedule: list | str | None = None
 
     depths: ClassVar[tuple[float, ...]] = ()  # drop layers as fractions of the decoder depth
     ratios: ClassVar[tuple[float, ...]] = ()  # tokens kept from each drop point, fractions of all
+    # A pruner whose paper sets its budget by other options names them here; it has no schedule="paper".
+    paper_options: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.schedule is not None:
+        if isinstance(self.schedule, str):
+            if self.schedule != PAPER:
+                raise ValueError(
+                    f"schedule must be None (fit to keep), {PAPER!r} or [(layer, keep), ...], got {self.schedule!r}"
+                )
+            if self.paper_options:
+                raise ValueError(
+                    f"the {self.name!r} pruner has no schedule={PAPER!r}: its paper's settings are {self.paper_options}"
+                )
+        elif self.schedule is not None:
             check_explicit(self.schedule, None)  # its form now; its layers against the decoder in check()
 
     def check(self, info: ModelInfo) -> None:
@@ -251,11 +274,13 @@ class ScheduledPruner(LLMPruner):
             raise ValueError(
                 f"the {self.name!r} pruner drops tokens between decoder layers; this decoder has one layer"
             )
-        if self.schedule is not None:
+        if self.schedule is not None and self.schedule != PAPER:
             check_explicit(self.schedule, info.num_decoder_layers)
             self.schedule = [tuple(point) for point in self.schedule]
 
     def drop_points(self, info: ModelInfo, n_tokens: int) -> list[DropPoint]:
+        if self.schedule == PAPER:
+            return published(list(self.depths), list(self.ratios), info.num_decoder_layers, n_tokens)
         if self.schedule is not None:
             return explicit(self.schedule, n_tokens)
         average = budget_tokens(self.keep, n_tokens)

@@ -60,6 +60,7 @@ class MustDropFilter(ScheduledPruner):
     score_offset: ClassVar[int] = 1
     depths: ClassVar[tuple[float, ...]] = DROP_DEPTHS
     ratios: ClassVar[tuple[float, ...]] = STAIRCASE
+    paper_options: ClassVar[str] = "global_threshold and individual_threshold (without keep)"
     # The reference's TextVQA "64" setting; with ``keep`` only their ratio matters.
     default_thresholds: ClassVar[tuple[float, float]] = (0.011, 0.01)
 

@@ -66,6 +66,7 @@ class SparseVLM(ScheduledPruner):
     signals: ClassVar[tuple[str, ...]] = ("raters", "hidden")
     score_offset: ClassVar[int] = 1
     depths: ClassVar[tuple[float, ...]] = DROP_DEPTHS
+    paper_options: ClassVar[str] = "retain=64, 128 or 192"
 
     def __post_init__(self) -> None:
         if self.retain is not None:
