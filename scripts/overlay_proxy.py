@@ -19,9 +19,6 @@ import argparse
 import sys
 from pathlib import Path
 
-NEAR_WHITE = 230  # a pixel whose every channel is at least this is background
-FOREGROUND_SHARE = 0.25
-
 
 def parse_args(argv=None):
     import vtprune
@@ -44,22 +41,11 @@ def parse_args(argv=None):
     return args
 
 
-def foreground_patches(view, grid: int):
-    """(grid * grid,) bool: patches of ``view`` with at least FOREGROUND_SHARE non-white pixels."""
-    import numpy as np
-    import torch
-
-    pixels = torch.from_numpy(np.array(view.convert("RGB"))).amin(-1) < NEAR_WHITE  # (H, W)
-    step = view.height // grid
-    share = pixels.float().view(grid, step, grid, step).mean((1, 3))
-    return (share >= FOREGROUND_SHARE).flatten()
-
-
 def where_it_looks(model, processor, pruners, keep: int, n: int, question: str) -> str:
 
     from vtprune.proxy import data
     from vtprune.proxy.features import tower_features
-    from vtprune.proxy.overlay import kept_tokens, model_view, patch_grid
+    from vtprune.proxy.overlay import foreground_patches, kept_tokens, model_view, patch_grid
 
     grid = patch_grid(processor)
     on_shape = {name: [] for name in pruners}

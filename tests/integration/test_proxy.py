@@ -227,12 +227,24 @@ def test_eval_script_writes_table_plot_and_resumes(tmp_path, capsys, proxy_model
     assert script.main([*argv, "--results", str(results)]) == 0
     out = capsys.readouterr().out
     measured = [line for line in out.splitlines() if line.split()[1:2] == ["accuracy"]]  # "<run> accuracy x%"
-    assert measured == [] and f"| uniform | {100 * runs['uniform@8']['accuracy']:.1f} |" in out
+    assert measured == [] and f"| uniform | {100 * runs['uniform@8']['accuracy']:.1f} · 8.0 |" in out
     items = data.subset("test", 6, 0)
     assert runs["unpruned"]["by_kind"] == accuracy_by_kind(items, predict(model, processor, items))
     assert "| uniform@8 | " in out
     with pytest.raises(SystemExit, match="measured with"):
         script.main(["--n", "7", "--results", str(results), "--plot-only"])
+    # Every run records its mean visual tokens per decoder layer; --equal-mean finds FastV's keep for a mean.
+    assert runs["unpruned"]["mean_tokens"] == 256.0 and runs["uniform@8"]["mean_tokens"] == 8.0
+    layers = model.config.text_config.num_hidden_layers
+    assert (
+        script.main(["--n", "6", "--pruners", "fastv", "--equal-mean", "32", "--probe", "4", "--results", str(results)])
+        == 0
+    )
+    stored = json.loads(results.read_text())
+    keep = stored["equal_mean"]["fastv"]["32"]
+    assert stored["runs"][f"fastv@{keep}"]["mean_tokens"] == round((2 * 256 + (layers - 2) * keep) / layers, 2)
+    assert abs(stored["runs"][f"fastv@{keep}"]["mean_tokens"] - 32) <= 1
+    assert f"· keep {keep} · " in capsys.readouterr().out
 
 
 def test_overlay_script_draws_every_pruner_and_measures_where_it_looks(tmp_path, capsys):
@@ -410,8 +422,9 @@ def test_presence_auc_reads_margins_through_the_negation():
 def test_foreground_patches_marks_non_white_patches():
     from PIL import Image
 
-    script = _script("overlay_proxy")
+    from vtprune.proxy.overlay import foreground_patches
+
     view = Image.new("RGB", (64, 64), (255, 255, 255))
     view.paste((200, 30, 30), (16, 0, 32, 16))  # patch (0, 1) of a 4x4 grid, fully coloured
     view.paste((200, 30, 30), (0, 48, 2, 64))  # 1/8 of patch (3, 0): below the quarter threshold
-    assert script.foreground_patches(view, 4).nonzero().flatten().tolist() == [1]
+    assert foreground_patches(view, 4).nonzero().flatten().tolist() == [1]

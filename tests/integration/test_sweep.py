@@ -92,8 +92,8 @@ def test_a_tiny_sweep_runs_resumes_and_writes_table_and_plot(tmp_path, monkeypat
     base = cells["unpruned"]["scores"]["vtprune_shapes_choice"]
     pruned = cells["divprune@16"]["scores"]["vtprune_shapes_choice"]
     assert f"| divprune | {pruned:.4f}" in text and "### vtprune_shapes_choice (acc)" in text
-    if base:
-        assert f"({100 * pruned / base:.1f}%)" in text
+    share = f" ({100 * pruned / base:.1f}%)" if base else ""
+    assert f"| divprune | {pruned:.4f}{share} · 16.0 |" in text  # the mean per decoder layer beside keep
     assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == cells
     assert (tmp_path / "results" / "tiny.png").stat().st_size > 10_000
 

@@ -192,7 +192,8 @@ def run(sweep: Sweep, runs_dir: Path, root: Path, dry_run: bool = False, log=pri
 
 
 def table(sweep: Sweep, cells: dict[str, dict]) -> str:
-    """Markdown: per task, score and % of unpruned per pruner (rows) and keep (columns)."""
+    """Markdown: per task, score, % of unpruned and mean visual tokens per decoder layer per pruner
+    (rows) and keep (columns)."""
     lines = []
     base = cells.get("unpruned")
     for task in sweep.tasks:
@@ -211,10 +212,14 @@ def table(sweep: Sweep, cells: dict[str, dict]) -> str:
                     continue
                 score = cell["scores"][task]
                 share = f" ({100 * score / base['scores'][task]:.1f}%)" if base and base["scores"][task] else ""
-                row.append(f"{score:.4f}{share}")
+                # keep means different budgets across pruners (FastV's tokens after its drop, the
+                # multi-drop pruners' mean per layer): the mean per layer beside it compares like for like
+                mean = cell.get("mean_layer_visual_tokens")
+                row.append(f"{score:.4f}{share}" + ("" if mean is None else f" · {mean:.1f}"))
             lines.append(f"| {pruner} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["Score (% of unpruned). Visual tokens, means over the documents (timings: `vtprune profile`):", ""]
+    note = "Score (% of unpruned) · mean visual tokens per decoder layer."
+    lines += [f"{note} Visual tokens, means over the documents (timings: `vtprune profile`):", ""]
     lines += ["| cell | reaching the last layer | per decoder layer |", "|---|---|---|"]
     for name, cell in cells.items():
         tokens = [cell.get(k) for k in ("kept_visual_tokens", "mean_layer_visual_tokens")]

@@ -25,6 +25,21 @@ def model_view(processor, image: Image.Image) -> Image.Image:
     return Image.fromarray(rgb.permute(1, 2, 0).numpy())
 
 
+NEAR_WHITE = 230  # a pixel whose every channel is at least this is background
+FOREGROUND_SHARE = 0.25  # a patch with at least this share of non-background pixels is on the shape
+
+
+def foreground_patches(view: Image.Image, grid: int) -> torch.Tensor:
+    """(grid * grid,) bool, row-major: patches of ``view`` (e.g. ``model_view``) with at least
+    ``FOREGROUND_SHARE`` of their pixels not near-white: easy-vqa's shape on its white background."""
+    import numpy as np
+
+    pixels = torch.from_numpy(np.array(view.convert("RGB"))).amin(-1) < NEAR_WHITE  # (H, W)
+    step = view.height // grid
+    share = pixels.float().view(grid, step, grid, step).mean((1, 3))
+    return (share >= FOREGROUND_SHARE).flatten()
+
+
 def patch_grid(processor) -> int:
     """Patches per side of the model view (16 for the proxy)."""
     size = processor.image_processor.size
