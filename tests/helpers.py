@@ -164,3 +164,15 @@ def fused_eager_and_alone(model, x):
         eager = model(x)
         alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
     return fused, eager, alone
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import load_script
 
 import vtprune
 from vtprune import proxy
@@ -166,23 +167,12 @@ def test_model_view_is_the_resized_input_and_kept_tokens_match_the_pruner(proxy_
     assert torch.equal(kept_tokens(model, processor, image, vtprune.DivPrune(keep=16)), expected)
 
 
-def _script(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_train_script_is_reproducible_from_its_seed_and_continues_from_init(tmp_path):
     from safetensors.torch import load_file
 
     from vtprune.proxy.load import PROJECTOR_FILE
 
-    script = _script("train_proxy")
+    script = load_script("train_proxy")
     # --eval-every 0 with --eval-n 0: no evaluation at all (it used to run one with n=0 and crash).
     argv = ["--steps", "2", "--images-per-step", "1", "--warmup", "1", "--threads", "1", "--balance-yes-no"]
     argv += ["--eval-every", "0", "--eval-n", "0", "--final-eval-n", "0"]
@@ -210,7 +200,7 @@ def test_eval_script_writes_table_plot_and_resumes(tmp_path, capsys, proxy_model
     from vtprune.proxy import data, evaluate
     from vtprune.proxy.evaluate import accuracy_by_kind, predict
 
-    script = _script("eval_proxy")
+    script = load_script("eval_proxy")
     results, plot = tmp_path / "acc.json", tmp_path / "acc.png"
     argv = ["--n", "6", "--keeps", "8", "--pruners", "uniform", "--threads", "1"]
     assert script.main([*argv, "--results", str(results), "--plot", str(plot)]) == 0
@@ -250,7 +240,7 @@ def test_eval_script_writes_table_plot_and_resumes(tmp_path, capsys, proxy_model
 def test_overlay_script_draws_every_pruner_and_measures_where_it_looks(tmp_path, capsys):
     from PIL import Image
 
-    script = _script("overlay_proxy")
+    script = load_script("overlay_proxy")
     out = tmp_path / "overlays.png"
     argv = [
         "--keep",
@@ -349,7 +339,7 @@ def test_accuracy_by_kind_splits_yes_no_by_presence():
 
 
 def test_ceiling_script_trains_class_prompts_and_scores_every_kind(capsys):
-    script = _script("proxy_ceiling")
+    script = load_script("proxy_ceiling")
     assert script.main(["--tokens", "2", "--steps", "2", "--eval-images", "3", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     for kind in ("shape", "colour", "yes/no", "yes/no negated", "all"):
@@ -362,7 +352,7 @@ def test_ceiling_script_trains_class_prompts_and_scores_every_kind(capsys):
 def test_ceiling_script_balances_training_questions(monkeypatch, capsys):
     from vtprune.proxy import data
 
-    script = _script("proxy_ceiling")
+    script = load_script("proxy_ceiling")
     seen = []
     balance = data.balance_yes_no
     monkeypatch.setattr(data, "balance_yes_no", lambda items, rng: seen.append(1) or balance(items, rng))
@@ -375,7 +365,7 @@ def test_text_oracle_script_scores_every_template(capsys, proxy_model):
     from vtprune.proxy import data
     from vtprune.proxy.evaluate import accuracy, answer_first_tokens
 
-    script = _script("proxy_text_oracle")
+    script = load_script("proxy_text_oracle")
     assert script.main(["--n", "12", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     for title in script.TEMPLATES:
@@ -403,7 +393,7 @@ def test_text_oracle_script_scores_every_template(capsys, proxy_model):
 def test_presence_auc_reads_margins_through_the_negation():
     from vtprune.proxy.data import Question
 
-    auc = _script("proxy_text_oracle").presence_auc
+    auc = load_script("proxy_text_oracle").presence_auc
     items = [
         Question("is there a red shape?", "yes", 0, "test"),  # present
         Question("is there not a blue shape?", "no", 0, "test"),  # present (negated)

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "eval_proxy.py"
-    spec = importlib.util.spec_from_file_location("script_eval_proxy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval_proxy")
 
 
 def test_options_parse_as_json_where_they_parse(script):

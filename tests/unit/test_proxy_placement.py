@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "proxy_placement.py"
-    spec = importlib.util.spec_from_file_location("script_proxy_placement", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("proxy_placement")
 
 
 @pytest.fixture
