@@ -62,9 +62,8 @@ def placement(shape, grid: int, region: str | float, keep: int, seed: int):
         on = draw(shape, round(region * keep), generator)
         off = draw(~shape, keep - on.numel(), generator)
         return torch.cat([on, off]).sort().values
-    pool = {"shape": shape, "shape+ring": ring(shape, grid), "background": ~shape}.get(region)
-    pool = torch.ones_like(shape) if pool is None else pool
-    return draw(pool, keep, generator).sort().values
+    pools = {"shape": shape, "shape+ring": ring(shape, grid), "background": ~shape, "anywhere": torch.ones_like(shape)}
+    return draw(pools[region], keep, generator).sort().values
 
 
 def main(argv=None) -> int:
